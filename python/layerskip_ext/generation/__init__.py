@@ -1,0 +1,5 @@
+from .api import STRATEGIES, generate
+from .core import GenerationResult, SequenceOutput
+from .sampling import SamplingParams
+
+__all__ = ["generate", "GenerationResult", "SequenceOutput", "SamplingParams", "STRATEGIES"]

@@ -1,0 +1,257 @@
+"""Llama-family decoder in plain PyTorch, with an optional native-op path.
+
+Two op sets compute the same function:
+  * ``reference``: plain PyTorch (``ops.*_reference``), differentiable, the definition kernels are tested against;
+  * ``native``: the ``torch.ops.layerskip`` kernels (RMSNorm, RoPE, cache write, attention over the cache).
+Parameter names match Hugging Face ``LlamaForCausalLM`` so state dicts load unchanged.
+
+The forward pass is exposed by layer range (``forward_layers(h, start_layer, end_layer, ...)``) because early
+exit and self-speculative decoding run the first E layers and the remaining ones as separate stages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..errors import CheckpointError, GenerationError
+from .config import LlamaConfig
+from .kv_cache import StaticKVCache
+from .rope import rope_tables
+
+
+@dataclass(frozen=True)
+class OpSet:
+    name: str
+    rms_norm: Callable
+    rope: Callable
+    kv_cache_write: Callable
+    cache_attention: Callable
+
+
+REFERENCE_OPS = OpSet("reference", ops.rms_norm_reference, ops.rope_reference, ops.kv_cache_write_reference,
+                      ops.cache_attention_reference)
+
+
+def native_ops() -> OpSet:
+    if not ops.native_available():
+        raise RuntimeError("layerskip_ext native extension is not built: reinstall with "
+                           "`pip install --no-build-isolation .` (see README)")
+    return OpSet("native", ops.rms_norm, ops.rope, ops.kv_cache_write, ops.cache_attention)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        H, D = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
+        self.q_proj = nn.Linear(H, self.num_heads * D, bias=False)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
+        self.scale = D ** -0.5
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        H, I = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+@dataclass
+class ForwardState:
+    """Where the new tokens of one forward call sit. Shapes: positions [B, T], start [B] (int64)."""
+    positions: torch.Tensor
+    start: torch.Tensor
+    cos: torch.Tensor  # [P, D/2] float32
+    sin: torch.Tensor
+    cache: Optional[StaticKVCache]
+    rows: Optional[slice] = None  # which cache rows (sequences) this call covers
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.ops: OpSet = REFERENCE_OPS
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # construction
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, config: LlamaConfig, state_dict: dict[str, torch.Tensor],
+                        dtype: torch.dtype = torch.float32) -> "LlamaForCausalLM":
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        state_dict = {k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        missing = sorted(set(expected) - set(state_dict))
+        if missing:
+            raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        unexpected = sorted(set(state_dict) - set(expected))
+        if unexpected:
+            raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+        for name, shape in expected.items():
+            if tuple(state_dict[name].shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(state_dict[name].shape)}, "
+                                      f"config expects {tuple(shape)}")
+        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def use_native_ops(self, enabled: bool = True) -> "LlamaForCausalLM":
+        self.ops = native_ops() if enabled else REFERENCE_OPS
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, capacity: int) -> StaticKVCache:
+        if capacity > self.config.max_position_embeddings:
+            raise GenerationError(f"cache capacity {capacity} exceeds the model's context length "
+                                  f"{self.config.max_position_embeddings}")
+        return StaticKVCache.for_model(self.config, batch_size, capacity, self.dtype, self.device)
+
+    def rope_tables(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [P, D/2], grown on demand (a 128k-context table would be large, so size it to the need)."""
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < num_positions:
+            c = self.config
+            self._rope_cache = rope_tables(num_positions, c.head_dim, c.rope_theta, c.rope_scaling, self.device)
+        return self._rope_cache
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward pieces
+    # ----------------------------------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)
+
+    def _attention(self, attn: Attention, x: torch.Tensor, layer_index: int, st: ForwardState) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
+        q = self.ops.rope(q, st.positions, st.cos, st.sin)
+        k = self.ops.rope(k, st.positions, st.cos, st.sin)
+        if st.cache is None:
+            # Training / scoring path: causal attention over this call's own tokens only.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=attn.scale, enable_gqa=True)
+            out = out.transpose(1, 2)
+        else:
+            k_cache, v_cache = st.cache.layer(layer_index, st.rows)
+            self.ops.kv_cache_write(k_cache, v_cache, k, v, st.start)
+            out = self.ops.cache_attention(q, k_cache, v_cache, st.start, attn.scale)
+        return attn.o_proj(out.reshape(B, T, attn.num_heads * attn.head_dim))
+
+    def _layer(self, index: int, h: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        layer = self.model.layers[index]
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        h = h + self._attention(layer.self_attn, self.ops.rms_norm(h, ln1.weight, ln1.eps), index, st)
+        return h + layer.mlp(self.ops.rms_norm(h, ln2.weight, ln2.eps))
+
+    def forward_state(self, start: torch.Tensor, num_tokens: int, cache: Optional[StaticKVCache],
+                      rows: Optional[slice] = None) -> ForwardState:
+        """Validate positions and build the per-call state. start: [B] int64, first new token's position."""
+        start = start.to(torch.int64)
+        positions = start.view(-1, 1) + torch.arange(num_tokens, dtype=torch.int64).view(1, -1)
+        end = int(positions[:, -1].max()) + 1 if num_tokens > 0 else 0
+        if int(start.min()) < 0:
+            raise GenerationError(f"negative start position {int(start.min())}")
+        if cache is not None and end > cache.capacity:
+            raise GenerationError(f"tokens up to position {end} do not fit the KV cache (capacity {cache.capacity})")
+        if end > self.config.max_position_embeddings:
+            raise GenerationError(f"position {end} exceeds the model's context length "
+                                  f"{self.config.max_position_embeddings}")
+        cos, sin = self.rope_tables(end if cache is None else cache.capacity)
+        dev = self.device
+        return ForwardState(positions.to(dev), start.to(dev), cos, sin, cache, rows)
+
+    def forward_layers(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> torch.Tensor:
+        """Run decoder layers [start_layer, end_layer) on hidden states h [B, T, H]."""
+        if not 0 <= start_layer <= end_layer <= self.num_layers:
+            raise GenerationError(f"layer range [{start_layer}, {end_layer}) is outside [0, {self.num_layers}]")
+        for i in range(start_layer, end_layer):
+            h = self._layer(i, h, st)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Shared exit head: final RMSNorm + LM head, applicable to the output of any layer. -> logits [..., V]"""
+        n = self.model.norm
+        return self.lm_head(self.ops.rms_norm(h, n.weight, n.eps))
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, start: Optional[torch.Tensor] = None,
+                cache: Optional[StaticKVCache] = None, exit_layer: Optional[int] = None,
+                rows: Optional[slice] = None) -> torch.Tensor:
+        """Logits [B, T, V] for tokens [B, T] at positions start[b] + t, through layers < exit_layer (all by default)."""
+        if tokens.dim() != 2:
+            raise GenerationError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
+            raise GenerationError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                                  f"[{int(tokens.min())}, {int(tokens.max())}]")
+        B, T = tokens.shape
+        if start is None:
+            start = torch.zeros(B, dtype=torch.int64)
+        st = self.forward_state(start, T, cache, rows)
+        E = self.num_layers if exit_layer is None else exit_layer
+        if not 1 <= E <= self.num_layers:
+            raise GenerationError(f"exit layer must be in [1, {self.num_layers}], got {E}")
+        h = self.forward_layers(self.embed(tokens.to(self.device)), 0, E, st)
+        return self.head(h)
+
+    def hidden_states(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Cache-free, differentiable: the output of every layer [L] x [B, T, H] (for training and analysis)."""
+        B, T = tokens.shape
+        st = self.forward_state(torch.zeros(B, dtype=torch.int64), T, None)
+        h = self.embed(tokens.to(self.device))
+        outs = []
+        for i in range(self.num_layers):
+            h = self._layer(i, h, st)
+            outs.append(h)
+        return outs
