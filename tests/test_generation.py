@@ -105,7 +105,7 @@ def test_top_p_keeps_smallest_prefix_reaching_mass():
     (dict(temperature=1.0, top_k=-3), "top_k"),
     (dict(strategy="early_exit", exit_layer=0), "exit_layer"),
     (dict(strategy="early_exit", exit_layer=4), "exit_layer"),
-    (dict(strategy="early_exit"), "needs exit_layer"),
+    (dict(strategy="early_exit"), "need exit_layer"),
     (dict(strategy="beam"), "unknown strategy"),
 ])
 def test_bad_arguments(kwargs, message):

@@ -5,20 +5,26 @@ from typing import Iterable, Optional
 
 from ..errors import GenerationError
 from .autoregressive import generate_autoregressive
-from .core import GenerationResult, TokenCallback, check_prompts
+from .batch import DecodeBatch
+from .core import GenerationResult, SequenceOutput, StopRules, TokenCallback, check_prompts
 from .sampling import SamplingParams
+from .self_speculative import generate_self_speculative
 
-STRATEGIES = ("autoregressive", "early_exit")
+STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
 
 
 def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "autoregressive",
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: Optional[int] = None, stop_token_ids: Optional[Iterable[int]] = None,
-             exit_layer: Optional[int] = None, on_token: Optional[TokenCallback] = None) -> GenerationResult:
+             exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
+             on_token: Optional[TokenCallback] = None) -> GenerationResult:
     """Generate continuations of token-id prompts (one list, or a batch of lists of any lengths).
 
-    Stops at any of ``stop_token_ids`` (default: the model config's EOS ids), after ``max_new_tokens``, or when a
-    sequence reaches the model's context length (finish_reason "context_full").
+    strategy: "autoregressive" (all layers, one token per pass), "early_exit" (layers < exit_layer, then the
+    shared head: lossy), or "self_speculative" (draft num_speculations tokens with layers < exit_layer, verify
+    with the rest: output as the full model's). Stops at any of ``stop_token_ids`` (default: the model config's
+    EOS ids), after ``max_new_tokens``, or when a sequence reaches the model's context length
+    (finish_reason "context_full").
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # a single prompt
@@ -28,25 +34,35 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
+    if strategy not in STRATEGIES:
+        raise GenerationError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "autoregressive" and exit_layer not in (None, model.num_layers):
+        raise GenerationError("exit_layer applies to the early_exit and self_speculative strategies")
+    if strategy != "autoregressive":
+        exit_layer = check_exit_layer(exit_layer, model.num_layers)
+    if strategy == "self_speculative":
+        if not isinstance(num_speculations, int) or num_speculations < 1:
+            raise GenerationError(f"num_speculations must be an integer >= 1, got {num_speculations!r}")
+
     stops = config.eos_token_ids if stop_token_ids is None else list(stop_token_ids)
     capacity = min(max(len(p) for p in prompts) + max_new_tokens, config.max_position_embeddings)
-
-    if strategy == "autoregressive":
-        if exit_layer not in (None, model.num_layers):
-            raise GenerationError("exit_layer applies to the early_exit strategy; autoregressive uses all layers")
-        return generate_autoregressive(model, prompts, max_new_tokens, sampling, stops, capacity, on_token)
-    if strategy == "early_exit":
-        E = check_exit_layer(exit_layer, model.num_layers)
-        result = generate_autoregressive(model, prompts, max_new_tokens, sampling, stops, capacity, on_token,
-                                         exit_layer=E, strategy="early_exit")
-        result.stats["exit_layer"] = E
+    rules = StopRules([SequenceOutput(p) for p in prompts], max_new_tokens, stops, capacity, on_token)
+    result = GenerationResult(rules.outputs, strategy)
+    if max_new_tokens == 0:
         return result
-    raise GenerationError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    batch = DecodeBatch(model, rules, capacity)
+    if strategy == "self_speculative":
+        return generate_self_speculative(model, batch, sampling, result, exit_layer, num_speculations)
+    result = generate_autoregressive(model, batch, sampling, result,
+                                     exit_layer=exit_layer if strategy == "early_exit" else None)
+    if strategy == "early_exit":
+        result.stats["exit_layer"] = exit_layer
+    return result
 
 
 def check_exit_layer(exit_layer: Optional[int], num_layers: int) -> int:
     if exit_layer is None:
-        raise GenerationError("the early_exit strategy needs exit_layer")
+        raise GenerationError("the early_exit and self_speculative strategies need exit_layer")
     if not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers:
         raise GenerationError(f"exit_layer must be an integer in [1, {num_layers}], got {exit_layer!r}")
     return exit_layer

@@ -31,17 +31,19 @@ class OpSet:
     rope: Callable
     kv_cache_write: Callable
     cache_attention: Callable
+    linear: Callable  # y[..., N] = x[..., K] @ w[N, K]^T
 
 
 REFERENCE_OPS = OpSet("reference", ops.rms_norm_reference, ops.rope_reference, ops.kv_cache_write_reference,
-                      ops.cache_attention_reference)
+                      ops.cache_attention_reference, F.linear)
 
 
 def native_ops() -> OpSet:
     if not ops.native_available():
         raise RuntimeError("layerskip_ext native extension is not built: reinstall with "
                            "`pip install --no-build-isolation .` (see README)")
-    return OpSet("native", ops.rms_norm, ops.rope, ops.kv_cache_write, ops.cache_attention)
+    return OpSet("native", ops.rms_norm, ops.rope, ops.kv_cache_write, ops.cache_attention,
+                 getattr(ops, "linear", F.linear))
 
 
 class RMSNorm(nn.Module):
@@ -70,9 +72,6 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(H, I, bias=False)
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -173,9 +172,10 @@ class LlamaForCausalLM(nn.Module):
 
     def _attention(self, attn: Attention, x: torch.Tensor, layer_index: int, st: ForwardState) -> torch.Tensor:
         B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim)
-        k = attn.k_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
-        v = attn.v_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
+        linear = self.ops.linear
+        q = linear(x, attn.q_proj.weight).view(B, T, attn.num_heads, attn.head_dim)
+        k = linear(x, attn.k_proj.weight).view(B, T, attn.num_kv_heads, attn.head_dim)
+        v = linear(x, attn.v_proj.weight).view(B, T, attn.num_kv_heads, attn.head_dim)
         q = self.ops.rope(q, st.positions, st.cos, st.sin)
         k = self.ops.rope(k, st.positions, st.cos, st.sin)
         if st.cache is None:
@@ -187,13 +187,17 @@ class LlamaForCausalLM(nn.Module):
             k_cache, v_cache = st.cache.layer(layer_index, st.rows)
             self.ops.kv_cache_write(k_cache, v_cache, k, v, st.start)
             out = self.ops.cache_attention(q, k_cache, v_cache, st.start, attn.scale)
-        return attn.o_proj(out.reshape(B, T, attn.num_heads * attn.head_dim))
+        return linear(out.reshape(B, T, attn.num_heads * attn.head_dim), attn.o_proj.weight)
+
+    def _mlp(self, mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+        linear = self.ops.linear
+        return linear(F.silu(linear(x, mlp.gate_proj.weight)) * linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
 
     def _layer(self, index: int, h: torch.Tensor, st: ForwardState) -> torch.Tensor:
         layer = self.model.layers[index]
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         h = h + self._attention(layer.self_attn, self.ops.rms_norm(h, ln1.weight, ln1.eps), index, st)
-        return h + layer.mlp(self.ops.rms_norm(h, ln2.weight, ln2.eps))
+        return h + self._mlp(layer.mlp, self.ops.rms_norm(h, ln2.weight, ln2.eps))
 
     def forward_state(self, start: torch.Tensor, num_tokens: int, cache: Optional[StaticKVCache],
                       rows: Optional[slice] = None) -> ForwardState:
@@ -223,7 +227,7 @@ class LlamaForCausalLM(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Shared exit head: final RMSNorm + LM head, applicable to the output of any layer. -> logits [..., V]"""
         n = self.model.norm
-        return self.lm_head(self.ops.rms_norm(h, n.weight, n.eps))
+        return self.ops.linear(self.ops.rms_norm(h, n.weight, n.eps), self.lm_head.weight)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start: Optional[torch.Tensor] = None,

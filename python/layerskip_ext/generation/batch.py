@@ -1,0 +1,69 @@
+"""Per-sequence decoding state shared by all strategies.
+
+Cache row i holds sequence ``active[i]``; the live rows are always the first ``len(active)``, so every forward call
+covers one contiguous slice of the cache. When sequences finish, the remaining rows are moved up (one copy per
+finishing event), so finished sequences cost no more work.
+"""
+from __future__ import annotations
+
+import torch
+
+from .core import StopRules, to_tensor
+
+
+class DecodeBatch:
+    def __init__(self, model, rules: StopRules, capacity: int):
+        self.model = model
+        self.rules = rules
+        self.outputs = rules.outputs
+        self.cache = model.new_cache(len(self.outputs), capacity)
+        self.capacity = capacity
+        self.active = list(range(len(self.outputs)))
+
+    @property
+    def rows(self) -> slice:
+        return slice(0, len(self.active))
+
+    def prefill(self, exit_layer: int | None = None) -> torch.Tensor:
+        """Each prompt in one pass into its own cache row. -> last-position logits [B, V]."""
+        last = []
+        for b in self.active:
+            tokens = to_tensor(self.outputs[b].prompt_tokens).view(1, -1)
+            logits = self.model(tokens, start=to_tensor([0]), cache=self.cache, exit_layer=exit_layer,
+                                rows=slice(b, b + 1))
+            last.append(logits[0, -1])
+        return torch.stack(last)
+
+    def last_tokens(self) -> torch.Tensor:
+        """[n] the newest token of each live sequence (emitted but not yet in the cache)."""
+        return to_tensor([self.outputs[b].tokens[-1] for b in self.active])
+
+    def positions(self) -> torch.Tensor:
+        """[n] the position of each live sequence's newest token: where the next forward call starts."""
+        return to_tensor([len(self.outputs[b].prompt_tokens) + len(self.outputs[b].tokens) - 1 for b in self.active])
+
+    def room(self) -> int:
+        """How many positions past the newest token every live sequence still has in the cache."""
+        return self.capacity - 1 - int(self.positions().max())
+
+    def emit(self, row: int, tokens) -> int:
+        """Emit tokens for the sequence in cache row `row` until it finishes. -> how many were emitted."""
+        b = self.active[row]
+        for n, t in enumerate(tokens, 1):
+            if not self.rules.emit(b, int(t)):
+                return n
+        return len(tokens)
+
+    def drop_finished(self) -> None:
+        keep = [i for i, b in enumerate(self.active) if not self.rules.done(b)]
+        if len(keep) == len(self.active):
+            return
+        if keep and keep != list(range(len(keep))):
+            index = torch.tensor(keep, device=self.cache.k[0].device)
+            for buffers in (self.cache.k, self.cache.v):
+                for t in buffers:
+                    t[:len(keep)] = t.index_select(0, index)
+        self.active = [self.active[i] for i in keep]
+
+    def done(self) -> bool:
+        return not self.active

@@ -1,0 +1,115 @@
+"""Self-speculative decoding (LayerSkip section 4.3): draft with layers < E, verify with layers >= E.
+
+One round, for every live sequence at once (each at its own position p, the newest token x0 not yet cached):
+  1. draft: x0, y1, ..., yd each go through layers < E one at a time (T = 1), writing those layers' KV at
+     p .. p+d in place; the shared exit head on layer E's output proposes y1 .. yd. The exit-layer hidden states
+     h_E(x0), h_E(y1) .. h_E(yd) are kept (yd needs no head: it is only verified).
+  2. verify: ONE pass of layers >= E over those d+1 hidden states (T = d+1), writing the deep layers' KV at
+     p .. p+d. Layers < E are never recomputed.
+  3. accept the longest prefix of drafts the full model agrees with, then one token of the full model's own
+     (the correction, or a bonus when all d were accepted).
+  4. roll back by position: the next round starts at the newest emitted token; stale cache slots past it are
+     never read and get overwritten.
+Greedy output equals autoregressive greedy output exactly when every op is batch-invariant (a row's result
+does not depend on T), which the native kernels guarantee. Sampling follows Leviathan et al.: accept y with
+probability min(1, p(y)/q(y)), else resample from norm(max(p - q, 0)); emitted tokens follow the full model.
+"""
+from __future__ import annotations
+
+import torch
+
+from .batch import DecodeBatch
+from .core import GenerationResult, Timer
+from .sampling import SamplingParams, choose_tokens, filtered_probs
+
+
+def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator):
+    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), verifier logits [n, d+1, V]."""
+    rows, start = batch.rows, batch.positions()
+    token = batch.last_tokens().view(-1, 1)
+    hidden, drafts, q = [], [], []
+    for i in range(d + 1):
+        st = model.forward_state(start + i, 1, batch.cache, rows)
+        h = model.forward_layers(model.embed(token.to(model.device)), 0, exit_layer, st)
+        hidden.append(h)
+        if i == d:
+            break
+        logits = model.head(h)[:, -1]
+        if sampling.greedy:
+            token = logits.argmax(-1, keepdim=True)
+        else:
+            probs = filtered_probs(logits, sampling)
+            q.append(probs)
+            token = torch.multinomial(probs, 1, generator=generator)
+        drafts.append(token)
+    st = model.forward_state(start, d + 1, batch.cache, rows)
+    deep = model.forward_layers(torch.cat(hidden, dim=1), exit_layer, model.num_layers, st)
+    drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(len(batch.active), 0, dtype=torch.int64)
+    return drafts.cpu(), (torch.stack(q, dim=1) if q else None), model.head(deep)
+
+
+def _accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    target = logits.argmax(-1).cpu()  # [n, d+1]
+    d = drafts.shape[1]
+    agree = (drafts == target[:, :d]).to(torch.int64)
+    accepted = agree.cumprod(dim=1).sum(dim=1).tolist()  # length of the agreeing prefix per row
+    return [drafts[r, :a].tolist() + [int(target[r, a])] for r, a in enumerate(accepted)], accepted
+
+
+def _accept_sampling(drafts, q, logits, sampling, generator) -> tuple[list[list[int]], list[int]]:
+    p = filtered_probs(logits, sampling)  # [n, d+1, V]
+    n, d = drafts.shape
+    out, accepted = [], []
+    for r in range(n):
+        tokens = []
+        for j in range(d):
+            y = int(drafts[r, j])
+            u = torch.rand((), generator=generator, device=p.device)
+            if u * q[r, j, y] < p[r, j, y]:  # accept with probability min(1, p/q)
+                tokens.append(y)
+                continue
+            residual = (p[r, j] - q[r, j]).clamp_min(0)
+            total = residual.sum()
+            # p == q exactly makes rejection impossible; guard the normalisation all the same
+            dist = residual / total if total > 0 else p[r, j]
+            tokens.append(int(torch.multinomial(dist, 1, generator=generator)))
+            break
+        else:
+            tokens.append(int(torch.multinomial(p[r, d], 1, generator=generator)))
+        accepted.append(len(tokens) - 1)
+        out.append(tokens)
+    return out, accepted
+
+
+@torch.no_grad()
+def generate_self_speculative(model, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
+                              exit_layer: int, num_speculations: int) -> GenerationResult:
+    generator = sampling.generator(model.device)
+    timer = Timer()
+    first = choose_tokens(batch.prefill(), sampling, generator)
+    for row in range(len(batch.active)):
+        batch.emit(row, [first[row]])
+    batch.drop_finished()
+    result.prefill_s = timer.lap()
+
+    drafted = accepted_total = rounds = 0
+    while not batch.done():
+        # Never draft past the cache or past what any live sequence may still emit.
+        remaining = max(batch.rules.max_new_tokens - len(batch.outputs[b].tokens) for b in batch.active)
+        d = max(0, min(num_speculations, batch.room(), remaining - 1))
+        drafts, q, logits = _draft_and_verify(model, batch, exit_layer, d, sampling, generator)
+        if sampling.greedy:
+            emitted, accepted = _accept_greedy(drafts, logits)
+        else:
+            emitted, accepted = _accept_sampling(drafts, q, logits, sampling, generator)
+        for row, tokens in enumerate(emitted):
+            batch.emit(row, tokens)
+        drafted += d * len(emitted)
+        accepted_total += sum(accepted)
+        rounds += 1
+        batch.drop_finished()
+    result.decode_s = timer.lap()
+    result.stats.update(exit_layer=exit_layer, num_speculations=num_speculations, draft_tokens=drafted,
+                        accepted_tokens=accepted_total, rounds=rounds,
+                        acceptance_rate=round(accepted_total / drafted, 4) if drafted else 0.0)
+    return result

@@ -1,0 +1,148 @@
+"""Self-speculative decoding: greedy output identical to autoregressive; sampling follows the full model."""
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from layerskip_ext import ops
+from layerskip_ext.errors import GenerationError
+from layerskip_ext.generation import SamplingParams, generate
+from layerskip_ext.generation.sampling import filtered_probs
+from layerskip_ext.model.llama import REFERENCE_OPS
+from test_model import tiny_model
+
+
+def _per_row(fn):
+    """Apply fn to one [..., K] row at a time: a row's result then cannot depend on the other rows."""
+    def wrapped(x, *args):
+        flat = x.reshape(-1, 1, x.shape[-1])
+        return torch.cat([fn(r, *args) for r in flat]).reshape(*x.shape[:-1], -1)
+    return wrapped
+
+
+def _attention_per_token(q, k_cache, v_cache, start, scale):
+    B, T = q.shape[:2]
+    out = torch.empty_like(q)
+    for b, t in itertools.product(range(B), range(T)):
+        out[b:b + 1, t:t + 1] = ops.cache_attention_reference(q[b:b + 1, t:t + 1], k_cache[b:b + 1],
+                                                               v_cache[b:b + 1], start[b:b + 1] + t, scale)
+    return out
+
+
+# Batch-invariant by construction (slow): stands in for the native kernels where they are not built.
+ROWWISE_OPS = dataclasses.replace(REFERENCE_OPS, name="rowwise", linear=_per_row(torch.nn.functional.linear),
+                                  rms_norm=_per_row(ops.rms_norm_reference),
+                                  cache_attention=_attention_per_token)
+
+
+def op_sets():
+    yield "rowwise"
+    if ops.native_available():
+        yield "native"
+
+
+def make_model(op_set: str, **kw):
+    model = tiny_model(num_hidden_layers=4, **kw)
+    if op_set == "native":
+        return model.use_native_ops()
+    model.ops = ROWWISE_OPS
+    return model
+
+
+@pytest.mark.parametrize("op_set", list(op_sets()))
+def test_greedy_equals_autoregressive_for_every_exit_and_depth(op_set):
+    model = make_model(op_set)
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 8)]
+    kw = dict(max_new_tokens=14, stop_token_ids=[])
+    for prompt in prompts:
+        expected = generate(model, prompt, **kw).sequences[0].tokens
+        for E, d in itertools.product((1, 2, 3, 4), (1, 3, 6)):
+            result = generate(model, prompt, strategy="self_speculative", exit_layer=E, num_speculations=d, **kw)
+            assert result.sequences[0].tokens == expected, (E, d)
+            s = result.stats
+            assert 0 <= s["accepted_tokens"] <= s["draft_tokens"]
+            assert s["rounds"] * (d + 1) >= len(expected) - 1  # at most d+1 tokens per round
+            if E == model.num_layers:
+                assert s["accepted_tokens"] == s["draft_tokens"]  # the draft is the full model
+
+
+def test_greedy_ragged_batch_equals_each_alone():
+    model = make_model("rowwise")
+    prompts = [[5, 6, 7], list(range(20, 31)), [1, 2, 3, 4, 5, 6]]
+    kw = dict(max_new_tokens=10, stop_token_ids=[], strategy="self_speculative", exit_layer=2, num_speculations=3)
+    batch = generate(model, prompts, **kw)
+    for p, out in zip(prompts, batch.sequences):
+        assert out.tokens == generate(model, p, max_new_tokens=10, stop_token_ids=[]).sequences[0].tokens
+
+
+def test_stop_token_and_context_limit_inside_a_round():
+    model = make_model("rowwise", max_position_embeddings=24)
+    prompt = [9, 8, 7]
+    free = generate(model, prompt, max_new_tokens=12, stop_token_ids=[]).sequences[0].tokens
+    stop = free[5]
+    kw = dict(strategy="self_speculative", exit_layer=2, num_speculations=4)
+    out = generate(model, prompt, max_new_tokens=12, stop_token_ids=[stop], **kw).sequences[0]
+    assert out.tokens == free[:free.index(stop) + 1] and out.finish_reason == "stop"
+    full = generate(model, prompt, max_new_tokens=100, stop_token_ids=[], **kw).sequences[0]
+    assert full.finish_reason == "context_full" and len(full.tokens) == 21
+    assert full.tokens == generate(model, prompt, max_new_tokens=100, stop_token_ids=[]).sequences[0].tokens
+
+
+def _exact_marginals(model, prompt, params, steps):
+    """Exact distribution of each of the first `steps` emitted tokens under the full model (enumerates paths)."""
+    V = model.config.vocab_size
+    paths = {(): 1.0}
+    marginals = []
+    for _ in range(steps):
+        m = torch.zeros(V, dtype=torch.float64)
+        nxt = {}
+        for path, w in paths.items():
+            p = filtered_probs(model(torch.tensor([prompt + list(path)]))[0, -1], params).double()
+            m += w * p
+            for t in torch.nonzero(p).flatten().tolist():
+                nxt[path + (t,)] = w * float(p[t])
+        marginals.append(m)
+        paths = nxt
+    return marginals
+
+
+def test_sampling_follows_the_full_model_distribution():
+    """Chi-square of the 2nd and 3rd emitted tokens (both speculative) against the exact marginals."""
+    model = make_model("rowwise", vocab_size=6)
+    params = SamplingParams(temperature=1.3)
+    prompt = [1, 2, 3]
+    exact = _exact_marginals(model, prompt, params, 3)
+    n = 1500
+    counts = torch.zeros(3, 6, dtype=torch.float64)
+    accepted = 0
+    for seed in range(n):
+        r = generate(model, prompt, max_new_tokens=3, temperature=1.3, seed=seed, stop_token_ids=[],
+                     strategy="self_speculative", exit_layer=1, num_speculations=2)
+        for i, t in enumerate(r.sequences[0].tokens):
+            counts[i, t] += 1
+        accepted += r.stats["accepted_tokens"]
+    assert 0 < accepted < n * 2  # both acceptance and rejection happened
+    for i in (1, 2):
+        chi2 = (((counts[i] - n * exact[i]) ** 2) / (n * exact[i])).sum().item()
+        assert chi2 < 20.5, (i, counts[i], n * exact[i])  # 5 d.o.f., p = 0.001
+
+
+def test_sampling_is_reproducible_with_seed():
+    model = make_model("rowwise")
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.9, stop_token_ids=[], strategy="self_speculative",
+              exit_layer=2, num_speculations=3)
+    assert generate(model, [4, 5], seed=7, **kw).sequences[0].tokens == \
+        generate(model, [4, 5], seed=7, **kw).sequences[0].tokens
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(exit_layer=0, num_speculations=2), "exit_layer"),
+    (dict(exit_layer=5, num_speculations=2), "exit_layer"),
+    (dict(num_speculations=2), "need exit_layer"),
+    (dict(exit_layer=2, num_speculations=0), "num_speculations"),
+    (dict(exit_layer=2), "num_speculations"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        generate(make_model("rowwise"), [1, 2], strategy="self_speculative", **kwargs)
