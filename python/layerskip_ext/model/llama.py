@@ -46,15 +46,40 @@ def native_ops() -> OpSet:
                  getattr(ops, "linear", F.linear))
 
 
+def linear(module: nn.Module, x: torch.Tensor, ops: OpSet) -> torch.Tensor:
+    """A plain nn.Linear goes through the op set's kernel; a wrapped one (e.g. a LoRA adapter) runs itself."""
+    if type(module) is nn.Linear:
+        return ops.linear(x, module.weight)
+    return module(x)
+
+
+@dataclass
+class ForwardState:
+    """Where the new tokens of one forward call sit, and what computes them.
+
+    positions [B, T] int64 (or [1, T] when every sequence starts at 0, as in training), start [B] int64.
+    """
+    positions: torch.Tensor
+    start: torch.Tensor
+    cos: torch.Tensor  # [P, D/2] float32
+    sin: torch.Tensor
+    cache: Optional[StaticKVCache]
+    ops: OpSet
+    rows: Optional[slice] = None  # which cache rows (sequences) this call covers
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def forward(self, x: torch.Tensor, ops: OpSet = REFERENCE_OPS) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
         H, D = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
@@ -63,6 +88,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
         self.scale = D ** -0.5
+        self.layer_index = layer_index
+
+    def forward(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        B, T, _ = x.shape
+        ops = st.ops
+        q = linear(self.q_proj, x, ops).view(B, T, self.num_heads, self.head_dim)
+        k = linear(self.k_proj, x, ops).view(B, T, self.num_kv_heads, self.head_dim)
+        v = linear(self.v_proj, x, ops).view(B, T, self.num_kv_heads, self.head_dim)
+        q = ops.rope(q, st.positions, st.cos, st.sin)
+        k = ops.rope(k, st.positions, st.cos, st.sin)
+        if st.cache is None:
+            # Training / scoring path: causal attention over this call's own tokens only.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.scale, enable_gqa=True)
+            out = out.transpose(1, 2)
+        else:
+            k_cache, v_cache = st.cache.layer(self.layer_index, st.rows)
+            ops.kv_cache_write(k_cache, v_cache, k, v, st.start)
+            out = ops.cache_attention(q, k_cache, v_cache, st.start, self.scale)
+        return linear(self.o_proj, out.reshape(B, T, self.num_heads * self.head_dim), ops)
 
 
 class MLP(nn.Module):
@@ -73,25 +118,24 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
 
+    def forward(self, x: torch.Tensor, ops: OpSet = REFERENCE_OPS) -> torch.Tensor:
+        gate = F.silu(linear(self.gate_proj, x, ops))
+        return linear(self.down_proj, gate * linear(self.up_proj, x, ops), ops)
+
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-
-@dataclass
-class ForwardState:
-    """Where the new tokens of one forward call sit. Shapes: positions [B, T], start [B] (int64)."""
-    positions: torch.Tensor
-    start: torch.Tensor
-    cos: torch.Tensor  # [P, D/2] float32
-    sin: torch.Tensor
-    cache: Optional[StaticKVCache]
-    rows: Optional[slice] = None  # which cache rows (sequences) this call covers
+    def forward(self, h: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        """h [B, T, H] -> [B, T, H]. Only h carries a batch dimension that wrappers may subset (positions are
+        [1, T] in training), so layer dropout can run a layer on some samples of the batch only."""
+        h = h + self.self_attn(self.input_layernorm(h, st.ops), st)
+        return h + self.mlp(self.post_attention_layernorm(h, st.ops), st.ops)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -100,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.model.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -170,35 +214,6 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)
 
-    def _attention(self, attn: Attention, x: torch.Tensor, layer_index: int, st: ForwardState) -> torch.Tensor:
-        B, T, _ = x.shape
-        linear = self.ops.linear
-        q = linear(x, attn.q_proj.weight).view(B, T, attn.num_heads, attn.head_dim)
-        k = linear(x, attn.k_proj.weight).view(B, T, attn.num_kv_heads, attn.head_dim)
-        v = linear(x, attn.v_proj.weight).view(B, T, attn.num_kv_heads, attn.head_dim)
-        q = self.ops.rope(q, st.positions, st.cos, st.sin)
-        k = self.ops.rope(k, st.positions, st.cos, st.sin)
-        if st.cache is None:
-            # Training / scoring path: causal attention over this call's own tokens only.
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, scale=attn.scale, enable_gqa=True)
-            out = out.transpose(1, 2)
-        else:
-            k_cache, v_cache = st.cache.layer(layer_index, st.rows)
-            self.ops.kv_cache_write(k_cache, v_cache, k, v, st.start)
-            out = self.ops.cache_attention(q, k_cache, v_cache, st.start, attn.scale)
-        return linear(out.reshape(B, T, attn.num_heads * attn.head_dim), attn.o_proj.weight)
-
-    def _mlp(self, mlp: MLP, x: torch.Tensor) -> torch.Tensor:
-        linear = self.ops.linear
-        return linear(F.silu(linear(x, mlp.gate_proj.weight)) * linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
-
-    def _layer(self, index: int, h: torch.Tensor, st: ForwardState) -> torch.Tensor:
-        layer = self.model.layers[index]
-        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        h = h + self._attention(layer.self_attn, self.ops.rms_norm(h, ln1.weight, ln1.eps), index, st)
-        return h + self._mlp(layer.mlp, self.ops.rms_norm(h, ln2.weight, ln2.eps))
-
     def forward_state(self, start: torch.Tensor, num_tokens: int, cache: Optional[StaticKVCache],
                       rows: Optional[slice] = None) -> ForwardState:
         """Validate positions and build the per-call state. start: [B] int64, first new token's position."""
@@ -214,20 +229,21 @@ class LlamaForCausalLM(nn.Module):
                                   f"{self.config.max_position_embeddings}")
         cos, sin = self.rope_tables(end if cache is None else cache.capacity)
         dev = self.device
-        return ForwardState(positions.to(dev), start.to(dev), cos, sin, cache, rows)
+        if cache is None and bool((start == start[0]).all()):
+            positions = positions[:1]  # broadcast over the batch (see DecoderLayer.forward)
+        return ForwardState(positions.to(dev), start.to(dev), cos, sin, cache, self.ops, rows)
 
     def forward_layers(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> torch.Tensor:
         """Run decoder layers [start_layer, end_layer) on hidden states h [B, T, H]."""
         if not 0 <= start_layer <= end_layer <= self.num_layers:
             raise GenerationError(f"layer range [{start_layer}, {end_layer}) is outside [0, {self.num_layers}]")
-        for i in range(start_layer, end_layer):
-            h = self._layer(i, h, st)
+        for layer in self.model.layers[start_layer:end_layer]:
+            h = layer(h, st)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Shared exit head: final RMSNorm + LM head, applicable to the output of any layer. -> logits [..., V]"""
-        n = self.model.norm
-        return self.ops.linear(self.ops.rms_norm(h, n.weight, n.eps), self.lm_head.weight)
+        return linear(self.lm_head, self.model.norm(h, self.ops), self.ops)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start: Optional[torch.Tensor] = None,
@@ -255,7 +271,7 @@ class LlamaForCausalLM(nn.Module):
         st = self.forward_state(torch.zeros(B, dtype=torch.int64), T, None)
         h = self.embed(tokens.to(self.device))
         outs = []
-        for i in range(self.num_layers):
-            h = self._layer(i, h, st)
+        for layer in self.model.layers:
+            h = layer(h, st)
             outs.append(h)
         return outs
