@@ -21,8 +21,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and activations)")
-    p.add_argument("--strategy", default="autoregressive", help="autoregressive | early_exit")
+    p.add_argument("--strategy", default="auto",
+                   help="autoregressive | early_exit | self_speculative | auto (default: self_speculative with "
+                        "the model's tuned setting when it has one, else autoregressive)")
     p.add_argument("--exit-layer", type=int, default=None, help="E: run layers < E, then the shared exit head")
+    p.add_argument("--num-speculations", type=int, default=None, help="d: draft tokens per self-speculative round")
     p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"),
                    help="native kernels or the plain PyTorch reference (auto: native when built)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -39,18 +42,39 @@ def _read_prompt(args) -> str:
         raise LayerSkipError(f"cannot read prompt file {args.prompt_file!r}: {e.strerror}") from None
 
 
-def cmd_generate(args) -> int:
+def _choose_strategy(args, model):
+    """-> (strategy, E, d): what the user said, with the model's tuned (E, d) filling the gaps."""
+    from .generation.defaults import default_speculation
+
+    tuned = default_speculation(model, f"{args.model} {getattr(model, 'source', '')}")
+    strategy = args.strategy
+    if strategy == "auto":
+        strategy = "self_speculative" if tuned or args.exit_layer else "autoregressive"
+    E, d = args.exit_layer, args.num_speculations
+    if strategy == "self_speculative" and tuned:
+        E = tuned[0] if E is None else E
+        d = tuned[1] if d is None else d
+    if strategy == "self_speculative" and d is None:
+        d = 4
+    return strategy, E, d
+
+
+def _setup_threads(args) -> None:
     import torch
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LayerSkipError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def cmd_generate(args) -> int:
     from .generation import generate
     from .model import load_model
 
     if args.max_new_tokens < 0:
         raise LayerSkipError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LayerSkipError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _setup_threads(args)
     prompt = _read_prompt(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=not args.json)
     if tokenizer is None:
@@ -71,9 +95,11 @@ def cmd_generate(args) -> int:
                 sys.stdout.write(stream.push(token))
                 sys.stdout.flush()
 
-    result = generate(model, [prompt_ids], strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+    strategy, exit_layer, num_speculations = _choose_strategy(args, model)
+    result = generate(model, [prompt_ids], strategy=strategy, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      stop_token_ids=stop_ids, exit_layer=args.exit_layer, on_token=on_token)
+                      stop_token_ids=stop_ids, exit_layer=exit_layer, num_speculations=num_speculations,
+                      on_token=on_token)
     seq = result.sequences[0]
     if args.json:
         out = {
@@ -99,6 +125,58 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LayerSkipError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def cmd_check_lossless(args) -> int:
+    from .generation.lossless import check_lossless
+    from .model import load_model
+    from .prompts import humaneval_path, read_prompts
+
+    _setup_threads(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True)
+    if tokenizer is None:
+        raise LayerSkipError(f"{args.model} has no tokenizer")
+    texts = read_prompts(humaneval_path() if args.prompts == "humaneval" else args.prompts)
+    if args.limit:
+        texts = texts[:args.limit]
+    if args.chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    prompts = [tokenizer.encode(t) for t in texts]
+    exits = _int_list(args.exit_layers, "--exit-layers")
+    depths = _int_list(args.num_speculations, "--num-speculations")
+    for E in exits:
+        if not 1 <= E <= model.num_layers:
+            raise LayerSkipError(f"exit layer {E} is outside [1, {model.num_layers}]")
+    if not depths or min(depths) < 1:
+        raise LayerSkipError("--num-speculations values must be >= 1")
+    stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
+
+    def progress(done, total):
+        print(f"\r{done}/{total} prompts", end="", file=sys.stderr, flush=True)
+
+    reports = check_lossless(model, prompts, [(E, d) for E in exits for d in depths], args.max_new_tokens,
+                             stop_token_ids=stop_ids, progress=progress)
+    print(file=sys.stderr)
+    print(f"{'E':>3} {'d':>3} {'prompts':>8} {'mismatches':>10} {'acceptance':>10} {'tokens/full pass':>16}  first mismatch")
+    for r in reports:
+        first = f"prompt {r.mismatches[0][0]} at token {r.mismatches[0][1]}" if r.mismatches else "-"
+        print(f"{r.exit_layer:>3} {r.num_speculations:>3} {r.prompts:>8} {len(r.mismatches):>10} "
+              f"{r.acceptance_rate:>10.3f} {r.tokens_per_full_pass:>16.2f}  {first}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"exit_layer": r.exit_layer, "num_speculations": r.num_speculations, "prompts": r.prompts,
+                        "mismatches": r.mismatches, "acceptance_rate": r.acceptance_rate,
+                        "tokens_per_full_pass": r.tokens_per_full_pass} for r in reports], f, indent=1)
+    total = sum(len(r.mismatches) for r in reports)
+    print(f"{total} mismatches over {len(prompts)} prompts x {len(reports)} (E, d) pairs")
+    return 1 if total else 0
+
+
 def cmd_info(args) -> int:
     from . import build_info
 
@@ -121,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen = sub.add_parser("generate", help="generate text from a prompt")
     _add_generate_args(p_gen)
     p_gen.set_defaults(func=cmd_generate)
+    p_chk = sub.add_parser("check-lossless", help="self-speculative greedy vs autoregressive greedy, token for token")
+    p_chk.add_argument("--model", required=True)
+    p_chk.add_argument("--prompts", required=True,
+                       help="JSONL(.gz) with a 'prompt' field, a text file (blank-line separated), or 'humaneval'")
+    p_chk.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    p_chk.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p_chk.add_argument("--exit-layers", default="4,8,15,24")
+    p_chk.add_argument("--num-speculations", default="1,3,6")
+    p_chk.add_argument("--max-new-tokens", type=int, default=64)
+    p_chk.add_argument("--dtype", default="float32")
+    p_chk.add_argument("--backend", default="auto", choices=("auto", "native", "reference"))
+    p_chk.add_argument("--threads", type=int, default=None)
+    p_chk.add_argument("--json", default=None, help="also write the report to this file")
+    p_chk.set_defaults(func=cmd_check_lossless)
     return parser
 
 

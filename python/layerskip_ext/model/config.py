@@ -33,6 +33,9 @@ class LlamaConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Any = 2  # int or list of ints, as in HF configs
     torch_dtype: str = "float32"
+    # Our own block in config.json: the tuned self-speculation setting {"exit_layer": E, "num_speculations": d}
+    # of a LayerSkip-trained model, used when the caller does not choose.
+    layerskip: Optional[dict] = None
 
     def __post_init__(self):
         if self.head_dim is None:
