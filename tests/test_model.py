@@ -7,6 +7,7 @@ from layerskip_ext.errors import CheckpointError, GenerationError
 from layerskip_ext.model.config import LlamaConfig
 from layerskip_ext.model.llama import LlamaForCausalLM
 from layerskip_ext.model.rope import rope_inv_freq
+from tiny_checkpoints import make_tiny_model
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
@@ -14,14 +15,7 @@ needs_native = pytest.mark.skipif(not ops.native_available(), reason="native ext
 
 
 def tiny_model(seed=0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
-    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, rope_theta=500.0)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    return model.to(dtype).eval()
+    return make_tiny_model(seed, dtype, **overrides)
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -244,3 +244,13 @@ def expected_gguf_roundtrip(config: LlamaConfig, name: str, t: torch.Tensor, ten
 __all__ = ["make_tiny_config", "make_random_state_dict", "make_tiny_tokenizer", "write_hf_folder", "write_gguf",
            "expected_gguf_roundtrip", "gguf_tokenizer_metadata", "SPECIAL_TOKENS", "CHATML_TEMPLATE",
            "TINY_VOCAB_SIZE", "CORPUS"]
+
+
+def make_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """An in-memory LlamaForCausalLM with random weights (3 layers, vocab 300 unless overridden)."""
+    from layerskip_ext.model.llama import LlamaForCausalLM
+
+    fields = dict(vocab_size=300, num_hidden_layers=3, rope_theta=500.0)
+    fields.update(overrides)
+    config = make_tiny_config(**fields)
+    return LlamaForCausalLM.from_state_dict(config, make_random_state_dict(config, seed), dtype=dtype)
