@@ -141,3 +141,13 @@ def test_native_path_matches_reference_path(dtype):
         outs.append(torch.cat([first, rest], 1).float())
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.08)
     torch.testing.assert_close(outs[1], outs[0], **tol)
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
+def test_config_written_by_transformers_round_trips(scaling):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(rope_scaling=scaling).config
+    hf_dict = transformers.LlamaConfig(**ours.to_hf_dict()).to_dict()  # transformers' own layout
+    back = LlamaConfig.from_hf_dict(hf_dict)
+    assert back.rope_theta == ours.rope_theta
+    assert (back.rope_scaling or {}).get("factor") == (scaling or {}).get("factor")

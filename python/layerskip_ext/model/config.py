@@ -78,6 +78,14 @@ class LlamaConfig:
             raise CheckpointError(
                 f"unknown architecture: model_type={model_type!r}, architectures={archs!r}; "
                 f"supported: model_type 'llama' / LlamaForCausalLM")
+        d = dict(d)
+        params = d.pop("rope_parameters", None)  # transformers >= 5 nests theta and scaling here
+        if isinstance(params, dict):
+            params = dict(params)
+            if "rope_theta" in params:
+                d.setdefault("rope_theta", params.pop("rope_theta"))
+            if params.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", params)
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if n not in d]
