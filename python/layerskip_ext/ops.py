@@ -68,14 +68,90 @@ def cache_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Native ops (filled in with torch.ops.layerskip.* and fake kernels once the extension is built)
+# Native ops: torch.ops.layerskip.* (csrc/ops.cpp has the schemas; csrc/cpu, csrc/cuda the kernels)
+#
+# Supported: float32, bfloat16, float16 (positions / start int64; cos / sin float32); every tensor contiguous and on
+# one device; D <= 256 (cache_attention, rope), D even (rope), nH % nKV == 0. Bad arguments raise RuntimeError
+# naming the argument. On CPU the values of start (0 <= start[b], start[b] + T <= S) and positions (< cos.size(0))
+# are checked too; the CUDA kernels never read them on the host (no synchronisation): the caller validates them,
+# and out-of-range rows come out NaN (rope, cache_attention) or are not written (kv_cache_write).
 # --------------------------------------------------------------------------------------------------------------
 
-rms_norm = rms_norm_reference
-rope = rope_reference
-kv_cache_write = kv_cache_write_reference
-cache_attention = cache_attention_reference
+from . import _native  # noqa: E402
 
 
 def native_available() -> bool:
-    return False
+    """True when the compiled extension is loaded (``torch.ops.layerskip.*`` registered)."""
+    return _native.native_available()
+
+
+def _missing(name: str):
+    def op(*args, **kwargs):
+        _native.require_native()
+        raise RuntimeError(f"torch.ops.layerskip.{name} is not registered")  # pragma: no cover
+
+    return op
+
+
+if _native.native_available():
+    _rms_norm_op = torch.ops.layerskip.rms_norm.default
+    _rope_op = torch.ops.layerskip.rope.default
+    _kv_cache_write_op = torch.ops.layerskip.kv_cache_write.default
+    _cache_attention_op = torch.ops.layerskip.cache_attention.default
+else:
+    _rms_norm_op = _missing("rms_norm")
+    _rope_op = _missing("rope")
+    _kv_cache_write_op = _missing("kv_cache_write")
+    _cache_attention_op = _missing("cache_attention")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Native :func:`rms_norm_reference`: x[..., H], weight[H] (x's dtype or float32) -> [..., H]."""
+    return _rms_norm_op(x, weight, eps)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Native :func:`rope_reference`: x[B, T, nH, D], positions[B, T] int64, cos/sin[P, D/2] float32."""
+    return _rope_op(x, positions, cos, sin)
+
+
+def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   start: torch.Tensor) -> None:
+    """Native :func:`kv_cache_write_reference` (in place); k/v must have the caches' dtype."""
+    _kv_cache_write_op(k_cache, v_cache, k, v, start)
+
+
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Native :func:`cache_attention_reference`; q and the caches share one dtype."""
+    return _cache_attention_op(q, k_cache, v_cache, start, scale)
+
+
+# Fake (meta) kernels: output metadata only, for torch.compile / FakeTensor tracing. Outputs are contiguous.
+if _native.native_available():
+
+    @torch.library.register_fake("layerskip::rms_norm")
+    def _rms_norm_fake(x, weight, eps):
+        torch._check(weight.dim() == 1 and x.dim() >= 1, lambda: "rms_norm: x must be [..., H] and weight [H]")
+        torch._check(weight.shape[0] == x.shape[-1], lambda: "rms_norm: weight.size(0) must be x.size(-1)")
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("layerskip::rope")
+    def _rope_fake(x, positions, cos, sin):
+        torch._check(x.dim() == 4, lambda: f"rope: x must be 4-D [B, T, nH, D], got {x.dim()}-D")
+        torch._check(positions.dim() == 2, lambda: f"rope: positions must be 2-D [B, T], got {positions.dim()}-D")
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("layerskip::kv_cache_write")
+    def _kv_cache_write_fake(k_cache, v_cache, k, v, start):
+        torch._check(k.dim() == 4, lambda: f"kv_cache_write: k must be 4-D [B, T, nKV, D], got {k.dim()}-D")
+        torch._check(k_cache.dim() == 4,
+                     lambda: f"kv_cache_write: k_cache must be 4-D [B, nKV, S, D], got {k_cache.dim()}-D")
+        return None
+
+    @torch.library.register_fake("layerskip::cache_attention")
+    def _cache_attention_fake(q, k_cache, v_cache, start, scale):
+        torch._check(q.dim() == 4, lambda: f"cache_attention: q must be 4-D [B, T, nH, D], got {q.dim()}-D")
+        torch._check(k_cache.dim() == 4,
+                     lambda: f"cache_attention: k_cache must be 4-D [B, nKV, S, D], got {k_cache.dim()}-D")
+        return q.new_empty(q.shape)

@@ -1,0 +1,110 @@
+"""Microbenchmarks of the native ops against their PyTorch references on decode shapes (SmolLM2-135M).
+
+    python -m pytest benchmarks/bench_ops.py -q                      # all (CPU; CUDA too when a GPU is there)
+    python -m pytest benchmarks/bench_ops.py -q -k "attention and native" --benchmark-json=out.json
+
+Each benchmark records in ``extra_info``: the bytes a kernel must move at least (inputs read once, outputs written
+once; for cache_attention the valid part of the K/V cache), and the GB/s that makes at the measured mean time.
+Machines are shared and noisy: compare side by side, in one run.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerskip_ext import ops
+
+# SmolLM2-135M
+H, NH, NKV, D, S = 576, 9, 3, 64, 2048
+EPS = 1e-5
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IMPLS = ["native", "reference"]
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+if not ops.native_available():
+    IMPLS = ["reference"]
+
+
+def _nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _run(benchmark, fn, nbytes: int, device: str) -> None:
+    if device == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        timed = fn
+    timed()  # warm up (allocations, lazy init)
+    benchmark(timed)
+    benchmark.extra_info["bytes"] = nbytes
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.mean > 0:
+        benchmark.extra_info["GB/s"] = round(nbytes / stats.stats.mean / 1e9, 3)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+
+
+def _pick(name: str, impl: str):
+    return getattr(ops, name if impl == "native" else f"{name}_reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [1, 5])
+def test_rms_norm(benchmark, impl, dtype, device, T):
+    benchmark.group = f"rms_norm T={T} {dtype} {device}"
+    x = torch.randn(1, T, H, dtype=DTYPES[dtype], device=device)
+    w = torch.randn(H, dtype=DTYPES[dtype], device=device)
+    f = _pick("rms_norm", impl)
+    _run(benchmark, lambda: f(x, w, EPS), 2 * _nbytes(x) + _nbytes(w), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [1, 5])
+def test_rope(benchmark, impl, dtype, device, T):
+    benchmark.group = f"rope T={T} {dtype} {device}"
+    x = torch.randn(1, T, NH, D, dtype=DTYPES[dtype], device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
+    pos = torch.arange(S - T, S, device=device).view(1, T)
+    f = _pick("rope", impl)
+    _run(benchmark, lambda: f(x, pos, cos, sin), 2 * _nbytes(x) + _nbytes(pos) + 2 * T * (D // 2) * 4, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [1, 5])
+def test_kv_cache_write(benchmark, impl, dtype, device, T):
+    benchmark.group = f"kv_cache_write T={T} {dtype} {device}"
+    kc = torch.zeros(1, NKV, S, D, dtype=DTYPES[dtype], device=device)
+    vc = torch.zeros_like(kc)
+    k = torch.randn(1, T, NKV, D, dtype=DTYPES[dtype], device=device)
+    v = torch.randn_like(k)
+    start = torch.tensor([S // 2], device=device)
+    f = _pick("kv_cache_write", impl)
+    _run(benchmark, lambda: f(kc, vc, k, v, start), 2 * _nbytes(k, v), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [1, 5])
+def test_cache_attention(benchmark, impl, dtype, device, T):
+    """Decode (T=1) / verify (T=5) at the end of a full 2048-slot cache: every key is read."""
+    benchmark.group = f"cache_attention T={T} {dtype} {device}"
+    q = torch.randn(1, T, NH, D, dtype=DTYPES[dtype], device=device)
+    kc = torch.randn(1, NKV, S, D, dtype=DTYPES[dtype], device=device)
+    vc = torch.randn_like(kc)
+    start = torch.tensor([S - T], device=device)
+    f = _pick("cache_attention", impl)
+    nbytes = 2 * _nbytes(q) + _nbytes(kc, vc)  # q in, out, the whole (valid) K/V cache once
+    _run(benchmark, lambda: f(q, kc, vc, start, 1.0 / math.sqrt(D)), nbytes, device)

@@ -1,0 +1,150 @@
+// Shape / dtype / device / layout validation of each op, shared by the CPU and CUDA twins so both accept exactly
+// the same arguments. Value checks that need to read tensor contents (start, positions) are separate: the CPU
+// kernels run them; the CUDA kernels never synchronise with the host (the Python caller validates, and the
+// kernels guard their memory accesses: see csrc/cuda/kernels.cu).
+#pragma once
+
+#include "common/checks.h"
+
+namespace layerskip {
+
+struct RmsNormDims {
+  int64_t rows;  // product of the leading dims
+  int64_t H;
+};
+
+inline RmsNormDims validate_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
+  constexpr const char* op = "rms_norm";
+  check_defined(x, op, "x");
+  check_defined(weight, op, "weight");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim [..., H], got 0-D");
+  check_rank(weight, 1, op, "weight", "[H]");
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
+              ": weight must have the dtype of x (", dtype_name(x.scalar_type()), ") or be float32, got ",
+              dtype_name(weight.scalar_type()));
+  check_same_device(weight, x, op, "weight", "x");
+  const int64_t H = x.size(-1);
+  check_size(weight, 0, H, op, "weight", "H = x.size(-1)");
+  check_contiguous(x, op, "x");
+  check_contiguous(weight, op, "weight");
+  return {H == 0 ? 0 : x.numel() / H, H};
+}
+
+struct RopeDims {
+  int64_t B, T, nH, D, P;
+};
+
+inline RopeDims validate_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
+                              const at::Tensor& sin) {
+  constexpr const char* op = "rope";
+  check_rank(x, 4, op, "x", "[B, T, nH, D]");
+  check_rank(positions, 2, op, "positions", "[B, T]");
+  check_rank(cos, 2, op, "cos", "[P, D/2]");
+  check_rank(sin, 2, op, "sin", "[P, D/2]");
+  check_float_dtype(x, op, "x");
+  check_dtype(positions, at::kLong, op, "positions");
+  check_dtype(cos, at::kFloat, op, "cos");
+  check_dtype(sin, at::kFloat, op, "sin");
+  check_same_device(positions, x, op, "positions", "x");
+  check_same_device(cos, x, op, "cos", "x");
+  check_same_device(sin, x, op, "sin", "x");
+  const int64_t B = x.size(0), T = x.size(1), nH = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0, op, ": x.size(3) (head dim D) must be even, got ", D);
+  TORCH_CHECK(D <= LAYERSKIP_MAX_HEAD_DIM, op, ": x.size(3) (head dim D) must be <= ", LAYERSKIP_MAX_HEAD_DIM,
+              ", got ", D);
+  check_size(positions, 0, B, op, "positions", "B = x.size(0)");
+  check_size(positions, 1, T, op, "positions", "T = x.size(1)");
+  check_size(cos, 1, D / 2, op, "cos", "D/2 = x.size(3)/2");
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have the shape of cos ", cos.sizes(), ", got ",
+              sin.sizes());
+  check_contiguous(x, op, "x");
+  check_contiguous(positions, op, "positions");
+  check_contiguous(cos, op, "cos");
+  check_contiguous(sin, op, "sin");
+  return {B, T, nH, D, cos.size(0)};
+}
+
+struct CacheDims {
+  int64_t B, T, nKV, S, D;
+};
+
+// k_cache/v_cache [B, nKV, S, D] and start [B]; T comes from the caller.
+inline void validate_cache(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& start) {
+  check_rank(k_cache, 4, op, "k_cache", "[B, nKV, S, D]");
+  check_rank(v_cache, 4, op, "v_cache", "[B, nKV, S, D]");
+  check_rank(start, 1, op, "start", "[B]");
+  check_same_dtype(k_cache, ref, op, "k_cache", ref_name);
+  check_same_dtype(v_cache, ref, op, "v_cache", ref_name);
+  check_dtype(start, at::kLong, op, "start");
+  check_same_device(k_cache, ref, op, "k_cache", ref_name);
+  check_same_device(v_cache, ref, op, "v_cache", ref_name);
+  check_same_device(start, ref, op, "start", ref_name);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  check_size(k_cache, 0, ref.size(0), op, "k_cache", "B");
+  check_size(start, 0, ref.size(0), op, "start", "B");
+  check_size(k_cache, 3, ref.size(3), op, "k_cache", "head dim D");
+  check_contiguous(k_cache, op, "k_cache");
+  check_contiguous(v_cache, op, "v_cache");
+  check_contiguous(start, op, "start");
+}
+
+inline CacheDims validate_kv_cache_write(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& start) {
+  constexpr const char* op = "kv_cache_write";
+  check_rank(k, 4, op, "k", "[B, T, nKV, D]");
+  check_rank(v, 4, op, "v", "[B, T, nKV, D]");
+  check_float_dtype(k, op, "k");
+  check_same_dtype(v, k, op, "v", "k");
+  check_same_device(v, k, op, "v", "k");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  check_contiguous(k, op, "k");
+  check_contiguous(v, op, "v");
+  validate_cache(op, k, "k", k_cache, v_cache, start);
+  check_size(k_cache, 1, k.size(2), op, "k_cache", "nKV = k.size(2)");
+  TORCH_CHECK(k_cache.data_ptr() != v_cache.data_ptr() || k_cache.numel() == 0, op,
+              ": k_cache and v_cache must be different tensors");
+  return {k.size(0), k.size(1), k.size(2), k_cache.size(2), k.size(3)};
+}
+
+struct AttnDims {
+  int64_t B, T, nH, nKV, S, D;
+};
+
+inline AttnDims validate_cache_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& start) {
+  constexpr const char* op = "cache_attention";
+  check_rank(q, 4, op, "q", "[B, T, nH, D]");
+  check_float_dtype(q, op, "q");
+  check_contiguous(q, op, "q");
+  validate_cache(op, q, "q", k_cache, v_cache, start);
+  const int64_t nH = q.size(2), nKV = k_cache.size(1), D = q.size(3);
+  TORCH_CHECK(nKV > 0 && nH % nKV == 0, op, ": q heads nH = q.size(2) = ", nH,
+              " must be a multiple of the key/value heads nKV = k_cache.size(1) = ", nKV);
+  TORCH_CHECK(D >= 1 && D <= LAYERSKIP_MAX_HEAD_DIM, op, ": q.size(3) (head dim D) must be in [1, ",
+              LAYERSKIP_MAX_HEAD_DIM, "], got ", D);
+  return {q.size(0), q.size(1), nH, nKV, k_cache.size(2), D};
+}
+
+// CPU only (reads the values): 0 <= start[b] and start[b] + T <= S for every b.
+inline void check_start_values(const char* op, const at::Tensor& start, int64_t T, int64_t S) {
+  const int64_t* s = start.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < start.numel(); ++b) {
+    TORCH_CHECK(s[b] >= 0 && s[b] <= S - T, op, ": start[", b, "] = ", s[b],
+                " is out of range: need 0 <= start[b] and start[b] + T <= S (T = ", T, ", S = ", S, ")");
+  }
+}
+
+// CPU only: 0 <= positions < P.
+inline void check_position_values(const at::Tensor& positions, int64_t P) {
+  const int64_t* p = positions.const_data_ptr<int64_t>();
+  const int64_t n = positions.numel(), T = positions.dim() == 2 ? positions.size(1) : 1;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < P, "rope: positions[", i / T, ", ", i % T, "] = ", p[i],
+                " is out of range [0, P) with P = cos.size(0) = ", P);
+  }
+}
+
+}  // namespace layerskip

@@ -1,0 +1,291 @@
+// CUDA kernels of the native ops. No torch headers here (fast nvcc); see launchers.h for the contracts.
+//
+// Batch invariance: a row's result depends only on its own inputs and sizes. Launch configurations (block
+// size, split of a reduction over threads) are fixed per op, never derived from the number of rows, and
+// reductions combine partial results in a fixed order (warp butterflies, then warps in index order).
+// The build passes --fmad=false: a*b+c is never contracted behind our back.
+//
+// No host synchronisation: start / positions are not validated here (the Python caller validates); the kernels
+// only guard memory accesses (out-of-range rows are NaN, out-of-range cache slots are not written).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/limits.h"
+#include "cuda/launchers.h"
+
+namespace layerskip::cuda {
+namespace {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;  // every lane holds the same (fixed butterfly order) sum
+}
+
+__device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
+
+inline unsigned grid_1d(int64_t n, int threads) {
+  int64_t blocks = (n + threads - 1) / threads;
+  const int64_t cap = int64_t(1) << 20;  // grid-stride loops cover the rest
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+// ---- rms_norm: one block of kNormThreads per row ----------------------------------------------------------------
+constexpr int kNormThreads = 256;
+
+template <typename T, typename W>
+__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restrict__ x, const W* __restrict__ w,
+                                                                T* __restrict__ y, int64_t H, float eps) {
+  __shared__ float warp_part[kNormThreads / 32];
+  __shared__ float inv_s;
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * H;
+  T* yr = y + row * H;
+  float acc = 0.0f;
+  for (int64_t i = threadIdx.x; i < H; i += kNormThreads) {
+    const float v = to_f32(xr[i]);
+    acc += v * v;
+  }
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int i = 0; i < kNormThreads / 32; ++i) s += warp_part[i];
+    inv_s = 1.0f / sqrtf(s / static_cast<float>(H) + eps);
+  }
+  __syncthreads();
+  const float inv = inv_s;
+  for (int64_t i = threadIdx.x; i < H; i += kNormThreads) yr[i] = from_f32<T>((to_f32(xr[i]) * inv) * to_f32(w[i]));
+}
+
+// ---- rope: one thread per (row, pair) -----------------------------------------------------------------------------
+template <typename T>
+__global__ void rope_kernel(const T* __restrict__ x, const int64_t* __restrict__ positions,
+                            const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ out,
+                            int64_t n_pairs, int64_t nH, int64_t half, int64_t P) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n_pairs;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % half;
+    const int64_t row = idx / half;  // (b * T + t) * nH + h
+    const int64_t bt = row / nH;
+    const int64_t pos = positions[bt];
+    const T* xr = x + row * 2 * half;
+    T* yr = out + row * 2 * half;
+    if (pos < 0 || pos >= P) {
+      yr[i] = from_f32<T>(nan_f32());
+      yr[i + half] = from_f32<T>(nan_f32());
+      continue;
+    }
+    const float c = cos[pos * half + i], s = sin[pos * half + i];
+    const float x1 = to_f32(xr[i]), x2 = to_f32(xr[i + half]);
+    yr[i] = from_f32<T>(x1 * c - x2 * s);
+    yr[i + half] = from_f32<T>(x2 * c + x1 * s);
+  }
+}
+
+// ---- kv_cache_write: one thread per element ------------------------------------------------------------------------
+template <typename T>
+__global__ void kv_cache_write_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k,
+                                      const T* __restrict__ v, const int64_t* __restrict__ start, int64_t n,
+                                      int64_t T_, int64_t nKV, int64_t S, int64_t D) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = idx % D;
+    int64_t rest = idx / D;
+    const int64_t h = rest % nKV;
+    rest /= nKV;
+    const int64_t t = rest % T_;
+    const int64_t b = rest / T_;
+    const int64_t slot = start[b] + t;
+    if (slot < 0 || slot >= S) continue;
+    const int64_t dst = ((b * nKV + h) * S + slot) * D + d;
+    k_cache[dst] = k[idx];
+    v_cache[dst] = v[idx];
+  }
+}
+
+// ---- cache_attention: one block of kAttnWarps warps per query row (b, t, h) ---------------------------------------
+// Warp w takes keys w, w + kAttnWarps, ... with an online softmax; lane l holds elements l, l + 32, ... of the
+// head dim (NPL = ceil(D / 32) of them). The warps' (max, sum, acc) are then merged in warp order.
+constexpr int kAttnWarps = 4;
+
+template <typename T, int NPL>
+__global__ void __launch_bounds__(kAttnWarps * 32)
+    cache_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                           const int64_t* __restrict__ start, T* __restrict__ out, int64_t T_, int64_t nH,
+                           int64_t nKV, int64_t S, int64_t D, float scale) {
+  __shared__ float sm_m[kAttnWarps];
+  __shared__ float sm_l[kAttnWarps];
+  __shared__ float sm_acc[kAttnWarps][NPL * 32];
+  const int64_t row = blockIdx.x;  // (b * T + t) * nH + h
+  const int64_t h = row % nH;
+  const int64_t bt = row / nH;
+  const int64_t t = bt % T_;
+  const int64_t b = bt / T_;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  T* orow = out + row * D;
+  const int64_t pos = start[b] + t;
+  if (pos < 0 || pos >= S) {
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) orow[i] = from_f32<T>(nan_f32());
+    return;
+  }
+  const int64_t kvh = h / (nH / nKV);
+  const T* K = k_cache + (b * nKV + kvh) * S * D;
+  const T* V = v_cache + (b * nKV + kvh) * S * D;
+  const T* qrow = q + row * D;
+
+  float qv[NPL], acc[NPL];
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const int64_t d = lane + 32 * i;
+    qv[i] = d < D ? to_f32(qrow[d]) : 0.0f;
+    acc[i] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t s = warp; s <= pos; s += kAttnWarps) {
+    const T* kr = K + s * D;
+    float part = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      const int64_t d = lane + 32 * i;
+      if (d < D) part += qv[i] * to_f32(kr[d]);
+    }
+    const float sc = warp_sum(part) * scale;
+    const float m_new = fmaxf(m, sc);
+    const float corr = expf(m - m_new);  // m = -inf on the first key: 0
+    const float p = expf(sc - m_new);
+    l = l * corr + p;
+    const T* vr = V + s * D;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      const int64_t d = lane + 32 * i;
+      const float vv = d < D ? to_f32(vr[d]) : 0.0f;
+      acc[i] = acc[i] * corr + p * vv;
+    }
+    m = m_new;
+  }
+  if (lane == 0) {
+    sm_m[warp] = m;
+    sm_l[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) sm_acc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  float M = sm_m[0];
+  for (int w = 1; w < kAttnWarps; ++w) M = fmaxf(M, sm_m[w]);
+  float L = 0.0f;
+  float wscale[kAttnWarps];
+  for (int w = 0; w < kAttnWarps; ++w) {
+    wscale[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);  // warps that saw no key contribute nothing
+    L += sm_l[w] * wscale[w];
+  }
+  const float inv_L = 1.0f / L;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.0f;
+    for (int w = 0; w < kAttnWarps; ++w) o += sm_acc[w][d] * wscale[w];
+    orow[d] = from_f32<T>(o * inv_L);
+  }
+}
+
+template <typename T>
+void attention_dispatch_npl(const void* q, const void* kc, const void* vc, const int64_t* start, void* out,
+                            int64_t B, int64_t T_, int64_t nH, int64_t nKV, int64_t S, int64_t D, float scale,
+                            cudaStream_t stream) {
+  const unsigned rows = static_cast<unsigned>(B * T_ * nH);
+  const dim3 block(kAttnWarps * 32);
+  auto args = [&](auto kernel) {
+    kernel<<<rows, block, 0, stream>>>(static_cast<const T*>(q), static_cast<const T*>(kc),
+                                       static_cast<const T*>(vc), start, static_cast<T*>(out), T_, nH, nKV, S, D,
+                                       scale);
+  };
+  if (D <= 32)
+    args(cache_attention_kernel<T, 1>);
+  else if (D <= 64)
+    args(cache_attention_kernel<T, 2>);
+  else if (D <= 128)
+    args(cache_attention_kernel<T, 4>);
+  else
+    args(cache_attention_kernel<T, 8>);
+}
+
+template <typename F>
+void dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat16: f(__half{}); break;
+  }
+}
+
+}  // namespace
+
+static_assert(LAYERSKIP_MAX_HEAD_DIM <= 8 * 32, "cache_attention_kernel handles D <= 256");
+
+void launch_rms_norm(DType dt, bool w_f32, const void* x, const void* w, void* y, int64_t rows, int64_t H,
+                     float eps, cudaStream_t stream) {
+  if (rows == 0 || H == 0) return;
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    if (w_f32)
+      rms_norm_kernel<T, float><<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const float*>(w), static_cast<T*>(y), H, eps);
+    else
+      rms_norm_kernel<T, T><<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), H, eps);
+  });
+}
+
+void launch_rope(DType dt, const void* x, const int64_t* positions, const float* cos, const float* sin, void* out,
+                 int64_t B, int64_t T, int64_t nH, int64_t D, int64_t P, cudaStream_t stream) {
+  const int64_t n_pairs = B * T * nH * (D / 2);
+  if (n_pairs == 0) return;
+  dispatch(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    rope_kernel<Ty><<<grid_1d(n_pairs, 256), 256, 0, stream>>>(static_cast<const Ty*>(x), positions, cos, sin,
+                                                             static_cast<Ty*>(out), n_pairs, nH, D / 2, P);
+  });
+}
+
+void launch_kv_cache_write(DType dt, void* k_cache, void* v_cache, const void* k, const void* v,
+                           const int64_t* start, int64_t B, int64_t T, int64_t nKV, int64_t S, int64_t D,
+                           cudaStream_t stream) {
+  const int64_t n = B * T * nKV * D;
+  if (n == 0) return;
+  dispatch(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    kv_cache_write_kernel<Ty><<<grid_1d(n, 256), 256, 0, stream>>>(static_cast<Ty*>(k_cache),
+                                                                  static_cast<Ty*>(v_cache),
+                                                                  static_cast<const Ty*>(k),
+                                                                  static_cast<const Ty*>(v), start, n, T, nKV, S, D);
+  });
+}
+
+void launch_cache_attention(DType dt, const void* q, const void* k_cache, const void* v_cache,
+                            const int64_t* start, void* out, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                            int64_t S, int64_t D, float scale, cudaStream_t stream) {
+  if (B * T * nH == 0 || D == 0) return;
+  dispatch(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    attention_dispatch_npl<Ty>(q, k_cache, v_cache, start, out, B, T, nH, nKV, S, D, scale, stream);
+  });
+}
+
+}  // namespace layerskip::cuda

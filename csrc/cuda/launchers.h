@@ -1,0 +1,34 @@
+// Host-side entry points of the CUDA kernels (csrc/cuda/kernels.cu). Plain pointers and sizes only, so the .cu
+// translation unit needs no torch headers (nvcc compiles it fast); csrc/cuda/ops_cuda.cpp does the argument
+// checks, device guard, stream and launch check around them.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace layerskip::cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// x, y [rows, H] of dt; w [H] of dt, or float32 when w_f32.
+void launch_rms_norm(DType dt, bool w_f32, const void* x, const void* w, void* y, int64_t rows, int64_t H,
+                     float eps, cudaStream_t stream);
+
+// x, out [B, T, nH, D]; positions [B, T]; cos, sin [P, D/2] float32. Rows with a position outside [0, P) are NaN.
+void launch_rope(DType dt, const void* x, const int64_t* positions, const float* cos, const float* sin, void* out,
+                 int64_t B, int64_t T, int64_t nH, int64_t D, int64_t P, cudaStream_t stream);
+
+// k_cache, v_cache [B, nKV, S, D]; k, v [B, T, nKV, D]; start [B]. Tokens whose slot falls outside [0, S) are
+// not written.
+void launch_kv_cache_write(DType dt, void* k_cache, void* v_cache, const void* k, const void* v,
+                           const int64_t* start, int64_t B, int64_t T, int64_t nKV, int64_t S, int64_t D,
+                           cudaStream_t stream);
+
+// q, out [B, T, nH, D]; k_cache, v_cache [B, nKV, S, D]; start [B]. Rows whose position start[b] + t falls
+// outside [0, S) are NaN. D <= 256.
+void launch_cache_attention(DType dt, const void* q, const void* k_cache, const void* v_cache,
+                            const int64_t* start, void* out, int64_t B, int64_t T, int64_t nH, int64_t nKV,
+                            int64_t S, int64_t D, float scale, cudaStream_t stream);
+
+}  // namespace layerskip::cuda

@@ -1,0 +1,93 @@
+// CUDA twins of the CPU ops: same checks (common/validate.h), device guard, current stream, launch check.
+// The values of start / positions are NOT read here (that would synchronise with the host): the Python caller
+// validates them; the kernels only guard their memory accesses (see launchers.h).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "common/validate.h"
+#include "cuda/launchers.h"
+
+namespace layerskip::cuda {
+namespace {
+
+DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_grid(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows for one launch (", blocks, ")");
+}
+
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const auto d = validate_rms_norm(x, weight);
+  check_device_type(x, c10::DeviceType::CUDA, "rms_norm", "x");
+  check_grid(d.rows, "rms_norm");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  launch_rms_norm(to_dtype(x, "rms_norm", "x"), weight.scalar_type() != x.scalar_type(), x.const_data_ptr(),
+                  weight.const_data_ptr(), y.mutable_data_ptr(), d.rows, d.H, static_cast<float>(eps),
+                  stream_of(x));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+  const auto d = validate_rope(x, positions, cos, sin);
+  check_device_type(x, c10::DeviceType::CUDA, "rope", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  launch_rope(to_dtype(x, "rope", "x"), x.const_data_ptr(), positions.const_data_ptr<int64_t>(),
+              cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr(), d.B, d.T, d.nH, d.D,
+              d.P, stream_of(x));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+void kv_cache_write_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& start) {
+  const auto d = validate_kv_cache_write(k_cache, v_cache, k, v, start);
+  check_device_type(k, c10::DeviceType::CUDA, "kv_cache_write", "k");
+  const c10::cuda::CUDAGuard guard(k.device());
+  launch_kv_cache_write(to_dtype(k, "kv_cache_write", "k"), k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(),
+                        k.const_data_ptr(), v.const_data_ptr(), start.const_data_ptr<int64_t>(), d.B, d.T, d.nKV,
+                        d.S, d.D, stream_of(k));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor cache_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& start, double scale) {
+  const auto d = validate_cache_attention(q, k_cache, v_cache, start);
+  check_device_type(q, c10::DeviceType::CUDA, "cache_attention", "q");
+  check_grid(d.B * d.T * d.nH, "cache_attention");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  launch_cache_attention(to_dtype(q, "cache_attention", "q"), q.const_data_ptr(), k_cache.const_data_ptr(),
+                         v_cache.const_data_ptr(), start.const_data_ptr<int64_t>(), out.mutable_data_ptr(), d.B,
+                         d.T, d.nH, d.nKV, d.S, d.D, static_cast<float>(scale), stream_of(q));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("rope", &rope_cuda);
+  m.impl("kv_cache_write", &kv_cache_write_cuda);
+  m.impl("cache_attention", &cache_attention_cuda);
+}
+
+}  // namespace layerskip::cuda

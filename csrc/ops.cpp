@@ -1,0 +1,14 @@
+// The ONE list of native op schemas. Kernels: csrc/cpu/*.cpp (CPU), csrc/cuda/ops_cuda.cpp (CUDA).
+// Python wrappers, fake (meta) kernels and the PyTorch references: python/layerskip_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(layerskip, m) {
+  // x[..., H], weight[H] -> [..., H]
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // x[B, T, nH, D], positions[B, T] int64, cos/sin[P, D/2] float32 -> [B, T, nH, D]  (rotate-half)
+  m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
+  // k_cache/v_cache[B, nKV, S, D] (written in place), k/v[B, T, nKV, D], start[B] int64
+  m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor start) -> ()");
+  // q[B, T, nH, D], k_cache/v_cache[B, nKV, S, D], start[B] int64 -> [B, T, nH, D]
+  m.def("cache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor start, float scale) -> Tensor");
+}
