@@ -5,7 +5,7 @@
 TORCH_LIBRARY(layerskip, m) {
   // x[..., H], weight[H] -> [..., H]
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  // x[B, T, nH, D], positions[B, T] int64, cos/sin[P, D/2] float32 -> [B, T, nH, D]  (rotate-half)
+  // x[B, T, nH, D], positions[B, T] (or [1, T]) int64, cos/sin[P, D/2] float32 -> [B, T, nH, D]  (rotate-half)
   m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
   // k_cache/v_cache[B, nKV, S, D] (written in place), k/v[B, T, nKV, D], start[B] int64
   m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor start) -> ()");

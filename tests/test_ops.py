@@ -123,6 +123,17 @@ def test_rope_matches_reference(shape, dtype):
         assert_bitwise(out, ref, "rope fp32 vs reference")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_positions_shared_by_the_batch(dtype):
+    """positions [1, T] (every sequence at the same positions, as in training) broadcasts like the reference."""
+    g = seeded("rope-bcast", dtype)
+    cos, sin = rope_tables(40, 64)
+    x = randn((3, 7, 4, 64), dtype, g)
+    pos = torch.randint(0, 40, (1, 7), generator=g)
+    assert_bitwise(ops.rope(x, pos, cos, sin), ops.rope_reference(x, pos, cos, sin), "broadcast positions")
+    assert_bitwise(ops.rope(x, pos, cos, sin), ops.rope(x, pos.expand(3, 7).contiguous(), cos, sin), "vs [B, T]")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # kv_cache_write
 # --------------------------------------------------------------------------------------------------------------
@@ -422,6 +433,8 @@ def _err_cases():
         "rope x rank": (lambda: rope(q[0], pos, cos, sin), "rope: x must be 4-D [B, T, nH, D], got 3-D"),
         "rope positions rank": (lambda: rope(q, pos[0], cos, sin), "rope: positions must be 2-D [B, T], got 1-D"),
         "rope positions shape": (lambda: rope(q, pos[:, :2].contiguous(), cos, sin), "rope: positions.size(1) (T = x.size(1))"),
+        "rope positions batch": (lambda: rope(torch.randn(3, T, nH, D), pos, cos, sin),
+                                 "rope: positions.size(0) must be B = x.size(0) = 3 (or 1"),
         "rope positions dtype": (lambda: rope(q, pos.int(), cos, sin), "rope: positions must be int64, got int32"),
         "rope positions high": (lambda: rope(q, pos + torch.tensor([[0, 0, 40], [0, 0, 0]]), cos, sin),
                                 "rope: positions[0, 2] = 40 is out of range [0, P) with P = cos.size(0) = 32"),
@@ -482,6 +495,8 @@ def test_cuda_rms_norm_and_rope_match_cpu(dtype):
         pos = torch.randint(0, 64, (B, T), generator=g)
         out = ops.rope(x.cuda(), pos.cuda(), cos.cuda(), sin.cuda()).cpu()
         torch.testing.assert_close(out, ops.rope(x, pos, cos, sin), **TOL[dtype])
+        out = ops.rope(x.cuda(), pos[:1].contiguous().cuda(), cos.cuda(), sin.cuda()).cpu()  # shared positions
+        torch.testing.assert_close(out, ops.rope(x, pos[:1].contiguous(), cos, sin), **TOL[dtype])
 
 
 @pytest.mark.cuda

@@ -33,6 +33,7 @@ inline RmsNormDims validate_rms_norm(const at::Tensor& x, const at::Tensor& weig
 
 struct RopeDims {
   int64_t B, T, nH, D, P;
+  int64_t pos_stride_b;  // T, or 0 when positions is [1, T] (shared by every sequence)
 };
 
 inline RopeDims validate_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
@@ -53,7 +54,8 @@ inline RopeDims validate_rope(const at::Tensor& x, const at::Tensor& positions, 
   TORCH_CHECK(D % 2 == 0, op, ": x.size(3) (head dim D) must be even, got ", D);
   TORCH_CHECK(D <= LAYERSKIP_MAX_HEAD_DIM, op, ": x.size(3) (head dim D) must be <= ", LAYERSKIP_MAX_HEAD_DIM,
               ", got ", D);
-  check_size(positions, 0, B, op, "positions", "B = x.size(0)");
+  TORCH_CHECK(positions.size(0) == B || positions.size(0) == 1, op, ": positions.size(0) must be B = x.size(0) = ",
+              B, " (or 1: the same positions for every sequence), got ", positions.size(0));
   check_size(positions, 1, T, op, "positions", "T = x.size(1)");
   check_size(cos, 1, D / 2, op, "cos", "D/2 = x.size(3)/2");
   TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have the shape of cos ", cos.sizes(), ", got ",
@@ -62,7 +64,7 @@ inline RopeDims validate_rope(const at::Tensor& x, const at::Tensor& positions, 
   check_contiguous(positions, op, "positions");
   check_contiguous(cos, op, "cos");
   check_contiguous(sin, op, "sin");
-  return {B, T, nH, D, cos.size(0)};
+  return {B, T, nH, D, cos.size(0), positions.size(0) == B ? T : 0};
 }
 
 struct CacheDims {

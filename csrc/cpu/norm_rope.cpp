@@ -63,12 +63,14 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 
 // ---- rope ------------------------------------------------------------------------------------------------------
 // Rotate-half: out[i] = x[i] c[i] - x[i+D/2] s[i], out[i+D/2] = x[i+D/2] c[i] + x[i] s[i] (rope_reference).
+// positions[b * pos_stride_b + t] (pos_stride_b = 0: [1, T] positions shared by the batch).
 template <typename T>
 LS_CPU_CLONES void rope_rows(const T* x, const int64_t* positions, const float* cos, const float* sin, T* out,
-                             int64_t bt_begin, int64_t bt_end, int64_t nH, int64_t D) {
+                             int64_t bt_begin, int64_t bt_end, int64_t T_, int64_t pos_stride_b, int64_t nH,
+                             int64_t D) {
   const int64_t half = D / 2;
   for (int64_t bt = bt_begin; bt < bt_end; ++bt) {
-    const int64_t pos = positions[bt];
+    const int64_t pos = positions[(bt / T_) * pos_stride_b + bt % T_];
     const float* c = cos + pos * half;
     const float* s = sin + pos * half;
     for (int64_t h = 0; h < nH; ++h) {
@@ -97,8 +99,9 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::
     const int64_t* pp = positions.const_data_ptr<int64_t>();
     const float* cp = cos.const_data_ptr<float>();
     const float* sp = sin.const_data_ptr<float>();
-    at::parallel_for(0, rows, grain,
-                     [&](int64_t b, int64_t e) { rope_rows(xp, pp, cp, sp, op, b, e, d.nH, d.D); });
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+      rope_rows(xp, pp, cp, sp, op, b, e, d.T, d.pos_stride_b, d.nH, d.D);
+    });
   });
   return out;
 }

@@ -79,13 +79,13 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restr
 template <typename T>
 __global__ void rope_kernel(const T* __restrict__ x, const int64_t* __restrict__ positions,
                             const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ out,
-                            int64_t n_pairs, int64_t nH, int64_t half, int64_t P) {
+                            int64_t n_pairs, int64_t T_, int64_t pos_stride_b, int64_t nH, int64_t half, int64_t P) {
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n_pairs;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = idx % half;
     const int64_t row = idx / half;  // (b * T + t) * nH + h
     const int64_t bt = row / nH;
-    const int64_t pos = positions[bt];
+    const int64_t pos = positions[(bt / T_) * pos_stride_b + bt % T_];
     const T* xr = x + row * 2 * half;
     T* yr = out + row * 2 * half;
     if (pos < 0 || pos >= P) {
@@ -254,13 +254,14 @@ void launch_rms_norm(DType dt, bool w_f32, const void* x, const void* w, void* y
 }
 
 void launch_rope(DType dt, const void* x, const int64_t* positions, const float* cos, const float* sin, void* out,
-                 int64_t B, int64_t T, int64_t nH, int64_t D, int64_t P, cudaStream_t stream) {
+                 int64_t B, int64_t T, int64_t pos_stride_b, int64_t nH, int64_t D, int64_t P, cudaStream_t stream) {
   const int64_t n_pairs = B * T * nH * (D / 2);
   if (n_pairs == 0) return;
   dispatch(dt, [&](auto tag) {
     using Ty = decltype(tag);
     rope_kernel<Ty><<<grid_1d(n_pairs, 256), 256, 0, stream>>>(static_cast<const Ty*>(x), positions, cos, sin,
-                                                             static_cast<Ty*>(out), n_pairs, nH, D / 2, P);
+                                                             static_cast<Ty*>(out), n_pairs, T, pos_stride_b, nH,
+                                                             D / 2, P);
   });
 }
 

@@ -15,9 +15,10 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 void launch_rms_norm(DType dt, bool w_f32, const void* x, const void* w, void* y, int64_t rows, int64_t H,
                      float eps, cudaStream_t stream);
 
-// x, out [B, T, nH, D]; positions [B, T]; cos, sin [P, D/2] float32. Rows with a position outside [0, P) are NaN.
+// x, out [B, T, nH, D]; positions [B, T] (pos_stride_b = T) or [1, T] (pos_stride_b = 0); cos, sin [P, D/2]
+// float32. Rows with a position outside [0, P) are NaN.
 void launch_rope(DType dt, const void* x, const int64_t* positions, const float* cos, const float* sin, void* out,
-                 int64_t B, int64_t T, int64_t nH, int64_t D, int64_t P, cudaStream_t stream);
+                 int64_t B, int64_t T, int64_t pos_stride_b, int64_t nH, int64_t D, int64_t P, cudaStream_t stream);
 
 // k_cache, v_cache [B, nKV, S, D]; k, v [B, T, nKV, D]; start [B]. Tokens whose slot falls outside [0, S) are
 // not written.

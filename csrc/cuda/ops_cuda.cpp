@@ -50,8 +50,8 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& positions, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   launch_rope(to_dtype(x, "rope", "x"), x.const_data_ptr(), positions.const_data_ptr<int64_t>(),
-              cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr(), d.B, d.T, d.nH, d.D,
-              d.P, stream_of(x));
+              cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr(), d.B, d.T,
+              d.pos_stride_b, d.nH, d.D, d.P, stream_of(x));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -111,7 +111,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Native :func:`rope_reference`: x[B, T, nH, D], positions[B, T] int64, cos/sin[P, D/2] float32."""
+    """Native :func:`rope_reference`: x[B, T, nH, D], positions[B, T] (or [1, T], shared) int64, cos/sin[P, D/2] f32."""
     return _rope_op(x, positions, cos, sin)
 
 
