@@ -142,6 +142,7 @@ def test_sampling_is_reproducible_with_seed():
     (dict(num_speculations=2), "need exit_layer"),
     (dict(exit_layer=2, num_speculations=0), "num_speculations"),
     (dict(exit_layer=2), "num_speculations"),
+    (dict(exit_layer=2, num_speculations=300), "remaining context"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(GenerationError, match=message):

@@ -43,6 +43,10 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     if strategy == "self_speculative":
         if not isinstance(num_speculations, int) or num_speculations < 1:
             raise GenerationError(f"num_speculations must be an integer >= 1, got {num_speculations!r}")
+        room = config.max_position_embeddings - max(len(p) for p in prompts)
+        if num_speculations >= room:
+            raise GenerationError(f"num_speculations={num_speculations} does not fit the remaining context: the "
+                                  f"longest prompt leaves {room} of {config.max_position_embeddings} positions")
 
     stops = config.eos_token_ids if stop_token_ids is None else list(stop_token_ids)
     capacity = min(max(len(p) for p in prompts) + max_new_tokens, config.max_position_embeddings)
