@@ -1,0 +1,188 @@
+"""``layerskip train`` and ``layerskip analyze``: argument definitions and command bodies.
+
+Wire into the CLI with::
+
+    p = sub.add_parser("train", help=...);   add_train_args(p);   p.set_defaults(func=cmd_train)
+    p = sub.add_parser("analyze", help=...); add_analyze_args(p); p.set_defaults(func=cmd_analyze)
+
+(``python -m layerskip_ext.training {train,analyze} ...`` runs them stand-alone.) Bad input raises
+``LayerSkipError`` subclasses; the CLI prints them as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..errors import LayerSkipError
+from .scales import EXIT_CURRICULA, EXIT_LOSS_SCALES, LAYER_SCALES, TIME_CURRICULA
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train with LayerSkip (layer dropout + early-exit loss): continual pretraining or fine-tuning "
+                     "of --model, or a new model from --init-config. Re-running with the same --out resumes.")
+    src = p.add_argument_group("model and data")
+    src.add_argument("--model", help="checkpoint to continue from: HF folder, .gguf, or packaged name")
+    src.add_argument("--init-config", help="JSON file of LlamaConfig fields: train a new model from scratch")
+    src.add_argument("--tokenizer", help="HF folder whose tokenizer to use (default: the model's)")
+    src.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                     help="train a byte-level BPE tokenizer of this size on the corpus (with --init-config)")
+    src.add_argument("--data", required=True, help="corpus: a folder of text/code files, a .jsonl, or a text file")
+    src.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    src.add_argument("--max-data-mb", type=float, default=None, help="read at most this many MB of text")
+    src.add_argument("--out", required=True, help="output folder: the trained model (HF format) + training state")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    opt.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro step (default 8)")
+    opt.add_argument("--grad-accum", type=int, default=1, help="micro steps per optimizer step (default 1)")
+    opt.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    opt.add_argument("--lr-layer-dropout", type=float, default=None, metavar="LR",
+                     help="peak learning rate to use instead of --lr when --layer-dropout > 0 (the paper trains "
+                          "with a higher LR under layer dropout)")
+    opt.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 5%% of --steps)")
+    opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
+    opt.add_argument("--weight-decay", type=float, default=0.1)
+    opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    opt.add_argument("--autocast", default="bf16", choices=("bf16", "none"), help="bf16 autocast (default) or fp32")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--init-std", type=float, default=0.02, help="weight init std for --init-config")
+
+    ls = p.add_argument_group("LayerSkip")
+    ls.add_argument("--layer-dropout", type=float, default=0.0, metavar="P_MAX",
+                    help="layer dropout p_max in [0, 1] (default 0 = off)")
+    ls.add_argument("--ld-scale", default="exponential", help=f"rate by depth: {', '.join(LAYER_SCALES)}")
+    ls.add_argument("--ld-time", default="none", help=f"p_max over training: {', '.join(TIME_CURRICULA)}")
+    ls.add_argument("--early-exit", type=float, default=0.0, metavar="E_SCALE",
+                    help="early-exit loss scale e_scale (default 0 = final-layer loss only)")
+    ls.add_argument("--ee-scale", default="sum-l", help=f"exit weights by depth: {', '.join(EXIT_LOSS_SCALES)}")
+    ls.add_argument("--ee-curriculum", default="none", help=f"{', '.join(EXIT_CURRICULA)}")
+    ls.add_argument("--ee-rotation", type=int, default=2, metavar="R", help="rotational curriculum: every R-th layer")
+    ls.add_argument("--ee-gradual-fraction", type=float, default=0.5,
+                    help="gradual curriculum: fraction of training after which every exit is on")
+    ls.add_argument("--ee-layers", type=_int_list, default=None, metavar="E1,E2,...",
+                    help="candidate exits (1-based layer numbers; default all; the last layer is always one)")
+    ls.add_argument("--distill", type=float, default=0.0,
+                    help="self-distillation weight: KL(final || exit) added per exit, weighted like its loss")
+    ls.add_argument("--loss-chunk", type=int, default=None, help="tokens per logits chunk (default ~8M logits)")
+
+    run = p.add_argument_group("running")
+    run.add_argument("--save-every", type=int, default=0, help="save a resumable state every N steps (0 = at end)")
+    run.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                     help="stop after this step (state saved); run again to resume")
+    run.add_argument("--fresh", action="store_true", help="ignore an existing training state in --out")
+    run.add_argument("--dist", default="ddp", choices=("ddp", "fsdp"), help="under torchrun: DDP or FSDP2")
+    run.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
+    run.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic shapes)")
+    run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def train_config_from_args(args):
+    from .trainer import TrainConfig
+
+    if args.max_data_mb is not None and args.max_data_mb <= 0:
+        raise LayerSkipError(f"--max-data-mb must be > 0, got {args.max_data_mb}")
+    return TrainConfig(
+        out=args.out, data=args.data, model=args.model, init_config=args.init_config, tokenizer=args.tokenizer,
+        train_tokenizer=args.train_tokenizer, text_field=args.text_field,
+        max_data_bytes=None if args.max_data_mb is None else int(args.max_data_mb * 1e6),
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+        lr=args.lr, lr_layer_dropout=args.lr_layer_dropout, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, layer_dropout=args.layer_dropout,
+        ld_scale=args.ld_scale, ld_time=args.ld_time, early_exit=args.early_exit, ee_scale=args.ee_scale,
+        ee_curriculum=args.ee_curriculum, ee_rotation=args.ee_rotation,
+        ee_gradual_fraction=args.ee_gradual_fraction, ee_layers=args.ee_layers, distill=args.distill,
+        loss_chunk=args.loss_chunk, autocast=args.autocast, init_std=args.init_std, seed=args.seed,
+        save_every=args.save_every, stop_at=args.stop_at, dist=args.dist,
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile, device=args.device,
+        threads=args.threads, progress=not args.no_progress, fresh=args.fresh)
+
+
+def cmd_train(args) -> int:
+    from .trainer import run_training
+
+    summary = run_training(train_config_from_args(args))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        exits = " ".join(f"L{e} {v:.3f}" for e, v in summary["exit_losses"].items())
+        print(f"trained {summary['step']}/{summary['steps']} steps ({summary['tokens_seen']} tokens, "
+              f"{summary['time_s']:.0f}s); last loss {summary['loss']:.4f}; per exit: {exits}")
+        print(f"model: {summary['out']}")
+    return 0
+
+
+def add_analyze_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Per-layer early-exit quality of a model on a corpus: next-token accuracy, perplexity and "
+                     "top-1 agreement with the last layer, as a table and a PNG plot.")
+    p.add_argument("--model", required=True, help="HF folder, .gguf file, or a packaged name")
+    p.add_argument("--data", required=True, help="corpus: a folder of text/code files, a .jsonl, or a text file")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32768, help="evaluate about this many tokens, spread evenly "
+                                                                  "over the corpus (default 32768)")
+    p.add_argument("--max-data-mb", type=float, default=None, help="read at most this many MB of text")
+    p.add_argument("--layers", type=_int_list, default=None, help="1-based layers to report (default all)")
+    p.add_argument("--plot", default="layerskip_analyze.png", help="PNG path (default layerskip_analyze.png)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"),
+                   help="native kernels or the plain PyTorch reference (auto: native when built)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def cmd_analyze(args) -> int:
+    import torch
+
+    from ..analysis import format_table, per_layer_metrics, plot_metrics
+    from ..model import load_model
+    from .common import TrainingError
+    from .data import evaluation_sequences, read_corpus, tokenize_corpus
+
+    for name in ("seq_len", "batch_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend)
+    if tokenizer is None:
+        raise TrainingError(f"{args.model} has no tokenizer; analysis needs one to read the corpus")
+    if args.seq_len > model.config.max_position_embeddings:
+        raise TrainingError(f"--seq-len {args.seq_len} exceeds the model's context "
+                            f"({model.config.max_position_embeddings})")
+    max_bytes = None if args.max_data_mb is None else int(args.max_data_mb * 1e6)
+    docs = read_corpus(args.data, args.text_field, max_bytes)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (model.config.eos_token_ids or [None])[0]
+    stream = tokenize_corpus(docs, tokenizer, eos)
+    seqs = evaluation_sequences(stream, args.seq_len, max(1, args.max_tokens // args.seq_len))
+    metrics = per_layer_metrics(model, seqs, batch_size=args.batch_size, layers=args.layers,
+                                progress=not args.json)
+    title = f"{args.model} on {args.data}"
+    note = None
+    if not args.no_plot:
+        note = plot_metrics(metrics, args.plot, title)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, "tokens": metrics[0].tokens,
+                          "layers": [m.__dict__ for m in metrics],
+                          "plot": None if (args.no_plot or note) else args.plot, "plot_note": note}))
+    else:
+        print(format_table(metrics, title))
+        if not args.no_plot:
+            print(note if note else f"plot: {args.plot}", file=sys.stderr if note else sys.stdout)
+    return 0

@@ -1,0 +1,233 @@
+"""Early-exit loss: the model's own final norm + LM head on chosen layers' outputs, without materialising logits.
+
+Per step, the active exits (1-based layer numbers ``E``; the last layer is always one) get weights
+
+    raw_E = S(E) * (e_scale if E < L else 1),   w_E = raw_E / sum(raw)     (``normalize=True``, the paper's)
+
+with ``S`` one of sum-l, linear-l, uniform, sqrt-l, inv-l, inv-sqrt-l, and the loss is
+``sum_E w_E * CE_E + distill * sum_{E<L} w_E * KL(final || exit_E)``, each term a mean over the valid tokens
+(labels != -100). The KL term pulls an exit's distribution toward the final layer's detached distribution.
+
+Curricula choose which exits are active at step ``t``:
+  * ``none``: every candidate exit, every step;
+  * ``rotational``: every R-th layer, shifted by one layer each step (``(E - 1 + t) % R == R - 1``);
+  * ``gradual``: exits are enabled from the last layer downward; all are on after
+    ``gradual_fraction * total_steps`` steps.
+
+Memory: the fused path (``_ExitHeadLoss``) walks the tokens in chunks, and for each chunk and exit computes the
+logits, the loss, and right away the gradients with respect to the exit's normed hidden states and the head
+weight (softmax minus target), so neither the forward nor the backward ever holds more than one chunk's
+``[chunk, vocab]`` logits (plus the teacher's when distilling). Backward only scales the stored gradients.
+The naive path (``naive=True``) is the plain autograd formulation, kept for tests and measurements.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .common import TrainingError
+from .scales import EXIT_CURRICULA, EXIT_LOSS_SCALES, canonical, exit_scale
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class EarlyExitLossConfig:
+    e_scale: float = 1.0
+    scale: str = "sum-l"
+    curriculum: str = "none"
+    rotation_interval: int = 2
+    gradual_fraction: float = 0.5
+    layers: Optional[list[int]] = None   # candidate exits (1-based); None = every layer
+    distill: float = 0.0
+    normalize: bool = True
+    chunk_tokens: Optional[int] = None   # None: about 8M logits per chunk (2**23 // vocab tokens)
+    naive: bool = False
+
+    def __post_init__(self):
+        for name in ("e_scale", "distill", "gradual_fraction"):
+            try:
+                setattr(self, name, float(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise TrainingError(f"early-exit {name} must be a number, got {getattr(self, name)!r}") from None
+            if not math.isfinite(getattr(self, name)):
+                raise TrainingError(f"early-exit {name} must be finite, got {getattr(self, name)}")
+        if self.e_scale < 0:
+            raise TrainingError(f"early-exit e_scale must be >= 0, got {self.e_scale}")
+        if self.distill < 0:
+            raise TrainingError(f"early-exit distill weight must be >= 0, got {self.distill}")
+        if not 0.0 < self.gradual_fraction <= 1.0:
+            raise TrainingError(f"early-exit gradual_fraction must be in (0, 1], got {self.gradual_fraction}")
+        self.scale = canonical(self.scale, EXIT_LOSS_SCALES, "early-exit loss scale")
+        self.curriculum = canonical(self.curriculum, EXIT_CURRICULA, "early-exit curriculum")
+        if not isinstance(self.rotation_interval, int) or self.rotation_interval < 1:
+            raise TrainingError(f"early-exit rotation interval must be an integer >= 1, got {self.rotation_interval!r}")
+        if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1):
+            raise TrainingError(f"early-exit chunk_tokens must be a positive integer, got {self.chunk_tokens!r}")
+        if self.layers is not None:
+            self.layers = sorted({int(x) for x in self.layers})
+
+    def check_layers(self, num_layers: int) -> None:
+        for e in self.layers or ():
+            if not 1 <= e <= num_layers:
+                raise TrainingError(f"early-exit layer {e} is outside [1, {num_layers}] (exits are 1-based: "
+                                    f"E means the output of the first E layers)")
+
+
+def exit_weights(config: EarlyExitLossConfig, num_layers: int, step: int = 0,
+                 total_steps: Optional[int] = None) -> tuple[list[int], list[float], list[float]]:
+    """(active exits ascending, CE weights, KL weights) at ``step``; the last exit is always ``num_layers``."""
+    L = num_layers
+    candidates = [e for e in (config.layers or range(1, L + 1)) if e < L]
+    if config.e_scale == 0.0:
+        candidates = []
+    if config.curriculum == "rotational":
+        R = config.rotation_interval
+        candidates = [e for e in candidates if (e - 1 + step) % R == R - 1]
+    elif config.curriculum == "gradual":
+        horizon = max(1.0, config.gradual_fraction * (total_steps or 1))
+        n_on = math.ceil((L - 1) * min(1.0, (step + 1) / horizon))
+        candidates = [e for e in candidates if e >= L - n_on]
+    exits = candidates + [L]
+    raw = [exit_scale(config.scale, e) * (config.e_scale if e < L else 1.0) for e in exits]
+    total = sum(raw) if config.normalize else 1.0
+    ce = [r / total for r in raw]
+    kl = [config.distill * w if e < L else 0.0 for e, w in zip(exits, ce)]
+    return exits, ce, kl
+
+
+def default_chunk(vocab: int) -> int:
+    return max(16, (1 << 23) // max(vocab, 1))
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, RuntimeError):  # pragma: no cover - older torch
+        pass
+    return weight.dtype
+
+
+class _ExitHeadLoss(torch.autograd.Function):
+    """x [E, N, H] normed exit states (the final layer's last), weight [V, H], labels [N].
+
+    ce_w, kl_w: [E] weights already divided by the number of valid tokens. Returns (total loss, per-exit CE
+    sums [E], per-exit KL sums [E]); the sums are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, labels, ce_w, kl_w, kl_on, chunk, compute_dtype, need_x, need_w):
+        E, N, H = x.shape
+        dev = x.device
+        with torch.autocast(dev.type, enabled=False):
+            wc = weight.to(compute_dtype)
+            valid = labels != IGNORE_INDEX
+            safe = labels.clamp(min=0).view(-1, 1)
+            ce_sum = torch.zeros(E, dtype=torch.float32, device=dev)
+            kl_sum = torch.zeros(E, dtype=torch.float32, device=dev)
+            gx = torch.zeros_like(x) if need_x else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+            distill = any(kl_on)
+            final = E - 1
+            order = [final] + list(range(E - 1))
+            ce_w32, kl_w32 = ce_w.float(), kl_w.float()
+            for s in range(0, N, chunk):
+                e = min(N, s + chunk)
+                lab = safe[s:e]
+                v = valid[s:e].view(-1, 1).to(torch.float32)
+                t_p = t_ent = None
+                for j in order:
+                    xj = x[j, s:e].to(compute_dtype)
+                    z = (xj @ wc.t()).float()                                # [c, V] logits
+                    # every step below is in place on z: one [c, V] buffer per exit (two with a teacher)
+                    z.sub_(z.amax(dim=1, keepdim=True))
+                    tgt = z.gather(1, lab)
+                    if kl_on[j]:
+                        pz = torch.bmm(t_p.unsqueeze(1), z.unsqueeze(2)).view(-1, 1)   # sum_v p_final * z
+                    z.exp_()
+                    denom = z.sum(dim=1, keepdim=True)
+                    lse = denom.log()
+                    ce_sum[j] += ((lse - tgt) * v).sum()
+                    if kl_on[j]:
+                        # KL(p || q) = sum p log p - sum p (z - lse)
+                        kl_sum[j] += ((t_ent - pz + lse) * v).sum()
+                    z.div_(denom)                                             # softmax
+                    if j == final and distill:
+                        t_p = z.clone()
+                        t_ent = torch.special.xlogy(t_p, t_p).sum(dim=1, keepdim=True)
+                    if not (need_x or need_w):
+                        continue
+                    g = z
+                    g.mul_(ce_w32[j] + kl_w32[j])
+                    g.scatter_add_(1, lab, (-ce_w32[j]).expand(lab.shape[0], 1).contiguous())
+                    if kl_on[j]:
+                        g.addcmul_(t_p, kl_w32[j], value=-1.0)
+                    g.mul_(v)
+                    gc = g.to(compute_dtype)
+                    if need_x:
+                        gx[j, s:e] = (gc @ wc).to(gx.dtype)
+                    if need_w:
+                        if compute_dtype == torch.float32:
+                            gw.addmm_(gc.t(), xj)
+                        else:
+                            gw += (gc.t() @ xj).float()
+            total = (ce_sum * ce_w32).sum() + (kl_sum * kl_w32).sum()
+        ctx.need_x, ctx.need_w = need_x, need_w
+        ctx.w_dtype = weight.dtype
+        # Kept as plain attributes (not save_for_backward) so backward can hand the buffers over without a
+        # copy: scaled in place, the only reference returned, AccumulateGrad may adopt them as .grad.
+        ctx.grads = [gx, gw]
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        return total, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, g_total, _g_ce, _g_kl):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("the early-exit loss's backward ran twice; its gradients were computed in the "
+                               "forward and handed over the first time (recompute the loss instead of "
+                               "retain_graph=True)")
+        gx, gw = grads
+        ctx.grads = None
+        dx = gx.mul_(g_total.to(gx.dtype)) if ctx.need_x else None
+        dw = gw.mul_(g_total.float()) if ctx.need_w else None
+        if dw is not None and dw.dtype != ctx.w_dtype:
+            dw = dw.to(ctx.w_dtype)
+        del grads, gx, gw
+        return dx, dw, None, None, None, None, None, None, None, None
+
+
+def exit_head_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ce_w: torch.Tensor,
+                   kl_w: torch.Tensor, kl_on: Sequence[bool], chunk: int):
+    """Fused, chunked loss of ``E`` exits (see ``_ExitHeadLoss``): (total, CE sums [E], KL sums [E])."""
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    need_w = grad and weight.requires_grad
+    cd = _compute_dtype(x, weight)
+    return _ExitHeadLoss.apply(x, weight, labels, ce_w, kl_w, tuple(bool(k) for k in kl_on), int(chunk), cd,
+                               need_x, need_w)
+
+
+def naive_exit_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ce_w: torch.Tensor,
+                    kl_w: torch.Tensor, kl_on: Sequence[bool]):
+    """The same quantity with plain autograd: all exits' [N, V] logits exist (and are saved) at once."""
+    E = x.shape[0]
+    logps = [F.log_softmax(F.linear(x[j], weight).float(), dim=-1) for j in range(E)]
+    valid = (labels != IGNORE_INDEX).float()
+    safe = labels.clamp(min=0).view(-1, 1)
+    teacher = logps[-1].detach()
+    ce_sums, kl_sums = [], []
+    for j in range(E):
+        ce_sums.append(-(logps[j].gather(1, safe).view(-1) * valid).sum())
+        if kl_on[j]:
+            kl_sums.append(((teacher.exp() * (teacher - logps[j])).sum(-1) * valid).sum())
+        else:
+            kl_sums.append(torch.zeros((), device=x.device))
+    ce_sum, kl_sum = torch.stack(ce_sums), torch.stack(kl_sums)
+    total = (ce_sum * ce_w.float()).sum() + (kl_sum * kl_w.float()).sum()
+    return total, ce_sum.detach(), kl_sum.detach()
