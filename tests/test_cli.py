@@ -149,3 +149,23 @@ def test_info_reports_build(capsys):
     code, out, _ = run_cli(capsys, "info", "--json")
     info = json.loads(out)
     assert code == 0 and "cuda_compiled" in info and "cpu_isa" in info and "version" in info
+
+
+def test_train_then_analyze_then_generate(checkpoints, capsys, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("def add(a, b):\n    return a + b\n" * 40)
+    (data / "b.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "trained"
+    code, _, err = run_cli(capsys, "train", "--model", checkpoints["hf"], "--data", str(data), "--out", str(out),
+                           "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--layer-dropout", "0.2",
+                           "--early-exit", "0.5", "--no-progress", "--threads", "1")
+    assert code == 0, err
+    code, table, err = run_cli(capsys, "analyze", "--model", str(out), "--data", str(data), "--seq-len", "32",
+                               "--max-tokens", "256", "--no-plot")
+    assert code == 0, err
+    assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) >= 3  # one row per layer
+    code, res, err = run_cli(capsys, "generate", "--model", str(out), "--prompt", "def", "--max-new-tokens", "4",
+                             "--json")
+    assert code == 0, err
+    assert json.loads(res)["new_tokens"] >= 1

@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen = sub.add_parser("generate", help="generate text from a prompt")
     _add_generate_args(p_gen)
     p_gen.set_defaults(func=cmd_generate)
+    from .training.cli_commands import add_analyze_args, add_train_args, cmd_analyze, cmd_train
+
+    p_train = sub.add_parser("train", help="train with layer dropout + early-exit loss (LayerSkip recipe)")
+    add_train_args(p_train)
+    p_train.set_defaults(func=cmd_train)
+    p_an = sub.add_parser("analyze", help="per-layer next-token accuracy, perplexity, agreement with the last layer")
+    add_analyze_args(p_an)
+    p_an.set_defaults(func=cmd_analyze)
     p_chk = sub.add_parser("check-lossless", help="self-speculative greedy vs autoregressive greedy, token for token")
     p_chk.add_argument("--model", required=True)
     p_chk.add_argument("--prompts", required=True,
