@@ -176,7 +176,12 @@ def save_hf_folder(out_dir, config: LlamaConfig, state_dict: dict[str, torch.Ten
     saved_dtype = dtype_name(dtypes.pop()) if len(dtypes) == 1 else config.torch_dtype
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights_path = os.path.join(out_dir, "model.safetensors")
+    save_file(tensors, weights_path, metadata={"format": "pt"})
+    # safetensors writes through a private temp file (mode 0600); give it the permissions of any new file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights_path, 0o666 & ~umask)
     cfg = dataclasses.replace(config, torch_dtype=saved_dtype).to_hf_dict()
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
