@@ -452,7 +452,7 @@ save_state({{"version": 1, "step": 99, "model": {{"w": torch.zeros(1000)}}, "slo
 
 
 def test_bad_inputs(tmp_path, corpus, init_config, capsys):
-    from layerskip_ext.training.__main__ import main
+    from layerskip_ext.cli import main
     from layerskip_ext.training.data import read_corpus
     from layerskip_ext.training.trainer import run_training
 
