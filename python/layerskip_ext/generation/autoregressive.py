@@ -14,16 +14,16 @@ def generate_autoregressive(model, batch: DecodeBatch, sampling: SamplingParams,
     """One token per forward pass. With exit_layer set, every pass stops after that layer (early exit)."""
     generator = sampling.generator(model.device)
     timer = Timer()
-    first = choose_tokens(batch.prefill(exit_layer), sampling, generator)
+    first = choose_tokens(model, batch.prefill(exit_layer), sampling, generator)
     for row in range(len(batch.active)):
         batch.emit(row, [first[row]])
     batch.drop_finished()
     result.prefill_s = timer.lap()
 
     while not batch.done():
-        logits = model(batch.last_tokens().view(-1, 1), start=batch.positions(), cache=batch.cache,
-                       exit_layer=exit_layer, rows=batch.rows)[:, -1]
-        next_tokens = choose_tokens(logits, sampling, generator)
+        hidden = model.forward_hidden(batch.last_tokens().view(-1, 1), start=batch.positions(), cache=batch.cache,
+                                      exit_layer=exit_layer, rows=batch.rows)[:, -1]
+        next_tokens = choose_tokens(model, hidden, sampling, generator)
         for row in range(len(batch.active)):
             batch.emit(row, [next_tokens[row]])
         batch.drop_finished()

@@ -25,13 +25,14 @@ class DecodeBatch:
         return slice(0, len(self.active))
 
     def prefill(self, exit_layer: int | None = None) -> torch.Tensor:
-        """Each prompt in one pass into its own cache row. -> last-position logits [B, V]."""
+        """Each prompt in one pass into its own cache row. -> last position's hidden state [B, H] (only that
+        position needs the head)."""
         last = []
         for b in self.active:
             tokens = to_tensor(self.outputs[b].prompt_tokens).view(1, -1)
-            logits = self.model(tokens, start=to_tensor([0]), cache=self.cache, exit_layer=exit_layer,
-                                rows=slice(b, b + 1))
-            last.append(logits[0, -1])
+            h = self.model.forward_hidden(tokens, start=to_tensor([0]), cache=self.cache, exit_layer=exit_layer,
+                                          rows=slice(b, b + 1))
+            last.append(h[0, -1])
         return torch.stack(last)
 
     def last_tokens(self) -> torch.Tensor:

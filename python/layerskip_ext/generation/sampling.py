@@ -57,9 +57,12 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits [B, V] -> token ids [B] (int64)."""
+def choose_tokens(model, hidden: torch.Tensor, params: SamplingParams,
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    """hidden [B, H] (a layer's output) -> token ids [B] (int64), through the model's shared exit head.
+
+    Greedy never materialises logits where the op set has a fused exit head."""
     if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, params)
+        return model.head_argmax(hidden)
+    probs = filtered_probs(model.head(hidden), params)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

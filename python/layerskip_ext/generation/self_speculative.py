@@ -24,7 +24,7 @@ from .sampling import SamplingParams, choose_tokens, filtered_probs
 
 
 def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator):
-    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), verifier logits [n, d+1, V]."""
+    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), deep hidden states [n, d+1, H]."""
     rows, start = batch.rows, batch.positions()
     token = batch.last_tokens().view(-1, 1)
     hidden, drafts, q = [], [], []
@@ -34,30 +34,29 @@ def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampli
         hidden.append(h)
         if i == d:
             break
-        logits = model.head(h)[:, -1]
         if sampling.greedy:
-            token = logits.argmax(-1, keepdim=True)
+            token = model.head_argmax(h[:, -1]).view(-1, 1)
         else:
-            probs = filtered_probs(logits, sampling)
+            probs = filtered_probs(model.head(h)[:, -1], sampling)
             q.append(probs)
             token = torch.multinomial(probs, 1, generator=generator)
         drafts.append(token)
     st = model.forward_state(start, d + 1, batch.cache, rows)
     deep = model.forward_layers(torch.cat(hidden, dim=1), exit_layer, model.num_layers, st)
     drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(len(batch.active), 0, dtype=torch.int64)
-    return drafts.cpu(), (torch.stack(q, dim=1) if q else None), model.head(deep)
+    return drafts.cpu(), (torch.stack(q, dim=1) if q else None), deep
 
 
-def _accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-    target = logits.argmax(-1).cpu()  # [n, d+1]
+def _accept_greedy(model, drafts: torch.Tensor, deep: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    target = model.head_argmax(deep).cpu()  # [n, d+1]: the full model's choice at each verified position
     d = drafts.shape[1]
     agree = (drafts == target[:, :d]).to(torch.int64)
     accepted = agree.cumprod(dim=1).sum(dim=1).tolist()  # length of the agreeing prefix per row
     return [drafts[r, :a].tolist() + [int(target[r, a])] for r, a in enumerate(accepted)], accepted
 
 
-def _accept_sampling(drafts, q, logits, sampling, generator) -> tuple[list[list[int]], list[int]]:
-    p = filtered_probs(logits, sampling)  # [n, d+1, V]
+def _accept_sampling(model, drafts, q, deep, sampling, generator) -> tuple[list[list[int]], list[int]]:
+    p = filtered_probs(model.head(deep), sampling)  # [n, d+1, V]
     n, d = drafts.shape
     out, accepted = [], []
     for r in range(n):
@@ -86,7 +85,7 @@ def generate_self_speculative(model, batch: DecodeBatch, sampling: SamplingParam
                               exit_layer: int, num_speculations: int) -> GenerationResult:
     generator = sampling.generator(model.device)
     timer = Timer()
-    first = choose_tokens(batch.prefill(), sampling, generator)
+    first = choose_tokens(model, batch.prefill(), sampling, generator)
     for row in range(len(batch.active)):
         batch.emit(row, [first[row]])
     batch.drop_finished()
@@ -97,11 +96,11 @@ def generate_self_speculative(model, batch: DecodeBatch, sampling: SamplingParam
         # Never draft past the cache or past what any live sequence may still emit.
         remaining = max(batch.rules.max_new_tokens - len(batch.outputs[b].tokens) for b in batch.active)
         d = max(0, min(num_speculations, batch.room(), remaining - 1))
-        drafts, q, logits = _draft_and_verify(model, batch, exit_layer, d, sampling, generator)
+        drafts, q, deep = _draft_and_verify(model, batch, exit_layer, d, sampling, generator)
         if sampling.greedy:
-            emitted, accepted = _accept_greedy(drafts, logits)
+            emitted, accepted = _accept_greedy(model, drafts, deep)
         else:
-            emitted, accepted = _accept_sampling(drafts, q, logits, sampling, generator)
+            emitted, accepted = _accept_sampling(model, drafts, q, deep, sampling, generator)
         for row, tokens in enumerate(emitted):
             batch.emit(row, tokens)
         drafted += d * len(emitted)

@@ -32,6 +32,8 @@ class OpSet:
     kv_cache_write: Callable
     cache_attention: Callable
     linear: Callable  # y[..., N] = x[..., K] @ w[N, K]^T
+    # (h[M, H], norm_weight, eps, lm_head[V, H], vocab_subset) -> argmax ids [M]; None: argmax of head()
+    exit_head_argmax: Optional[Callable] = None
 
 
 REFERENCE_OPS = OpSet("reference", ops.rms_norm_reference, ops.rope_reference, ops.kv_cache_write_reference,
@@ -43,7 +45,7 @@ def native_ops() -> OpSet:
         raise RuntimeError("layerskip_ext native extension is not built: reinstall with "
                            "`pip install --no-build-isolation .` (see README)")
     return OpSet("native", ops.rms_norm, ops.rope, ops.kv_cache_write, ops.cache_attention,
-                 getattr(ops, "linear", F.linear))
+                 getattr(ops, "linear", F.linear), getattr(ops, "exit_head_argmax", None))
 
 
 def linear(module: nn.Module, x: torch.Tensor, ops: OpSet) -> torch.Tensor:
@@ -245,11 +247,28 @@ class LlamaForCausalLM(nn.Module):
         """Shared exit head: final RMSNorm + LM head, applicable to the output of any layer. -> logits [..., V]"""
         return linear(self.lm_head, self.model.norm(h, self.ops), self.ops)
 
+    def head_argmax(self, h: torch.Tensor) -> torch.Tensor:
+        """argmax of head(h) over the vocabulary, [...] int64, without materialising logits where the op set
+        has a fused exit head. Bitwise the same choice as head(h).argmax(-1) (ties: lowest id)."""
+        fused = getattr(self.ops, "exit_head_argmax", None)
+        if fused is None or type(self.lm_head) is not nn.Linear:
+            return self.head(h).argmax(-1)
+        flat = h.reshape(-1, h.shape[-1]).contiguous()
+        n = self.model.norm
+        return fused(flat, n.weight, n.eps, self.lm_head.weight, None).view(h.shape[:-1])
+
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start: Optional[torch.Tensor] = None,
                 cache: Optional[StaticKVCache] = None, exit_layer: Optional[int] = None,
                 rows: Optional[slice] = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens [B, T] at positions start[b] + t, through layers < exit_layer (all by default)."""
+        return self.head(self.forward_hidden(tokens, start, cache, exit_layer, rows))
+
+    @torch.no_grad()
+    def forward_hidden(self, tokens: torch.Tensor, start: Optional[torch.Tensor] = None,
+                       cache: Optional[StaticKVCache] = None, exit_layer: Optional[int] = None,
+                       rows: Optional[slice] = None) -> torch.Tensor:
+        """Like forward, but returns the hidden state [B, T, H] after layer exit_layer - 1 (before the head)."""
         if tokens.dim() != 2:
             raise GenerationError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
@@ -262,8 +281,7 @@ class LlamaForCausalLM(nn.Module):
         E = self.num_layers if exit_layer is None else exit_layer
         if not 1 <= E <= self.num_layers:
             raise GenerationError(f"exit layer must be in [1, {self.num_layers}], got {E}")
-        h = self.forward_layers(self.embed(tokens.to(self.device)), 0, E, st)
-        return self.head(h)
+        return self.forward_layers(self.embed(tokens.to(self.device)), 0, E, st)
 
     def hidden_states(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Cache-free, differentiable: the output of every layer [L] x [B, T, H] (for training and analysis)."""
