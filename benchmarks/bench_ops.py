@@ -108,3 +108,45 @@ def test_cache_attention(benchmark, impl, dtype, device, T):
     f = _pick("cache_attention", impl)
     nbytes = 2 * _nbytes(q) + _nbytes(kc, vc)  # q in, out, the whole (valid) K/V cache once
     _run(benchmark, lambda: f(q, kc, vc, start, 1.0 / math.sqrt(D)), nbytes, device)
+
+
+# linear / exit_head_argmax: decode (M = 1) and verification (M = 7) shapes. One matrix timed in a loop stays in
+# cache when it is small (the MLP's 3.5 MB does not fit L2 but may fit L3): benchmarks/bench_linear.py streams the
+# whole model's weights as a decode step does. The LM head (113 MB in float32) streams from memory either way.
+LINEAR_SHAPES = {"gate": (1536, H), "down": (H, 1536), "head": (49152, H)}
+
+
+def _linear_ref(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", list(LINEAR_SHAPES))
+@pytest.mark.parametrize("M", [1, 7])
+def test_linear(benchmark, impl, dtype, device, shape, M):
+    """reference = torch's own F.linear (what the model used before the native kernel)."""
+    benchmark.group = f"linear {shape} M={M} {dtype} {device}"
+    N, K = LINEAR_SHAPES[shape]
+    w = (torch.randn(N, K) * 0.05).to(DTYPES[dtype]).to(device)
+    x = torch.randn(M, K, dtype=DTYPES[dtype], device=device)
+    f = ops.linear if impl == "native" else _linear_ref
+    _run(benchmark, lambda: f(x, w), _nbytes(w, x) + M * N * w.element_size(), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("M", [1, 7])
+def test_exit_head_argmax(benchmark, impl, dtype, device, M):
+    """Greedy exit head over the full 49152-token vocabulary; reference = rms_norm + F.linear + argmax."""
+    benchmark.group = f"exit_head_argmax M={M} {dtype} {device}"
+    w = (torch.randn(49152, H) * 0.05).to(DTYPES[dtype]).to(device)
+    nw = torch.ones(H, dtype=DTYPES[dtype], device=device)
+    h = torch.randn(M, H, dtype=DTYPES[dtype], device=device)
+    if impl == "native":
+        fn = lambda: ops.exit_head_argmax(h, nw, EPS, w)  # noqa: E731
+    else:
+        fn = lambda: _linear_ref(ops.rms_norm_reference(h, nw, EPS), w).argmax(-1)  # noqa: E731
+    _run(benchmark, fn, _nbytes(w, h, nw), device)

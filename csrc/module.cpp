@@ -2,9 +2,11 @@
 // module itself only reports how it was built and what the CPU offers (never on the hot path).
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "common/limits.h"
+#include "cpu/gemm/gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -43,7 +45,7 @@ std::string cpu_isa() {
   return "generic";
 }
 
-[[maybe_unused]] py::list split_archs(const std::string& s) {
+py::list split_archs(const std::string& s) {
   py::list out;
   size_t pos = 0;
   while (pos < s.size()) {
@@ -79,6 +81,17 @@ PYBIND11_MODULE(_C, m) {
     feats["fma"] = f.fma;
     info["cpu_features"] = feats;
     info["max_head_dim"] = LAYERSKIP_MAX_HEAD_DIM;
+    info["gemm_isa"] = layerskip::cpu::gemm::active().name;
+    info["gemm_isas"] = split_archs(layerskip::cpu::gemm::available());
     return info;
   }, "How this extension was built and which CPU kernel variant runs here.");
+  // Test hook: run linear / exit_head_argmax with another of the gemm kernel tables this CPU supports
+  // ("avx512", "avx2", "generic"); returns the previous table's name. Not thread-safe with running ops.
+  m.def("_set_gemm_isa", [](const std::string& name) {
+    std::string prev = layerskip::cpu::gemm::active().name;
+    if (!layerskip::cpu::gemm::set_active(name.c_str()))
+      throw std::invalid_argument("gemm table '" + name + "' is not available here (available: " +
+                                  layerskip::cpu::gemm::available() + ")");
+    return prev;
+  });
 }

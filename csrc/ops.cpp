@@ -11,4 +11,9 @@ TORCH_LIBRARY(layerskip, m) {
   m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor start) -> ()");
   // q[B, T, nH, D], k_cache/v_cache[B, nKV, S, D], start[B] int64 -> [B, T, nH, D]
   m.def("cache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor start, float scale) -> Tensor");
+  // x[..., K], weight[N, K] (x's dtype: float32 or bfloat16) -> [..., N]; float32 accumulation, rounded once
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  // h[..., H] -> [...] int64: argmax(linear(rms_norm(h, norm_weight, eps), lm_head[V, H]), -1), ties -> lowest;
+  // with vocab_subset[V'] int64 only those rows of lm_head are scored (the chosen id is returned)
+  m.def("exit_head_argmax(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) -> Tensor");
 }

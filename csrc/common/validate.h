@@ -4,6 +4,8 @@
 // kernels guard their memory accesses: see csrc/cuda/kernels.cu).
 #pragma once
 
+#include <optional>
+
 #include "common/checks.h"
 
 namespace layerskip {
@@ -146,6 +148,86 @@ inline void check_position_values(const at::Tensor& positions, int64_t P) {
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(p[i] >= 0 && p[i] < P, "rope: positions[", i / T, ", ", i % T, "] = ", p[i],
                 " is out of range [0, P) with P = cos.size(0) = ", P);
+  }
+}
+
+// ---- linear / exit_head_argmax -----------------------------------------------------------------------------------
+
+inline void check_linear_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+struct LinearDims {
+  int64_t M;  // product of x's leading dims
+  int64_t K, N;
+};
+
+inline LinearDims validate_linear(const at::Tensor& x, const at::Tensor& weight) {
+  constexpr const char* op = "linear";
+  check_defined(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim [..., K], got 0-D");
+  check_rank(weight, 2, op, "weight", "[N, K]");
+  check_linear_dtype(x, op, "x");
+  check_same_dtype(weight, x, op, "weight", "x");
+  check_same_device(weight, x, op, "weight", "x");
+  const int64_t K = x.size(-1);
+  check_size(weight, 1, K, op, "weight", "K = x.size(-1)");
+  check_contiguous(x, op, "x");
+  check_contiguous(weight, op, "weight");
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
+  return {M, K, weight.size(0)};
+}
+
+struct HeadDims {
+  int64_t M, H, V;  // V: columns scored (vocab_subset's length when given)
+  bool subset;
+};
+
+inline HeadDims validate_exit_head_argmax(const at::Tensor& h, const at::Tensor& norm_weight,
+                                          const at::Tensor& lm_head, const std::optional<at::Tensor>& subset) {
+  constexpr const char* op = "exit_head_argmax";
+  check_defined(h, op, "h");
+  TORCH_CHECK(h.dim() >= 1, op, ": h must have at least 1 dim [..., H], got 0-D");
+  check_rank(norm_weight, 1, op, "norm_weight", "[H]");
+  check_rank(lm_head, 2, op, "lm_head", "[V, H]");
+  check_linear_dtype(h, op, "h");
+  TORCH_CHECK(norm_weight.scalar_type() == h.scalar_type() || norm_weight.scalar_type() == at::kFloat, op,
+              ": norm_weight must have the dtype of h (", dtype_name(h.scalar_type()), ") or be float32, got ",
+              dtype_name(norm_weight.scalar_type()));
+  check_same_dtype(lm_head, h, op, "lm_head", "h");
+  check_same_device(norm_weight, h, op, "norm_weight", "h");
+  check_same_device(lm_head, h, op, "lm_head", "h");
+  const int64_t H = h.size(-1);
+  check_size(norm_weight, 0, H, op, "norm_weight", "H = h.size(-1)");
+  check_size(lm_head, 1, H, op, "lm_head", "H = h.size(-1)");
+  check_contiguous(h, op, "h");
+  check_contiguous(norm_weight, op, "norm_weight");
+  check_contiguous(lm_head, op, "lm_head");
+  int64_t V = lm_head.size(0);
+  const bool has_subset = subset.has_value() && subset->defined();
+  if (has_subset) {
+    const at::Tensor& s = *subset;
+    check_rank(s, 1, op, "vocab_subset", "[V']");
+    check_dtype(s, at::kLong, op, "vocab_subset");
+    check_same_device(s, h, op, "vocab_subset", "h");
+    check_contiguous(s, op, "vocab_subset");
+    V = s.size(0);
+    TORCH_CHECK(V > 0, op, ": vocab_subset must not be empty");
+  }
+  TORCH_CHECK(V > 0, op, ": lm_head must have at least one row (vocabulary), got shape ", lm_head.sizes());
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < h.dim(); ++i) M *= h.size(i);
+  return {M, H, V, has_subset};
+}
+
+// CPU only: 0 <= vocab_subset[i] < V.
+inline void check_subset_values(const at::Tensor& subset, int64_t V) {
+  const int64_t* p = subset.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < subset.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < V, "exit_head_argmax: vocab_subset[", i, "] = ", p[i],
+                " is out of range [0, V) with V = lm_head.size(0) = ", V);
   }
 }
 

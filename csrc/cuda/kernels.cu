@@ -235,6 +235,187 @@ void dispatch(DType dt, F&& f) {
   }
 }
 
+// ---- linear / exit_head_argmax: one warp per output column, up to kLinRows rows of x per warp -------------------
+// Lane l takes elements k = V*(l + 32 i) + e (V = 4 floats or 8 bfloat16 per 16-byte load; i ascending, then e),
+// accumulating with fmaf in that order into one float per row; the warp then sums its lanes with the fixed
+// butterfly of warp_sum. A column's arithmetic depends only on K: any M, any tile, any launch: the same bits.
+constexpr int kLinRows = 8;     // rows of x per warp
+constexpr int kLinWarps = 4;    // warps per block
+constexpr int kLinCols = 8;     // columns per warp (one after another)
+
+template <typename T>
+struct LinVec;
+template <>
+struct LinVec<float> {
+  static constexpr int kN = 4;
+  using Load = float4;
+};
+template <>
+struct LinVec<__nv_bfloat16> {
+  static constexpr int kN = 8;
+  using Load = uint4;
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, bool vec_ok, float (&v)[LinVec<T>::kN], int64_t k, int64_t K) {
+  constexpr int kN = LinVec<T>::kN;
+  if (vec_ok && k + kN <= K) {
+    const typename LinVec<T>::Load raw = *reinterpret_cast<const typename LinVec<T>::Load*>(p + k);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) v[i] = to_f32(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) v[i] = k + i < K ? to_f32(p[k + i]) : 0.0f;
+  }
+}
+
+// acc[m] (every lane, after the butterfly) = dot(x[m, :K], w[:K]) for m < rows.
+template <typename T>
+__device__ __forceinline__ void warp_dot_rows(const T* __restrict__ x, int64_t ldx, int rows, const T* __restrict__ w,
+                                              int64_t K, bool vec_ok, float (&acc)[kLinRows]) {
+  constexpr int kN = LinVec<T>::kN;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 0; m < kLinRows; ++m) acc[m] = 0.0f;
+  for (int64_t k = int64_t(lane) * kN; k < K; k += 32 * kN) {
+    float wv[kN];
+    load_vec(w, vec_ok, wv, k, K);
+#pragma unroll
+    for (int m = 0; m < kLinRows; ++m) {
+      if (m < rows) {
+        float xv[kN];
+        load_vec(x + m * ldx, vec_ok, xv, k, K);
+#pragma unroll
+        for (int e = 0; e < kN; ++e) acc[m] = fmaf(xv[e], wv[e], acc[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kLinRows; ++m) acc[m] = warp_sum(acc[m]);
+}
+
+template <typename T>
+__device__ __forceinline__ bool vec_aligned(const T* p, int64_t ld) {
+  constexpr int kBytes = 16;
+  return (reinterpret_cast<uintptr_t>(p) % kBytes) == 0 && (ld * int64_t(sizeof(T))) % kBytes == 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kLinWarps * 32)
+    linear_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int64_t M, int64_t K,
+                  int64_t N) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t m0 = int64_t(blockIdx.y) * kLinRows;
+  const int rows = static_cast<int>(M - m0 < kLinRows ? M - m0 : kLinRows);
+  const T* xt = x + m0 * K;
+  const bool vec_ok = vec_aligned(x, K) && vec_aligned(w, K);
+  const int64_t n0 = (int64_t(blockIdx.x) * kLinWarps + warp) * kLinCols;
+  for (int c = 0; c < kLinCols; ++c) {
+    const int64_t n = n0 + c;
+    if (n >= N) break;
+    float acc[kLinRows];
+    warp_dot_rows(xt, K, rows, w + n * K, K, vec_ok, acc);
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < kLinRows; ++m)
+        if (m < rows) out[(m0 + m) * N + n] = from_f32<T>(acc[m]);
+    }
+  }
+}
+
+// torch.argmax's order: NaN first (the first one wins), then larger; ties keep the earlier index.
+__device__ __forceinline__ bool takes(float v, float best, int64_t best_idx) {
+  return best_idx < 0 || (!isnan(best) && (isnan(v) || v > best));
+}
+
+// Partial argmax of linear(normed, lm_head[subset]) per (row, block of kLinWarps * kLinCols columns).
+template <typename T>
+__global__ void __launch_bounds__(kLinWarps * 32)
+    head_argmax_partial_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ subset,
+                               int64_t M, int64_t K, int64_t V, int64_t rows_w, float* __restrict__ part_val,
+                               int64_t* __restrict__ part_idx) {
+  __shared__ float sm_val[kLinWarps][kLinRows];
+  __shared__ int64_t sm_idx[kLinWarps][kLinRows];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t m0 = int64_t(blockIdx.y) * kLinRows;
+  const int rows = static_cast<int>(M - m0 < kLinRows ? M - m0 : kLinRows);
+  const T* xt = x + m0 * K;
+  const bool vec_ok = vec_aligned(x, K) && vec_aligned(w, K);
+  float best[kLinRows];
+  int64_t best_idx[kLinRows];
+#pragma unroll
+  for (int m = 0; m < kLinRows; ++m) {
+    best[m] = -INFINITY;
+    best_idx[m] = -1;
+  }
+  const int64_t n0 = (int64_t(blockIdx.x) * kLinWarps + warp) * kLinCols;
+  for (int c = 0; c < kLinCols; ++c) {
+    const int64_t n = n0 + c;
+    if (n >= V) break;
+    const int64_t row = subset != nullptr ? subset[n] : n;
+    const bool row_ok = row >= 0 && row < rows_w;  // a bad vocab_subset entry scores NaN (wins), never reads out of bounds
+    float acc[kLinRows];
+    warp_dot_rows(xt, K, rows, w + (row_ok ? row : 0) * K, K, vec_ok, acc);
+#pragma unroll
+    for (int m = 0; m < kLinRows; ++m) {
+      const float v = row_ok ? to_f32(from_f32<T>(acc[m])) : nan_f32();  // the logit linear() returns, rounded to T
+      if (takes(v, best[m], best_idx[m])) {
+        best[m] = v;
+        best_idx[m] = n;
+      }
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int m = 0; m < kLinRows; ++m) {
+      sm_val[warp][m] = best[m];
+      sm_idx[warp][m] = best_idx[m];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < rows) {
+    const int m = threadIdx.x;
+    float b = -INFINITY;
+    int64_t bi = -1;
+    for (int wi = 0; wi < kLinWarps; ++wi) {  // warps in column order
+      if (sm_idx[wi][m] >= 0 && takes(sm_val[wi][m], b, bi)) {
+        b = sm_val[wi][m];
+        bi = sm_idx[wi][m];
+      }
+    }
+    part_val[(m0 + m) * gridDim.x + blockIdx.x] = b;
+    part_idx[(m0 + m) * gridDim.x + blockIdx.x] = bi;
+  }
+}
+
+__global__ void head_argmax_final_kernel(const float* __restrict__ part_val, const int64_t* __restrict__ part_idx,
+                                         const int64_t* __restrict__ subset, int64_t M, int64_t nblk,
+                                         int64_t* __restrict__ out) {
+  const int64_t m = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (m >= M) return;
+  float b = -INFINITY;
+  int64_t bi = -1;
+  for (int64_t j = 0; j < nblk; ++j) {  // blocks in column order
+    const float v = part_val[m * nblk + j];
+    const int64_t i = part_idx[m * nblk + j];
+    if (i >= 0 && takes(v, b, bi)) {
+      b = v;
+      bi = i;
+    }
+  }
+  const int64_t id = bi < 0 ? 0 : (subset != nullptr ? subset[bi] : bi);
+  out[m] = id;
+}
+
+template <typename F>
+void dispatch_lin(DType dt, F&& f) {
+  if (dt == DType::kBFloat16)
+    f(__nv_bfloat16{});
+  else
+    f(float{});
+}
+
 }  // namespace
 
 static_assert(LAYERSKIP_MAX_HEAD_DIM <= 8 * 32, "cache_attention_kernel handles D <= 256");
@@ -287,6 +468,41 @@ void launch_cache_attention(DType dt, const void* q, const void* k_cache, const 
     using Ty = decltype(tag);
     attention_dispatch_npl<Ty>(q, k_cache, v_cache, start, out, B, T, nH, nKV, S, D, scale, stream);
   });
+}
+
+}  // namespace layerskip::cuda
+
+namespace layerskip::cuda {
+
+void launch_linear(DType dt, const void* x, const void* w, void* out, int64_t M, int64_t K, int64_t N,
+                   cudaStream_t stream) {
+  if (M == 0 || N == 0) return;
+  const int64_t cols_per_block = int64_t(kLinWarps) * kLinCols;
+  const dim3 grid(static_cast<unsigned>((N + cols_per_block - 1) / cols_per_block),
+                  static_cast<unsigned>((M + kLinRows - 1) / kLinRows));
+  dispatch_lin(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    linear_kernel<Ty><<<grid, kLinWarps * 32, 0, stream>>>(static_cast<const Ty*>(x), static_cast<const Ty*>(w),
+                                                           static_cast<Ty*>(out), M, K, N);
+  });
+}
+
+int64_t head_argmax_blocks(int64_t V) {
+  const int64_t cols_per_block = int64_t(kLinWarps) * kLinCols;
+  return (V + cols_per_block - 1) / cols_per_block;
+}
+
+void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
+                        int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, cudaStream_t stream) {
+  if (M == 0) return;
+  const int64_t nblk = head_argmax_blocks(V);
+  const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>((M + kLinRows - 1) / kLinRows));
+  dispatch_lin(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    head_argmax_partial_kernel<Ty><<<grid, kLinWarps * 32, 0, stream>>>(
+        static_cast<const Ty*>(normed), static_cast<const Ty*>(w), subset, M, H, V, rows_w, part_val, part_idx);
+  });
+  head_argmax_final_kernel<<<grid_1d(M, 128), 128, 0, stream>>>(part_val, part_idx, subset, M, nblk, out);
 }
 
 }  // namespace layerskip::cuda

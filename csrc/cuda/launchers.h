@@ -32,4 +32,17 @@ void launch_cache_attention(DType dt, const void* q, const void* k_cache, const 
                             const int64_t* start, void* out, int64_t B, int64_t T, int64_t nH, int64_t nKV,
                             int64_t S, int64_t D, float scale, cudaStream_t stream);
 
+// x [M, K], w [N, K], out [M, N]; dt float32 or bfloat16 only. Fixed per-column summation order (kernels.cu).
+void launch_linear(DType dt, const void* x, const void* w, void* out, int64_t M, int64_t K, int64_t N,
+                   cudaStream_t stream);
+
+// Partials per row of launch_head_argmax (the size of part_val / part_idx is M * head_argmax_blocks(V)).
+int64_t head_argmax_blocks(int64_t V);
+
+// out[m] = argmax_j linear(normed, w[subset])[m, j] mapped through subset (subset may be null: all V rows of w);
+// normed [M, H] (already rms-normed, dtype dt: float32 or bfloat16), w [rows_w, H]; V = subset's length (or rows_w);
+// ties -> lowest j, NaN first. A subset entry outside [0, rows_w) scores NaN (so it wins): never an out-of-bounds read.
+void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
+                        int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, cudaStream_t stream);
+
 }  // namespace layerskip::cuda

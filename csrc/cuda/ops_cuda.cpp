@@ -2,6 +2,7 @@
 // The values of start / positions are NOT read here (that would synchronise with the host): the Python caller
 // validates them; the kernels only guard their memory accesses (see launchers.h).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +10,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <vector>
 
 #include "common/validate.h"
 #include "cuda/launchers.h"
@@ -81,6 +83,50 @@ at::Tensor cache_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   return out;
 }
 
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight) {
+  const auto d = validate_linear(x, weight);
+  check_device_type(x, c10::DeviceType::CUDA, "linear", "x");
+  TORCH_CHECK((d.M + 7) / 8 <= 65535, "linear: too many rows for one launch (", d.M, ")");
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = d.N;
+  at::Tensor out = at::empty(shape, x.options());
+  if (d.M == 0 || d.N == 0) return out;
+  if (d.K == 0) return out.zero_();
+  launch_linear(to_dtype(x, "linear", "x"), x.const_data_ptr(), weight.const_data_ptr(), out.mutable_data_ptr(), d.M,
+                d.K, d.N, stream_of(x));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor exit_head_argmax_cuda(const at::Tensor& h, const at::Tensor& norm_weight, double eps,
+                                 const at::Tensor& lm_head, const std::optional<at::Tensor>& vocab_subset) {
+  constexpr const char* op = "exit_head_argmax";
+  const auto d = validate_exit_head_argmax(h, norm_weight, lm_head, vocab_subset);
+  check_device_type(h, c10::DeviceType::CUDA, op, "h");
+  TORCH_CHECK((d.M + 7) / 8 <= 65535 && d.M <= std::numeric_limits<int32_t>::max(), op,
+              ": too many rows for one launch (", d.M, ")");
+  const c10::cuda::CUDAGuard guard(h.device());
+  std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end() - 1);
+  at::Tensor out = at::empty(shape, h.options().dtype(at::kLong));
+  if (d.M == 0) return out;
+  const DType dt = to_dtype(h, op, "h");
+  const cudaStream_t stream = stream_of(h);
+  // The normed rows exactly as the rms_norm op computes them, then the linear kernel's dot per column.
+  at::Tensor normed = at::empty({d.M, d.H}, h.options());
+  launch_rms_norm(dt, norm_weight.scalar_type() != h.scalar_type(), h.const_data_ptr(), norm_weight.const_data_ptr(),
+                  normed.mutable_data_ptr(), d.M, d.H, static_cast<float>(eps), stream);
+  const int64_t nblk = head_argmax_blocks(d.V);
+  at::Tensor part_val = at::empty({d.M * nblk}, h.options().dtype(at::kFloat));
+  at::Tensor part_idx = at::empty({d.M * nblk}, h.options().dtype(at::kLong));
+  launch_head_argmax(dt, normed.const_data_ptr(), lm_head.const_data_ptr(), lm_head.size(0),
+                     d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr, d.M, d.H, d.V,
+                     part_val.mutable_data_ptr<float>(), part_idx.mutable_data_ptr<int64_t>(),
+                     out.mutable_data_ptr<int64_t>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
@@ -88,6 +134,8 @@ TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
   m.impl("rope", &rope_cuda);
   m.impl("kv_cache_write", &kv_cache_write_cuda);
   m.impl("cache_attention", &cache_attention_cuda);
+  m.impl("linear", &linear_cuda);
+  m.impl("exit_head_argmax", &exit_head_argmax_cuda);
 }
 
 }  // namespace layerskip::cuda

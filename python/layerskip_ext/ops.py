@@ -14,6 +14,9 @@ Shapes (B batch, T new tokens, S cache capacity, H hidden, nH query heads, nKV k
   cache_attention(q[B, T, nH, D], k_cache[B, nKV, S, D], v_cache[B, nKV, S, D], start[B] int64, scale)
       -> [B, T, nH, D]; query t of sequence b is at position start[b] + t and attends causally to cache
       slots [0, start[b] + t]. Query head h reads key/value head h // (nH // nKV) (GQA).
+  linear(x[..., K], weight[N, K]) -> [..., N]   (float32 or bfloat16; x and weight of one dtype)
+  exit_head_argmax(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] int64 or None) -> [...] int64
+      argmax over the vocabulary of linear(rms_norm(h)), without materialising the logits; ties -> lowest index.
 All math is done in float32 and rounded once to the input dtype at the end, so a row's result does not depend
 on how many other rows were computed with it (batch invariance, needed for lossless self-speculation).
 """
@@ -67,6 +70,28 @@ def cache_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out.to(q.dtype)
 
 
+def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in float32, rounded once to x's dtype. (The native kernel fixes the summation order, so it
+    agrees with this to float32 rounding, not bitwise; torch's own order changes with the number of rows.)"""
+    return torch.nn.functional.linear(x.float(), weight.float()).to(x.dtype)
+
+
+def exit_head_argmax_reference(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                               vocab_subset: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax over the vocabulary (or over vocab_subset, returning the chosen token id) of the shared exit head's
+    logits linear(rms_norm(h)), computed with the given linear (default: the reference)."""
+    return exit_head_argmax_composed(h, norm_weight, eps, lm_head, vocab_subset, rms_norm_reference,
+                                     linear_reference)
+
+
+def exit_head_argmax_composed(h, norm_weight, eps, lm_head, vocab_subset, rms_norm_fn, linear_fn) -> torch.Tensor:
+    """exit_head_argmax from separate norm / linear functions (the native op equals this with the native ones)."""
+    w = lm_head if vocab_subset is None else lm_head[vocab_subset]
+    logits = linear_fn(rms_norm_fn(h, norm_weight, eps), w.contiguous())
+    idx = logits.argmax(-1)
+    return idx if vocab_subset is None else vocab_subset[idx]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Native ops: torch.ops.layerskip.* (csrc/ops.cpp has the schemas; csrc/cpu, csrc/cuda the kernels)
 #
@@ -98,11 +123,15 @@ if _native.native_available():
     _rope_op = torch.ops.layerskip.rope.default
     _kv_cache_write_op = torch.ops.layerskip.kv_cache_write.default
     _cache_attention_op = torch.ops.layerskip.cache_attention.default
+    _linear_op = torch.ops.layerskip.linear.default
+    _exit_head_argmax_op = torch.ops.layerskip.exit_head_argmax.default
 else:
     _rms_norm_op = _missing("rms_norm")
     _rope_op = _missing("rope")
     _kv_cache_write_op = _missing("kv_cache_write")
     _cache_attention_op = _missing("cache_attention")
+    _linear_op = _missing("linear")
+    _exit_head_argmax_op = _missing("exit_head_argmax")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -125,6 +154,18 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float) -> torch.Tensor:
     """Native :func:`cache_attention_reference`; q and the caches share one dtype."""
     return _cache_attention_op(q, k_cache, v_cache, start, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Native :func:`linear_reference`, batch invariant: x[..., K], weight[N, K] -> [..., N]."""
+    return _linear_op(x, weight)
+
+
+def exit_head_argmax(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                     vocab_subset: torch.Tensor | None = None) -> torch.Tensor:
+    """Native greedy exit head: bitwise ``linear(rms_norm(h, norm_weight, eps), lm_head).argmax(-1)`` of the
+    native ops (over ``lm_head[vocab_subset]`` when given, returning token ids), without the [..., V] logits."""
+    return _exit_head_argmax_op(h, norm_weight, eps, lm_head, vocab_subset)
 
 
 # Fake (meta) kernels: output metadata only, for torch.compile / FakeTensor tracing. Outputs are contiguous.
@@ -155,3 +196,16 @@ if _native.native_available():
         torch._check(k_cache.dim() == 4,
                      lambda: f"cache_attention: k_cache must be 4-D [B, nKV, S, D], got {k_cache.dim()}-D")
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("layerskip::linear")
+    def _linear_fake(x, weight):
+        torch._check(x.dim() >= 1, lambda: "linear: x must have at least 1 dim [..., K], got 0-D")
+        torch._check(weight.dim() == 2, lambda: f"linear: weight must be 2-D [N, K], got {weight.dim()}-D")
+        torch._check(weight.shape[1] == x.shape[-1], lambda: "linear: weight.size(1) must be x.size(-1)")
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("layerskip::exit_head_argmax")
+    def _exit_head_argmax_fake(h, norm_weight, eps, lm_head, vocab_subset):
+        torch._check(h.dim() >= 1, lambda: "exit_head_argmax: h must have at least 1 dim [..., H], got 0-D")
+        torch._check(lm_head.dim() == 2, lambda: f"exit_head_argmax: lm_head must be 2-D [V, H], got {lm_head.dim()}-D")
+        return h.new_empty(h.shape[:-1], dtype=torch.int64)

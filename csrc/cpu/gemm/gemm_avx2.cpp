@@ -1,0 +1,46 @@
+// gemm.h kernels for AVX2 + FMA (x86-64-v3): 16 lanes as two ymm halves, the same arithmetic as AVX-512.
+// Compiled with -march=x86-64-v3 (CMakeLists.txt); see gemm_avx512.cpp about includes.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/gemm/gemm.h"
+
+namespace layerskip::cpu::gemm {
+namespace avx2_impl {
+namespace {
+
+struct V {
+  __m256 lo, hi;
+};
+inline __attribute__((always_inline)) V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline __attribute__((always_inline)) V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline __attribute__((always_inline)) __m256 bf16x8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __attribute__((always_inline)) V vload(const uint16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
+inline __attribute__((always_inline)) V vfma(V x, V w, V acc) {
+  return {_mm256_fmadd_ps(x.lo, w.lo, acc.lo), _mm256_fmadd_ps(x.hi, w.hi, acc.hi)};
+}
+inline __attribute__((always_inline)) float vsum(V a) {
+  const __m256 b = _mm256_add_ps(a.lo, a.hi);
+  const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+  const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+}
+// 16 ymm registers, two per V: MR * NR + NR + 1 <= 8.
+constexpr int nr_for(int mr) { return mr == 1 ? 3 : mr == 2 ? 2 : 1; }
+constexpr int stream_nr_for(int mr) { return mr == 1 ? 3 : mr <= 3 ? 2 : 1; }
+#define LS_GEMM_PREFETCH(p) ((void)0)
+
+#include "cpu/gemm/kernels.inc"
+
+#undef LS_GEMM_PREFETCH
+
+}  // namespace
+}  // namespace avx2_impl
+
+extern const Kernels kAvx2Kernels = {"avx2", &avx2_impl::gemm_f32, &avx2_impl::gemm_bf16};
+
+}  // namespace layerskip::cpu::gemm

@@ -1,0 +1,58 @@
+// gemm.h kernels in portable C++ (any CPU): 16 lanes in an array, std::fma per lane -- the same IEEE operations
+// as the AVX-512 / AVX2 tables, so the results agree bitwise (fast where fma is a hardware instruction, e.g.
+// aarch64; a library call on pre-FMA x86, which only ever runs this table when nothing better is available).
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/gemm/gemm.h"
+
+namespace layerskip::cpu::gemm {
+namespace generic_impl {
+namespace {
+
+struct V {
+  float a[16];
+};
+inline __attribute__((always_inline)) V vzero() {
+  V r;
+  for (int i = 0; i < 16; ++i) r.a[i] = 0.0f;
+  return r;
+}
+inline __attribute__((always_inline)) V vload(const float* p) {
+  V r;
+  for (int i = 0; i < 16; ++i) r.a[i] = p[i];
+  return r;
+}
+inline __attribute__((always_inline)) V vload(const uint16_t* p) {
+  V r;
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    __builtin_memcpy(&r.a[i], &bits, sizeof(float));
+  }
+  return r;
+}
+inline __attribute__((always_inline)) V vfma(V x, V w, V acc) {
+  V r;
+  for (int i = 0; i < 16; ++i) r.a[i] = std::fma(x.a[i], w.a[i], acc.a[i]);
+  return r;
+}
+inline __attribute__((always_inline)) float vsum(V a) {
+  float b[8], c[4];
+  for (int j = 0; j < 8; ++j) b[j] = a.a[j] + a.a[j + 8];
+  for (int j = 0; j < 4; ++j) c[j] = b[j] + b[j + 4];
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+constexpr int nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
+constexpr int stream_nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
+#define LS_GEMM_PREFETCH(p) ((void)0)
+
+#include "cpu/gemm/kernels.inc"
+
+#undef LS_GEMM_PREFETCH
+
+}  // namespace
+}  // namespace generic_impl
+
+extern const Kernels kGenericKernels = {"generic", &generic_impl::gemm_f32, &generic_impl::gemm_bf16};
+
+}  // namespace layerskip::cpu::gemm

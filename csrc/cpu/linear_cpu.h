@@ -1,0 +1,35 @@
+// Pieces of the CPU linear kernel shared by linear.cpp and the fused ops (so fused results are bitwise the ops').
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/gemm/gemm.h"
+
+namespace layerskip::cpu {
+
+// Rows of x up to which the gemm kernels stream W from memory (kernels.inc kStreamRows).
+constexpr int64_t kGemmStreamRows = 16;
+
+// Columns per work block of an M x N gemm with K-long W rows of elt bytes (speed only, never results).
+int64_t gemm_block_cols(int64_t N, int64_t K, int64_t elt, int64_t M, int64_t threads,
+                        int64_t max_cols = int64_t(1) << 40);
+
+// x rows as the gemm kernels read them: float32, row stride padded to a multiple of 16, zeros in the padding.
+struct XPanel {
+  const float* p = nullptr;
+  int64_t M = 0, ld = 0;
+  std::vector<float> buf;
+  void build_f32(const float* x, int64_t rows, int64_t K);  // no copy when K is a multiple of 16
+  void build_bf16(const c10::BFloat16* x, int64_t rows, int64_t K);
+};
+
+// Columns [j0, j0 + nw) of x W^T (weight [N, K] float32 or bfloat16; with idx, column j is row idx[j] of W and
+// idx points at the block's first entry) into out.
+void gemm_block(const XPanel& x, const at::Tensor& weight, int64_t j0, int64_t nw, const int64_t* idx,
+                gemm::Out out);
+
+}  // namespace layerskip::cpu
