@@ -16,4 +16,11 @@ TORCH_LIBRARY(layerskip, m) {
   // h[..., H] -> [...] int64: argmax(linear(rms_norm(h, norm_weight, eps), lm_head[V, H]), -1), ties -> lowest;
   // with vocab_subset[V'] int64 only those rows of lm_head are scored (the chosen id is returned)
   m.def("exit_head_argmax(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) -> Tensor");
+  // drafts[B, d] int64, target[B, d+1] int64 (the verifier's argmax), positions[B] int64 (+= accepted + 1 in place)
+  //   -> accepted[B] (agreeing prefix length), next_token[B] = target[b, accepted[b]]
+  m.def("verify_greedy(Tensor drafts, Tensor target, Tensor(a!) positions) -> (Tensor accepted, Tensor next_token)");
+  // q[B, d, V] / p[B, d+1, V] float32 draft / target probabilities, uniforms[B, d+1] float32 in [0, 1):
+  //   the lossless rule (accept while u*q(y) < p(y); correction from norm(max(p - q, 0)) or bonus from p[:, d])
+  m.def("verify_sampling(Tensor drafts, Tensor q, Tensor p, Tensor uniforms, Tensor(a!) positions) -> "
+        "(Tensor accepted, Tensor next_token)");
 }

@@ -231,4 +231,76 @@ inline void check_subset_values(const at::Tensor& subset, int64_t V) {
   }
 }
 
+// ---- verify_greedy / verify_sampling -------------------------------------------------------------------------------
+
+struct VerifyDims {
+  int64_t B, d, V;  // V: vocabulary (sampling only)
+};
+
+inline void validate_positions(const char* op, const at::Tensor& positions, const at::Tensor& ref, int64_t B) {
+  check_rank(positions, 1, op, "positions", "[B]");
+  check_dtype(positions, at::kLong, op, "positions");
+  check_same_device(positions, ref, op, "positions", "drafts");
+  check_size(positions, 0, B, op, "positions", "B = drafts.size(0)");
+  check_contiguous(positions, op, "positions");
+}
+
+inline VerifyDims validate_verify_greedy(const at::Tensor& drafts, const at::Tensor& target,
+                                         const at::Tensor& positions) {
+  constexpr const char* op = "verify_greedy";
+  check_rank(drafts, 2, op, "drafts", "[B, d]");
+  check_rank(target, 2, op, "target", "[B, d+1]");
+  check_dtype(drafts, at::kLong, op, "drafts");
+  check_dtype(target, at::kLong, op, "target");
+  check_same_device(target, drafts, op, "target", "drafts");
+  const int64_t B = drafts.size(0), d = drafts.size(1);
+  check_size(target, 0, B, op, "target", "B = drafts.size(0)");
+  check_size(target, 1, d + 1, op, "target", "d+1 = drafts.size(1) + 1");
+  check_contiguous(drafts, op, "drafts");
+  check_contiguous(target, op, "target");
+  validate_positions(op, positions, drafts, B);
+  return {B, d, 0};
+}
+
+inline VerifyDims validate_verify_sampling(const at::Tensor& drafts, const at::Tensor& q, const at::Tensor& p,
+                                           const at::Tensor& uniforms, const at::Tensor& positions) {
+  constexpr const char* op = "verify_sampling";
+  check_rank(drafts, 2, op, "drafts", "[B, d]");
+  check_rank(q, 3, op, "q", "[B, d, V]");
+  check_rank(p, 3, op, "p", "[B, d+1, V]");
+  check_rank(uniforms, 2, op, "uniforms", "[B, d+1]");
+  check_dtype(drafts, at::kLong, op, "drafts");
+  check_dtype(q, at::kFloat, op, "q");
+  check_dtype(p, at::kFloat, op, "p");
+  check_dtype(uniforms, at::kFloat, op, "uniforms");
+  check_same_device(q, drafts, op, "q", "drafts");
+  check_same_device(p, drafts, op, "p", "drafts");
+  check_same_device(uniforms, drafts, op, "uniforms", "drafts");
+  const int64_t B = drafts.size(0), d = drafts.size(1), V = p.size(2);
+  check_size(p, 0, B, op, "p", "B = drafts.size(0)");
+  check_size(p, 1, d + 1, op, "p", "d+1 = drafts.size(1) + 1");
+  TORCH_CHECK(V > 0, op, ": p.size(2) (vocabulary V) must be positive");
+  check_size(q, 0, B, op, "q", "B = drafts.size(0)");
+  check_size(q, 1, d, op, "q", "d = drafts.size(1)");
+  check_size(q, 2, V, op, "q", "V = p.size(2)");
+  check_size(uniforms, 0, B, op, "uniforms", "B = drafts.size(0)");
+  check_size(uniforms, 1, d + 1, op, "uniforms", "d+1 = drafts.size(1) + 1");
+  check_contiguous(drafts, op, "drafts");
+  check_contiguous(q, op, "q");
+  check_contiguous(p, op, "p");
+  check_contiguous(uniforms, op, "uniforms");
+  validate_positions(op, positions, drafts, B);
+  return {B, d, V};
+}
+
+// CPU only: 0 <= drafts < V (they index q and p).
+inline void check_draft_values(const at::Tensor& drafts, int64_t V) {
+  const int64_t* p = drafts.const_data_ptr<int64_t>();
+  const int64_t d = drafts.size(1);
+  for (int64_t i = 0; i < drafts.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < V, "verify_sampling: drafts[", i / d, ", ", i % d, "] = ", p[i],
+                " is out of range [0, V) with V = p.size(2) = ", V);
+  }
+}
+
 }  // namespace layerskip

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/limits.h"
+#include "common/sampling.h"
 #include "cuda/launchers.h"
 
 namespace layerskip::cuda {
@@ -416,6 +417,60 @@ void dispatch_lin(DType dt, F&& f) {
     f(float{});
 }
 
+// ---- verify_greedy: one thread per sequence -----------------------------------------------------------------------
+__global__ void verify_greedy_kernel(const int64_t* __restrict__ drafts, const int64_t* __restrict__ target,
+                                     int64_t* __restrict__ positions, int64_t* __restrict__ accepted,
+                                     int64_t* __restrict__ next, int64_t B, int64_t D) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  int64_t a = 0;
+  while (a < D && drafts[b * D + a] == target[b * (D + 1) + a]) ++a;
+  accepted[b] = a;
+  next[b] = target[b * (D + 1) + a];
+  positions[b] += a + 1;
+}
+
+// ---- verify_sampling: one block per sequence; chunk sums in parallel, the rest as common/sampling.h ------------------
+constexpr int kVerifyThreads = 256;
+
+__global__ void __launch_bounds__(kVerifyThreads)
+    verify_sampling_kernel(const int64_t* __restrict__ drafts, const float* __restrict__ q,
+                           const float* __restrict__ p, const float* __restrict__ uniforms,
+                           int64_t* __restrict__ positions, int64_t* __restrict__ accepted, int64_t* __restrict__ next,
+                           int64_t D, int64_t V, double* __restrict__ scratch) {
+  __shared__ int64_t s_j, s_tok;
+  const int64_t b = blockIdx.x;
+  const float* ub = uniforms + b * (D + 1);
+  if (threadIdx.x == 0) {
+    int64_t j = 0;
+    for (; j < D; ++j) {
+      const int64_t y = drafts[b * D + j];
+      if (y < 0 || y >= V) break;  // not validated on the device: an impossible draft is rejected
+      const float qy = q[(b * D + j) * V + y], py = p[(b * (D + 1) + j) * V + y];
+      if (!(__fmul_rn(ub[j], qy) < py)) break;
+    }
+    s_j = j;
+  }
+  __syncthreads();
+  const int64_t j = s_j;
+  const int64_t nchunks = (V + kSampleChunk - 1) / kSampleChunk;
+  double* S = scratch + b * nchunks;
+  const float* pj = p + (b * (D + 1) + j) * V;
+  for (int pass = 0; pass < 2; ++pass) {  // pass 0: residual (after a rejection) or bonus; pass 1: p if no mass
+    if (pass == 1 && (j == D || s_tok >= 0)) break;  // block-uniform
+    const SampleWeights w{pj, (pass == 0 && j < D) ? q + (b * D + j) * V : nullptr};
+    for (int64_t c = threadIdx.x; c < nchunks; c += blockDim.x) S[c] = sample_chunk_sum(w, c, V);
+    __syncthreads();
+    if (threadIdx.x == 0) s_tok = sample_from_chunks(w, S, nchunks, V, ub[D]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    accepted[b] = j;
+    next[b] = s_tok >= 0 ? s_tok : V - 1;
+    positions[b] += j + 1;
+  }
+}
+
 }  // namespace
 
 static_assert(LAYERSKIP_MAX_HEAD_DIM <= 8 * 32, "cache_attention_kernel handles D <= 256");
@@ -503,6 +558,26 @@ void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t row
         static_cast<const Ty*>(normed), static_cast<const Ty*>(w), subset, M, H, V, rows_w, part_val, part_idx);
   });
   head_argmax_final_kernel<<<grid_1d(M, 128), 128, 0, stream>>>(part_val, part_idx, subset, M, nblk, out);
+}
+
+}  // namespace layerskip::cuda
+
+namespace layerskip::cuda {
+
+void launch_verify_greedy(const int64_t* drafts, const int64_t* target, int64_t* positions, int64_t* accepted,
+                          int64_t* next, int64_t B, int64_t D, cudaStream_t stream) {
+  if (B == 0) return;
+  verify_greedy_kernel<<<grid_1d(B, 128), 128, 0, stream>>>(drafts, target, positions, accepted, next, B, D);
+}
+
+int64_t verify_sampling_scratch(int64_t B, int64_t V) { return B * ((V + kSampleChunk - 1) / kSampleChunk); }
+
+void launch_verify_sampling(const int64_t* drafts, const float* q, const float* p, const float* uniforms,
+                            int64_t* positions, int64_t* accepted, int64_t* next, int64_t B, int64_t D, int64_t V,
+                            double* scratch, cudaStream_t stream) {
+  if (B == 0) return;
+  verify_sampling_kernel<<<static_cast<unsigned>(B), kVerifyThreads, 0, stream>>>(drafts, q, p, uniforms, positions,
+                                                                                 accepted, next, D, V, scratch);
 }
 
 }  // namespace layerskip::cuda

@@ -45,4 +45,16 @@ int64_t head_argmax_blocks(int64_t V);
 void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
                         int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, cudaStream_t stream);
 
+// drafts [B, D], target [B, D+1], positions/accepted/next [B], all int64 (positions updated in place).
+void launch_verify_greedy(const int64_t* drafts, const int64_t* target, int64_t* positions, int64_t* accepted,
+                          int64_t* next, int64_t B, int64_t D, cudaStream_t stream);
+
+// float64 scratch elements launch_verify_sampling needs.
+int64_t verify_sampling_scratch(int64_t B, int64_t V);
+
+// q [B, D, V], p [B, D+1, V], uniforms [B, D+1] float32; drafts outside [0, V) are rejected (not validated here).
+void launch_verify_sampling(const int64_t* drafts, const float* q, const float* p, const float* uniforms,
+                            int64_t* positions, int64_t* accepted, int64_t* next, int64_t B, int64_t D, int64_t V,
+                            double* scratch, cudaStream_t stream);
+
 }  // namespace layerskip::cuda

@@ -9,7 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "common/validate.h"
@@ -127,6 +129,39 @@ at::Tensor exit_head_argmax_cuda(const at::Tensor& h, const at::Tensor& norm_wei
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& drafts, const at::Tensor& target,
+                                                      const at::Tensor& positions) {
+  const auto d = validate_verify_greedy(drafts, target, positions);
+  check_device_type(drafts, c10::DeviceType::CUDA, "verify_greedy", "drafts");
+  const c10::cuda::CUDAGuard guard(drafts.device());
+  at::Tensor accepted = at::empty({d.B}, drafts.options());
+  at::Tensor next = at::empty({d.B}, drafts.options());
+  launch_verify_greedy(drafts.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(),
+                       positions.mutable_data_ptr<int64_t>(), accepted.mutable_data_ptr<int64_t>(),
+                       next.mutable_data_ptr<int64_t>(), d.B, d.d, stream_of(drafts));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {accepted, next};
+}
+
+std::tuple<at::Tensor, at::Tensor> verify_sampling_cuda(const at::Tensor& drafts, const at::Tensor& q,
+                                                        const at::Tensor& p, const at::Tensor& uniforms,
+                                                        const at::Tensor& positions) {
+  const auto d = validate_verify_sampling(drafts, q, p, uniforms, positions);
+  check_device_type(drafts, c10::DeviceType::CUDA, "verify_sampling", "drafts");
+  check_grid(d.B, "verify_sampling");
+  const c10::cuda::CUDAGuard guard(drafts.device());
+  at::Tensor accepted = at::empty({d.B}, drafts.options());
+  at::Tensor next = at::empty({d.B}, drafts.options());
+  at::Tensor scratch = at::empty({std::max<int64_t>(1, verify_sampling_scratch(d.B, d.V))},
+                                 q.options().dtype(at::kDouble));
+  launch_verify_sampling(drafts.const_data_ptr<int64_t>(), q.const_data_ptr<float>(), p.const_data_ptr<float>(),
+                         uniforms.const_data_ptr<float>(), positions.mutable_data_ptr<int64_t>(),
+                         accepted.mutable_data_ptr<int64_t>(), next.mutable_data_ptr<int64_t>(), d.B, d.d, d.V,
+                         scratch.mutable_data_ptr<double>(), stream_of(drafts));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {accepted, next};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
@@ -136,6 +171,8 @@ TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
   m.impl("cache_attention", &cache_attention_cuda);
   m.impl("linear", &linear_cuda);
   m.impl("exit_head_argmax", &exit_head_argmax_cuda);
+  m.impl("verify_greedy", &verify_greedy_cuda);
+  m.impl("verify_sampling", &verify_sampling_cuda);
 }
 
 }  // namespace layerskip::cuda

@@ -17,6 +17,9 @@ Shapes (B batch, T new tokens, S cache capacity, H hidden, nH query heads, nKV k
   linear(x[..., K], weight[N, K]) -> [..., N]   (float32 or bfloat16; x and weight of one dtype)
   exit_head_argmax(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] int64 or None) -> [...] int64
       argmax over the vocabulary of linear(rms_norm(h)), without materialising the logits; ties -> lowest index.
+  verify_greedy(drafts[B, d] int64, target[B, d+1] int64, positions[B] int64!) -> (accepted[B], next_token[B])
+  verify_sampling(drafts[B, d], q[B, d, V] f32, p[B, d+1, V] f32, uniforms[B, d+1] f32, positions[B]!)
+      -> (accepted[B], next_token[B]); both add accepted + 1 to positions in place.
 All math is done in float32 and rounded once to the input dtype at the end, so a row's result does not depend
 on how many other rows were computed with it (batch invariance, needed for lossless self-speculation).
 """
@@ -92,6 +95,79 @@ def exit_head_argmax_composed(h, norm_weight, eps, lm_head, vocab_subset, rms_no
     return idx if vocab_subset is None else vocab_subset[idx]
 
 
+SAMPLE_CHUNK = 256  # csrc/common/sampling.h kSampleChunk
+
+
+def sample_inverse_cdf_reference(w: torch.Tensor, u: float) -> int:
+    """One token from weights w[V] >= 0 (float32) with uniform u in [0, 1), exactly as the kernels do it
+    (csrc/common/sampling.h): float64 chunk sums of 256 weights in ascending order, target = u * total, the first
+    chunk whose running end passes the target, then the first token in it whose running sum (from the chunk's
+    start) passes the target (or the chunk's last positive weight if rounding leaves none). -1: no mass."""
+    V = w.shape[0]
+    wd = w.to(torch.float32).double()
+    nchunks = (V + SAMPLE_CHUNK - 1) // SAMPLE_CHUNK
+    padded = torch.zeros(nchunks * SAMPLE_CHUNK, dtype=torch.float64)
+    padded[:V] = wd
+    S = padded.view(nchunks, SAMPLE_CHUNK).cumsum(1)[:, -1]  # torch's CPU cumsum adds in order
+    ends = S.cumsum(0)  # P_c + S_c
+    total = float(ends[-1])
+    target = float(torch.tensor(u, dtype=torch.float32)) * total
+    hit = (ends > target).nonzero()
+    if hit.numel() == 0:
+        return -1
+    c = int(hit[0])
+    prefix = float(ends[c - 1]) if c > 0 else 0.0
+    chunk = wd[c * SAMPLE_CHUNK:(c + 1) * SAMPLE_CHUNK]
+    run = torch.cat((torch.tensor([prefix], dtype=torch.float64), chunk)).cumsum(0)[1:]
+    inside = (run > target).nonzero()
+    if inside.numel():
+        return c * SAMPLE_CHUNK + int(inside[0])
+    positive = (chunk > 0).nonzero()
+    return c * SAMPLE_CHUNK + int(positive[-1]) if positive.numel() else -1
+
+
+def verify_greedy_reference(drafts: torch.Tensor, target: torch.Tensor,
+                            positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """accepted[b] = length of the prefix where drafts[b] == target[b, :d]; next_token[b] = target[b, accepted[b]];
+    positions[b] += accepted[b] + 1 (in place)."""
+    d = drafts.shape[1]
+    agree = (drafts == target[:, :d]).to(torch.int64)
+    accepted = agree.cumprod(dim=1).sum(dim=1) if d else torch.zeros(drafts.shape[0], dtype=torch.int64,
+                                                                   device=drafts.device)
+    next_token = target.gather(1, accepted.view(-1, 1)).view(-1)
+    positions += accepted + 1
+    return accepted, next_token
+
+
+def verify_sampling_reference(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, uniforms: torch.Tensor,
+                              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lossless speculative sampling (Leviathan et al.), deterministic given the uniforms: draft j is accepted while
+    uniforms[b, j] * q[b, j, y] < p[b, j, y] (float32); the first rejected j emits a token drawn from
+    norm(max(p[b, j] - q[b, j], 0)) (p[b, j] if that has no mass), and when all d are accepted the bonus is drawn
+    from p[b, d]; both use uniforms[b, d] by inverse CDF (:func:`sample_inverse_cdf_reference`)."""
+    B, d = drafts.shape
+    V = p.shape[2]
+    accepted = torch.zeros(B, dtype=torch.int64)
+    next_token = torch.zeros(B, dtype=torch.int64)
+    for b in range(B):
+        j = 0
+        while j < d:
+            y = int(drafts[b, j])
+            if not bool(uniforms[b, j] * q[b, j, y] < p[b, j, y]):
+                break
+            j += 1
+        u = float(uniforms[b, d])
+        tok = -1
+        if j < d:
+            tok = sample_inverse_cdf_reference((p[b, j] - q[b, j]).clamp_min(0), u)
+        if tok < 0:
+            tok = sample_inverse_cdf_reference(p[b, j], u)
+        accepted[b] = j
+        next_token[b] = tok if tok >= 0 else V - 1
+    positions += (accepted + 1).to(positions.device)
+    return accepted.to(drafts.device), next_token.to(drafts.device)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Native ops: torch.ops.layerskip.* (csrc/ops.cpp has the schemas; csrc/cpu, csrc/cuda the kernels)
 #
@@ -125,6 +201,8 @@ if _native.native_available():
     _cache_attention_op = torch.ops.layerskip.cache_attention.default
     _linear_op = torch.ops.layerskip.linear.default
     _exit_head_argmax_op = torch.ops.layerskip.exit_head_argmax.default
+    _verify_greedy_op = torch.ops.layerskip.verify_greedy.default
+    _verify_sampling_op = torch.ops.layerskip.verify_sampling.default
 else:
     _rms_norm_op = _missing("rms_norm")
     _rope_op = _missing("rope")
@@ -132,6 +210,8 @@ else:
     _cache_attention_op = _missing("cache_attention")
     _linear_op = _missing("linear")
     _exit_head_argmax_op = _missing("exit_head_argmax")
+    _verify_greedy_op = _missing("verify_greedy")
+    _verify_sampling_op = _missing("verify_sampling")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,6 +246,19 @@ def exit_head_argmax(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_
     """Native greedy exit head: bitwise ``linear(rms_norm(h, norm_weight, eps), lm_head).argmax(-1)`` of the
     native ops (over ``lm_head[vocab_subset]`` when given, returning token ids), without the [..., V] logits."""
     return _exit_head_argmax_op(h, norm_weight, eps, lm_head, vocab_subset)
+
+
+def verify_greedy(drafts: torch.Tensor, target: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native :func:`verify_greedy_reference` (positions updated in place)."""
+    return _verify_greedy_op(drafts, target, positions)
+
+
+def verify_sampling(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, uniforms: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native :func:`verify_sampling_reference`, bitwise the same decisions (positions updated in place). On CUDA
+    the draft ids are not range-checked on the host; an out-of-range draft is rejected."""
+    return _verify_sampling_op(drafts, q, p, uniforms, positions)
 
 
 # Fake (meta) kernels: output metadata only, for torch.compile / FakeTensor tracing. Outputs are contiguous.
@@ -209,3 +302,13 @@ if _native.native_available():
         torch._check(h.dim() >= 1, lambda: "exit_head_argmax: h must have at least 1 dim [..., H], got 0-D")
         torch._check(lm_head.dim() == 2, lambda: f"exit_head_argmax: lm_head must be 2-D [V, H], got {lm_head.dim()}-D")
         return h.new_empty(h.shape[:-1], dtype=torch.int64)
+
+    @torch.library.register_fake("layerskip::verify_greedy")
+    def _verify_greedy_fake(drafts, target, positions):
+        torch._check(drafts.dim() == 2, lambda: f"verify_greedy: drafts must be 2-D [B, d], got {drafts.dim()}-D")
+        return drafts.new_empty(drafts.shape[:1]), drafts.new_empty(drafts.shape[:1])
+
+    @torch.library.register_fake("layerskip::verify_sampling")
+    def _verify_sampling_fake(drafts, q, p, uniforms, positions):
+        torch._check(drafts.dim() == 2, lambda: f"verify_sampling: drafts must be 2-D [B, d], got {drafts.dim()}-D")
+        return drafts.new_empty(drafts.shape[:1]), drafts.new_empty(drafts.shape[:1])
