@@ -107,9 +107,10 @@ def _exact_marginals(model, prompt, params, steps):
     return marginals
 
 
-def test_sampling_follows_the_full_model_distribution():
+@pytest.mark.parametrize("op_set", list(op_sets()))
+def test_sampling_follows_the_full_model_distribution(op_set):
     """Chi-square of the 2nd and 3rd emitted tokens (both speculative) against the exact marginals."""
-    model = make_model("rowwise", vocab_size=6)
+    model = make_model(op_set, vocab_size=6)
     params = SamplingParams(temperature=1.3)
     prompt = [1, 2, 3]
     exact = _exact_marginals(model, prompt, params, 3)

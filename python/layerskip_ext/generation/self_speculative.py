@@ -13,6 +13,7 @@ One round, for every live sequence at once (each at its own position p, the newe
 Greedy output equals autoregressive greedy output exactly when every op is batch-invariant (a row's result
 does not depend on T), which the native kernels guarantee. Sampling follows Leviathan et al.: accept y with
 probability min(1, p(y)/q(y)), else resample from norm(max(p - q, 0)); emitted tokens follow the full model.
+Acceptance is the op set's verify_greedy / verify_sampling (native kernels, or their PyTorch references).
 """
 from __future__ import annotations
 
@@ -47,37 +48,23 @@ def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampli
     return drafts.cpu(), (torch.stack(q, dim=1) if q else None), deep
 
 
-def _accept_greedy(model, drafts: torch.Tensor, deep: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-    target = model.head_argmax(deep).cpu()  # [n, d+1]: the full model's choice at each verified position
-    d = drafts.shape[1]
-    agree = (drafts == target[:, :d]).to(torch.int64)
-    accepted = agree.cumprod(dim=1).sum(dim=1).tolist()  # length of the agreeing prefix per row
-    return [drafts[r, :a].tolist() + [int(target[r, a])] for r, a in enumerate(accepted)], accepted
-
-
-def _accept_sampling(model, drafts, q, deep, sampling, generator) -> tuple[list[list[int]], list[int]]:
-    p = filtered_probs(model.head(deep), sampling)  # [n, d+1, V]
+def _accept(model, start: torch.Tensor, drafts: torch.Tensor, q, deep: torch.Tensor, sampling: SamplingParams,
+            generator) -> tuple[list[list[int]], list[int]]:
+    """The verification op: per row, the accepted draft prefix plus the full model's correction/bonus token."""
     n, d = drafts.shape
-    out, accepted = [], []
-    for r in range(n):
-        tokens = []
-        for j in range(d):
-            y = int(drafts[r, j])
-            u = torch.rand((), generator=generator, device=p.device)
-            if u * q[r, j, y] < p[r, j, y]:  # accept with probability min(1, p/q)
-                tokens.append(y)
-                continue
-            residual = (p[r, j] - q[r, j]).clamp_min(0)
-            total = residual.sum()
-            # p == q exactly makes rejection impossible; guard the normalisation all the same
-            dist = residual / total if total > 0 else p[r, j]
-            tokens.append(int(torch.multinomial(dist, 1, generator=generator)))
-            break
-        else:
-            tokens.append(int(torch.multinomial(p[r, d], 1, generator=generator)))
-        accepted.append(len(tokens) - 1)
-        out.append(tokens)
-    return out, accepted
+    positions = start.clone()  # the op advances it in place; DecodeBatch derives positions from emitted tokens
+    if sampling.greedy:
+        target = model.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
+        accepted, next_token = model.ops.verify_greedy(drafts.to(target.device), target, positions)
+    else:
+        p = filtered_probs(model.head(deep), sampling).contiguous()  # [n, d+1, V]
+        if q is None:
+            q = p.new_empty(n, 0, p.shape[-1])
+        uniforms = torch.rand(n, d + 1, generator=generator, device=p.device)
+        accepted, next_token = model.ops.verify_sampling(drafts.to(p.device), q.contiguous(), p, uniforms,
+                                                         positions)
+    accepted, next_token = accepted.tolist(), next_token.tolist()
+    return [drafts[r, :a].tolist() + [next_token[r]] for r, a in enumerate(accepted)], accepted
 
 
 @torch.no_grad()
@@ -96,11 +83,9 @@ def generate_self_speculative(model, batch: DecodeBatch, sampling: SamplingParam
         # Never draft past the cache or past what any live sequence may still emit.
         remaining = max(batch.rules.max_new_tokens - len(batch.outputs[b].tokens) for b in batch.active)
         d = max(0, min(num_speculations, batch.room(), remaining - 1))
+        start = batch.positions()
         drafts, q, deep = _draft_and_verify(model, batch, exit_layer, d, sampling, generator)
-        if sampling.greedy:
-            emitted, accepted = _accept_greedy(model, drafts, deep)
-        else:
-            emitted, accepted = _accept_sampling(model, drafts, q, deep, sampling, generator)
+        emitted, accepted = _accept(model, start, drafts, q, deep, sampling, generator)
         for row, tokens in enumerate(emitted):
             batch.emit(row, tokens)
         drafted += d * len(emitted)

@@ -34,6 +34,10 @@ class OpSet:
     linear: Callable  # y[..., N] = x[..., K] @ w[N, K]^T
     # (h[M, H], norm_weight, eps, lm_head[V, H], vocab_subset) -> argmax ids [M]; None: argmax of head()
     exit_head_argmax: Optional[Callable] = None
+    # speculative acceptance: (drafts[B, d], target[B, d+1], positions[B]!) / (drafts, q, p, uniforms, positions!)
+    # -> (accepted[B], next_token[B])
+    verify_greedy: Callable = ops.verify_greedy_reference
+    verify_sampling: Callable = ops.verify_sampling_reference
 
 
 REFERENCE_OPS = OpSet("reference", ops.rms_norm_reference, ops.rope_reference, ops.kv_cache_write_reference,
@@ -44,8 +48,8 @@ def native_ops() -> OpSet:
     if not ops.native_available():
         raise RuntimeError("layerskip_ext native extension is not built: reinstall with "
                            "`pip install --no-build-isolation .` (see README)")
-    return OpSet("native", ops.rms_norm, ops.rope, ops.kv_cache_write, ops.cache_attention,
-                 getattr(ops, "linear", F.linear), getattr(ops, "exit_head_argmax", None))
+    return OpSet("native", ops.rms_norm, ops.rope, ops.kv_cache_write, ops.cache_attention, ops.linear,
+                 ops.exit_head_argmax, ops.verify_greedy, ops.verify_sampling)
 
 
 def linear(module: nn.Module, x: torch.Tensor, ops: OpSet) -> torch.Tensor:
