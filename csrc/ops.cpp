@@ -23,4 +23,10 @@ TORCH_LIBRARY(layerskip, m) {
   //   the lossless rule (accept while u*q(y) < p(y); correction from norm(max(p - q, 0)) or bonus from p[:, d])
   m.def("verify_sampling(Tensor drafts, Tensor q, Tensor p, Tensor uniforms, Tensor(a!) positions) -> "
         "(Tensor accepted, Tensor next_token)");
+  // Decoder layers [start, end) for h[B, T, H] at positions[B, T] (or [1, T]) over the static caches (written in
+  // place at slots start[b] + t): weights = 9 per layer (input_layernorm, q_proj, k_proj, v_proj, o_proj,
+  // post_attention_layernorm, gate_proj, up_proj, down_proj), caches one [B, nKV, S, D] per layer -> h after the
+  // last layer. Bitwise the native ops one by one (model/llama.py with the native op set).
+  m.def("layer_range_forward(Tensor h, Tensor[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor start, "
+        "Tensor positions, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
 }

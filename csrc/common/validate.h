@@ -5,6 +5,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
 #include "common/checks.h"
 
@@ -301,6 +302,114 @@ inline void check_draft_values(const at::Tensor& drafts, int64_t V) {
     TORCH_CHECK(p[i] >= 0 && p[i] < V, "verify_sampling: drafts[", i / d, ", ", i % d, "] = ", p[i],
                 " is out of range [0, V) with V = p.size(2) = ", V);
   }
+}
+
+// ---- layer_range_forward ----------------------------------------------------------------------------------------
+
+// Per layer, in this order (Hugging Face Llama names): the weights list holds 9 tensors per layer.
+constexpr int kLayerWeights = 9;
+inline const char* layer_weight_name(int i) {
+  static const char* names[kLayerWeights] = {"input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+                                             "post_attention_layernorm", "gate_proj", "up_proj", "down_proj"};
+  return names[i];
+}
+
+struct LayerRangeDims {
+  int64_t L, B, T, H, nH, nKV, D, I, S, P;
+  int64_t pos_stride_b;  // T, or 0 for positions [1, T]
+};
+
+inline LayerRangeDims validate_layer_range(const at::Tensor& h, at::TensorList weights, at::TensorList k_caches,
+                                           at::TensorList v_caches, const at::Tensor& start,
+                                           const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                                           int64_t num_heads, int64_t num_kv_heads) {
+  constexpr const char* op = "layer_range_forward";
+  check_rank(h, 3, op, "h", "[B, T, H]");
+  check_linear_dtype(h, op, "h");
+  check_contiguous(h, op, "h");
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  TORCH_CHECK(weights.size() % kLayerWeights == 0, op, ": weights must hold ", kLayerWeights,
+              " tensors per layer (input_layernorm, q_proj, k_proj, v_proj, o_proj, post_attention_layernorm, "
+              "gate_proj, up_proj, down_proj), got ", weights.size());
+  const int64_t L = static_cast<int64_t>(weights.size()) / kLayerWeights;
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == L, op, ": k_caches must hold one tensor per layer (", L,
+              "), got ", k_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == L, op, ": v_caches must hold one tensor per layer (", L,
+              "), got ", v_caches.size());
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0, op, ": num_heads (", num_heads,
+              ") must be a positive multiple of num_kv_heads (", num_kv_heads, ")");
+  check_rank(start, 1, op, "start", "[B]");
+  check_dtype(start, at::kLong, op, "start");
+  check_same_device(start, h, op, "start", "h");
+  check_size(start, 0, B, op, "start", "B = h.size(0)");
+  check_contiguous(start, op, "start");
+  check_rank(positions, 2, op, "positions", "[B, T]");
+  check_dtype(positions, at::kLong, op, "positions");
+  check_same_device(positions, h, op, "positions", "h");
+  TORCH_CHECK(positions.size(0) == B || positions.size(0) == 1, op, ": positions.size(0) must be B = h.size(0) = ",
+              B, " (or 1), got ", positions.size(0));
+  check_size(positions, 1, T, op, "positions", "T = h.size(1)");
+  check_contiguous(positions, op, "positions");
+  check_rank(cos, 2, op, "cos", "[P, D/2]");
+  check_dtype(cos, at::kFloat, op, "cos");
+  check_dtype(sin, at::kFloat, op, "sin");
+  check_same_device(cos, h, op, "cos", "h");
+  check_same_device(sin, h, op, "sin", "h");
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have the shape of cos ", cos.sizes(), ", got ", sin.sizes());
+  check_contiguous(cos, op, "cos");
+  check_contiguous(sin, op, "sin");
+  LayerRangeDims d{L, B, T, H, num_heads, num_kv_heads, 0, 0, 0, cos.size(0), positions.size(0) == B ? T : 0};
+  if (L == 0) return d;
+  const at::Tensor& q0 = weights[1];
+  TORCH_CHECK(q0.dim() == 2 && q0.size(0) % num_heads == 0, op, ": weights[1] (layer 0 q_proj) must be 2-D [num_heads * D, H] with num_heads = ",
+              num_heads, ", got shape ", q0.sizes());
+  d.D = q0.size(0) / num_heads;
+  TORCH_CHECK(d.D % 2 == 0 && d.D >= 2 && d.D <= LAYERSKIP_MAX_HEAD_DIM, op, ": head dim D = q_proj rows / num_heads = ",
+              d.D, " must be even and in [2, ", LAYERSKIP_MAX_HEAD_DIM, "]");
+  check_size(cos, 1, d.D / 2, op, "cos", "D/2");
+  TORCH_CHECK(weights[6].dim() == 2, op, ": weights[6] (layer 0 gate_proj) must be 2-D [I, H], got ", weights[6].dim(),
+              "-D");
+  d.I = weights[6].size(0);
+  const at::Tensor& kc0 = k_caches[0];
+  check_rank(kc0, 4, op, "k_caches[0]", "[B, nKV, S, D]");
+  d.S = kc0.size(2);
+  const int64_t shapes[kLayerWeights][2] = {{H, -1}, {num_heads * d.D, H}, {num_kv_heads * d.D, H},
+                                            {num_kv_heads * d.D, H}, {H, num_heads * d.D}, {H, -1}, {d.I, H},
+                                            {d.I, H}, {H, d.I}};
+  for (int64_t l = 0; l < L; ++l) {
+    for (int i = 0; i < kLayerWeights; ++i) {
+      const at::Tensor& w = weights[l * kLayerWeights + i];
+      const std::string name = "weights[" + std::to_string(l * kLayerWeights + i) + "] (layer " + std::to_string(l) +
+                               " " + layer_weight_name(i) + ")";
+      check_defined(w, op, name.c_str());
+      check_same_device(w, h, op, name.c_str(), "h");
+      check_contiguous(w, op, name.c_str());
+      if (shapes[i][1] < 0) {  // a norm weight
+        TORCH_CHECK(w.dim() == 1 && w.size(0) == H, op, ": ", name, " must be [H] = [", H, "], got shape ", w.sizes());
+        TORCH_CHECK(w.scalar_type() == h.scalar_type() || w.scalar_type() == at::kFloat, op, ": ", name,
+                    " must have the dtype of h (", dtype_name(h.scalar_type()), ") or be float32, got ",
+                    dtype_name(w.scalar_type()));
+      } else {
+        TORCH_CHECK(w.dim() == 2 && w.size(0) == shapes[i][0] && w.size(1) == shapes[i][1], op, ": ", name,
+                    " must be [", shapes[i][0], ", ", shapes[i][1], "], got shape ", w.sizes());
+        check_same_dtype(w, h, op, name.c_str(), "h");
+      }
+    }
+    for (int kv = 0; kv < 2; ++kv) {
+      const at::Tensor& c = kv == 0 ? k_caches[l] : v_caches[l];
+      const std::string name = std::string(kv == 0 ? "k_caches[" : "v_caches[") + std::to_string(l) + "]";
+      check_rank(c, 4, op, name.c_str(), "[B, nKV, S, D]");
+      TORCH_CHECK(c.size(0) == B && c.size(1) == num_kv_heads && c.size(2) == d.S && c.size(3) == d.D, op, ": ", name,
+                  " must be [B, nKV, S, D] = [", B, ", ", num_kv_heads, ", ", d.S, ", ", d.D, "], got shape ",
+                  c.sizes());
+      check_same_dtype(c, h, op, name.c_str(), "h");
+      check_same_device(c, h, op, name.c_str(), "h");
+      check_contiguous(c, op, name.c_str());
+    }
+    TORCH_CHECK(k_caches[l].data_ptr() != v_caches[l].data_ptr() || k_caches[l].numel() == 0, op, ": k_caches[", l,
+                "] and v_caches[", l, "] must be different tensors");
+  }
+  return d;
 }
 
 }  // namespace layerskip

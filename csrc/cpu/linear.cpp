@@ -76,6 +76,50 @@ void gemm_block(const XPanel& x, const at::Tensor& weight, int64_t j0, int64_t n
   }
 }
 
+void gemm_jobs(const XPanel& x, const GemmJob* jobs, int n_jobs) {
+  if (x.M == 0 || n_jobs == 0) return;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  struct Block {
+    int job;
+    int64_t j0, nw;
+  };
+  std::vector<Block> blocks;
+  int64_t work = 0;
+  if (x.M <= kGemmStreamRows) {
+    // Streaming: each thread takes one slice of every job, so all threads finish together.
+    for (int64_t p = 0; p < threads; ++p) {
+      for (int j = 0; j < n_jobs; ++j) {
+        const int64_t N = jobs[j].weight->size(0);
+        const int64_t per = ((N + threads - 1) / threads + 7) / 8 * 8;
+        const int64_t j0 = p * per, j1 = std::min(N, (p + 1) * per);
+        if (j1 > j0) blocks.push_back({j, j0, j1 - j0});
+      }
+    }
+  } else {
+    for (int j = 0; j < n_jobs; ++j) {
+      const at::Tensor& w = *jobs[j].weight;
+      const int64_t N = w.size(0);
+      const int64_t nb = gemm_block_cols(N, w.size(1), w.element_size(), x.M, threads);
+      for (int64_t j0 = 0; j0 < N; j0 += nb) blocks.push_back({j, j0, std::min(nb, N - j0)});
+    }
+  }
+  for (int j = 0; j < n_jobs; ++j) work += jobs[j].weight->numel() * (jobs[j].weight->element_size() + 4 * x.M);
+  const int64_t n = static_cast<int64_t>(blocks.size());
+  // In streaming order each thread's share is one contiguous run of blocks; tiny problems stay on this thread.
+  const int64_t grain = work < (int64_t(1) << 16) ? n : std::max<int64_t>(1, n / threads);
+  at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Block& blk = blocks[b];
+      gemm::Out o = jobs[blk.job].out;
+      if (o.f32 != nullptr)
+        o.f32 += blk.j0;
+      else
+        o.bf16 += blk.j0;
+      gemm_block(x, *jobs[blk.job].weight, blk.j0, blk.nw, nullptr, o);
+    }
+  });
+}
+
 namespace {
 
 // ---- linear -------------------------------------------------------------------------------------------------------
@@ -93,27 +137,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
     panel.build_f32(x.const_data_ptr<float>(), d.M, d.K);
   else
     panel.build_bf16(x.const_data_ptr<c10::BFloat16>(), d.M, d.K);
-  const int64_t elt = weight.element_size();
-  const int64_t nb = gemm_block_cols(d.N, d.K, elt, d.M, at::get_num_threads());
-  const int64_t nblocks = (d.N + nb - 1) / nb;
-  // Tiny problems run on the calling thread (a fork/join costs more than they do).
-  const int64_t work = d.N * d.K * (elt + 4 * d.M);
-  const int64_t grain = work < (int64_t(1) << 16) ? nblocks : 1;
-  const bool f32 = x.scalar_type() == at::kFloat;
-  float* of = f32 ? out.mutable_data_ptr<float>() : nullptr;
-  uint16_t* ob = f32 ? nullptr : reinterpret_cast<uint16_t*>(out.mutable_data_ptr<c10::BFloat16>());
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t j0 = b * nb, nw = std::min(nb, d.N - j0);
-      gemm::Out o;
-      o.ld = d.N;
-      if (f32)
-        o.f32 = of + j0;
-      else
-        o.bf16 = ob + j0;
-      gemm_block(panel, weight, j0, nw, nullptr, o);
-    }
-  });
+  GemmJob job{&weight, {}};
+  job.out.ld = d.N;
+  if (x.scalar_type() == at::kFloat)
+    job.out.f32 = out.mutable_data_ptr<float>();
+  else
+    job.out.bf16 = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<c10::BFloat16>());
+  gemm_jobs(panel, &job, 1);
   return out;
 }
 

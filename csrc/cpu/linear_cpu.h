@@ -32,4 +32,11 @@ struct XPanel {
 void gemm_block(const XPanel& x, const at::Tensor& weight, int64_t j0, int64_t nw, const int64_t* idx,
                 gemm::Out out);
 
+// Several gemms over the same x (e.g. q/k/v, gate/up) in one parallel region: out_j = x W_j^T.
+struct GemmJob {
+  const at::Tensor* weight;  // [N, K] float32 / bfloat16
+  gemm::Out out;
+};
+void gemm_jobs(const XPanel& x, const GemmJob* jobs, int n_jobs);
+
 }  // namespace layerskip::cpu

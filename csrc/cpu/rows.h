@@ -3,10 +3,16 @@
 // common/cpu_math.h. Internal linkage: each translation unit compiles its own (identical) copy.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 #include "common/cpu_math.h"
+#include "common/limits.h"
 
 namespace layerskip::cpu {
 namespace {
@@ -58,6 +64,177 @@ LS_CPU_CLONES void rope_rows(const T* x, const int64_t* positions, const float* 
       }
     }
   }
+}
+
+
+// ---- attention over the cache, grouped --------------------------------------------------------------------------
+// Rows r = 0..R-1 that read the same key/value head (a GQA group x T query tokens). Row r attends to keys
+// [0, n_keys[r]) with exactly the arithmetic of one row alone:
+//   scores_s = dot_fma(q, k_s) * scale         (kLanes fused multiply-add accumulators + cpu_math.h's fixed tree)
+//   m = max_s scores_s (ascending s); e_s = exp(scores_s - m); l = sum_s e_s (kLanes accumulators + fixed tree)
+//   out = (sum_s e_s v_s, ascending s, one fused multiply-add per element) * (1 / l), rounded once
+// Only the loop order across rows changes: keys and values are visited in blocks of kAttnKeyBlock, and every row
+// of the group uses a block while it is in L1, so each key/value vector comes from memory once per group, not
+// once per row. A row's result therefore never depends on R, on the other rows or on its place in the group.
+constexpr int64_t kAttnKeyBlock = 64;
+
+// sum_i a[i] * b[i]: lane j accumulates i = j, j + kLanes, ... with fused multiply-adds (std::fma: one rounding,
+// the same bits in every ISA clone), then lane_sum's tree.
+template <typename TA, typename TB>
+LS_INLINE float dot_fma(const TA* a, const TB* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = std::fma(to_f32(a[i + j]), to_f32(b[i + j]), acc[j]);
+  for (int j = 0; i + j < n; ++j) acc[j] = std::fma(to_f32(a[i + j]), to_f32(b[i + j]), acc[j]);
+  return lane_sum(acc);
+}
+
+struct AttnScratch {
+  float* scores;  // R x ld   (ld >= max n_keys)
+  int64_t ld;
+  float* qf;      // R x D    queries as float
+  float* acc;     // R x D    running sum_s e_s v_s
+  float* inv_l;   // R
+};
+
+// kD > 0: head dim known at compile time (the accumulators then live in registers); kD == 0: D at run time.
+template <typename T, int kD>
+LS_CPU_CLONES void attend_group(const T* const* q_rows, T* const* out_rows, const int64_t* n_keys, int64_t R,
+                                const T* K, const T* V, int64_t D_rt, float scale, AttnScratch sc) {
+  const int64_t D = kD > 0 ? kD : D_rt;
+  int64_t max_keys = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    max_keys = n_keys[r] > max_keys ? n_keys[r] : max_keys;
+    for (int64_t i = 0; i < D; ++i) sc.qf[r * D + i] = to_f32(q_rows[r][i]);
+  }
+  // scores, block by block of keys
+  for (int64_t s0 = 0; s0 < max_keys; s0 += kAttnKeyBlock) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t e = s0 + kAttnKeyBlock < n_keys[r] ? s0 + kAttnKeyBlock : n_keys[r];
+      const float* qf = sc.qf + r * D;
+      float* srow = sc.scores + r * sc.ld;
+      for (int64_t s = s0; s < e; ++s) srow[s] = dot_fma(qf, K + s * D, D) * scale;
+    }
+  }
+  // softmax statistics, row by row
+  for (int64_t r = 0; r < R; ++r) {
+    float* srow = sc.scores + r * sc.ld;
+    const int64_t n = n_keys[r];
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < n; ++s) m = srow[s] > m ? srow[s] : m;
+    // Key p is always visible, so m is finite for finite inputs; a NaN score propagates as in the reference.
+    float lsum[kLanes] = {};
+    int64_t s = 0;
+    for (; s + kLanes <= n; s += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float e = exp_f32(srow[s + j] - m);
+        srow[s + j] = e;
+        lsum[j] += e;
+      }
+    for (int j = 0; s + j < n; ++j) {
+      const float e = exp_f32(srow[s + j] - m);
+      srow[s + j] = e;
+      lsum[j] += e;
+    }
+    sc.inv_l[r] = 1.0f / lane_sum(lsum);
+    for (int64_t i = 0; i < D; ++i) sc.acc[r * D + i] = 0.0f;
+  }
+  // weighted values, block by block of keys
+  for (int64_t s0 = 0; s0 < max_keys; s0 += kAttnKeyBlock) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t e = s0 + kAttnKeyBlock < n_keys[r] ? s0 + kAttnKeyBlock : n_keys[r];
+      if (e <= s0) continue;
+      const float* srow = sc.scores + r * sc.ld;
+      float acc[kD > 0 ? kD : LAYERSKIP_MAX_HEAD_DIM];
+      for (int64_t i = 0; i < D; ++i) acc[i] = sc.acc[r * D + i];
+      for (int64_t k = s0; k < e; ++k) {
+        const float p = srow[k];
+        const T* vr = V + k * D;
+        for (int64_t i = 0; i < D; ++i) acc[i] = std::fma(p, to_f32(vr[i]), acc[i]);
+      }
+      for (int64_t i = 0; i < D; ++i) sc.acc[r * D + i] = acc[i];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const float inv_l = sc.inv_l[r];
+    for (int64_t i = 0; i < D; ++i) out_rows[r][i] = from_f32<T>(sc.acc[r * D + i] * inv_l);
+  }
+}
+
+template <typename T>
+using AttendGroupFn = void (*)(const T* const*, T* const*, const int64_t*, int64_t, const T*, const T*, int64_t, float,
+                               AttnScratch);
+
+template <typename T>
+AttendGroupFn<T> pick_attend_group(int64_t D) {
+  switch (D) {
+    case 64: return &attend_group<T, 64>;
+    case 128: return &attend_group<T, 128>;
+    default: return &attend_group<T, 0>;
+  }
+}
+
+// Per-thread scratch of attend_group, grown on demand (never shrunk), so calls do not allocate.
+struct AttnBuffers {
+  std::vector<float> scores, qf, acc, inv_l;
+  std::vector<const void*> q_rows;
+  std::vector<void*> out_rows;
+  std::vector<int64_t> n_keys;
+  AttnScratch get(int64_t R, int64_t max_keys, int64_t D) {
+    const int64_t ld = (max_keys + kLanes - 1) / kLanes * kLanes + kLanes;
+    if (static_cast<int64_t>(scores.size()) < R * ld) scores.resize(static_cast<size_t>(R * ld));
+    if (static_cast<int64_t>(qf.size()) < R * D) qf.resize(static_cast<size_t>(R * D));
+    if (static_cast<int64_t>(acc.size()) < R * D) acc.resize(static_cast<size_t>(R * D));
+    if (static_cast<int64_t>(inv_l.size()) < R) inv_l.resize(static_cast<size_t>(R));
+    if (static_cast<int64_t>(q_rows.size()) < R) {
+      q_rows.resize(static_cast<size_t>(R));
+      out_rows.resize(static_cast<size_t>(R));
+      n_keys.resize(static_cast<size_t>(R));
+    }
+    return {scores.data(), ld, qf.data(), acc.data(), inv_l.data()};
+  }
+};
+
+inline AttnBuffers& attn_buffers() {
+  thread_local AttnBuffers b;
+  return b;
+}
+
+// The whole cache_attention: q, out [B, T, nH, D]; caches [B, nKV, S, D]; start [B] (validated by the caller).
+// The rows of one (b, key/value head) -- GQA group x T tokens -- are computed together so each key/value vector is
+// read once for all of them; with several threads a group may be cut into chunks of rows (a row's result does not
+// depend on which chunk, thread or call computes it).
+template <typename T>
+void cache_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* sp, T* op, int64_t B, int64_t Tn,
+                          int64_t nH, int64_t nKV, int64_t S, int64_t D, float scale) {
+  if (B == 0 || Tn == 0 || nH == 0) return;
+  const int64_t group = nH / nKV;
+  const int64_t R = Tn * group;  // rows per (b, kv head), ordered (t, head in group)
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = B * nKV;
+  const int64_t chunks = std::min<int64_t>(R, std::max<int64_t>(1, (2 * threads + groups - 1) / groups));
+  const int64_t items = groups * chunks;
+  const AttendGroupFn<T> fn = pick_attend_group<T>(D);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    AttnBuffers& buf = attn_buffers();
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t chunk = it % chunks, bh = it / chunks;
+      const int64_t kvh = bh % nKV, b = bh / nKV;
+      const int64_t r0 = R * chunk / chunks, r1 = R * (chunk + 1) / chunks;
+      const AttnScratch sc = buf.get(r1 - r0, sp[b] + Tn, D);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r / group, h = kvh * group + r % group;
+        const int64_t row = ((b * Tn + t) * nH + h) * D;
+        buf.q_rows[r - r0] = qp + row;
+        buf.out_rows[r - r0] = op + row;
+        buf.n_keys[r - r0] = sp[b] + t + 1;
+      }
+      const int64_t cache_off = (b * nKV + kvh) * S * D;
+      fn(reinterpret_cast<const T* const*>(buf.q_rows.data()), reinterpret_cast<T* const*>(buf.out_rows.data()),
+         buf.n_keys.data(), r1 - r0, kp + cache_off, vp + cache_off, D, scale, sc);
+    }
+  });
 }
 
 }  // namespace

@@ -3,7 +3,10 @@
 // validates them; the kernels only guard their memory accesses (see launchers.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/silu.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -162,6 +165,69 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling_cuda(const at::Tensor& drafts
   return {accepted, next};
 }
 
+// The CPU twin's layer sequence (csrc/cpu/fused.cpp) as the CUDA kernels of the single ops, in order; residual
+// adds, silu and * through ATen as model/llama.py does them, so the result is bitwise the ops one by one.
+at::Tensor layer_range_forward_cuda(const at::Tensor& h, at::TensorList weights, at::TensorList k_caches,
+                                    at::TensorList v_caches, const at::Tensor& start, const at::Tensor& positions,
+                                    const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
+                                    int64_t num_kv_heads, double eps, double scale) {
+  constexpr const char* op = "layer_range_forward";
+  const auto d = validate_layer_range(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
+                                      num_kv_heads);
+  check_device_type(h, c10::DeviceType::CUDA, op, "h");
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor out = h.clone(at::MemoryFormat::Contiguous);
+  if (d.L == 0 || d.B == 0 || d.T == 0) return out;
+  const int64_t M = d.B * d.T;
+  check_grid(M * d.nH, op);
+  TORCH_CHECK((M + 7) / 8 <= 65535, op, ": too many rows for one launch (", M, ")");
+  const DType dt = to_dtype(h, op, "h");
+  const cudaStream_t stream = stream_of(h);
+  const auto opts = h.options();
+  at::Tensor xn = at::empty({d.B, d.T, d.H}, opts);
+  at::Tensor q = at::empty({d.B, d.T, d.nH, d.D}, opts), qr = at::empty_like(q), attn = at::empty_like(q);
+  at::Tensor k = at::empty({d.B, d.T, d.nKV, d.D}, opts), kr = at::empty_like(k), v = at::empty_like(k);
+  at::Tensor o = at::empty({d.B, d.T, d.H}, opts), down = at::empty_like(o);
+  at::Tensor gate = at::empty({d.B, d.T, d.I}, opts), up = at::empty_like(gate), act = at::empty_like(gate);
+  const int64_t* sp = start.const_data_ptr<int64_t>();
+  const int64_t* pp = positions.const_data_ptr<int64_t>();
+  const float* cp = cos.const_data_ptr<float>();
+  const float* snp = sin.const_data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  for (int64_t l = 0; l < d.L; ++l) {
+    const at::Tensor* W = weights.data() + l * kLayerWeights;
+    const at::Tensor& kc = k_caches[l];
+    const at::Tensor& vc = v_caches[l];
+    launch_rms_norm(dt, W[0].scalar_type() != h.scalar_type(), out.const_data_ptr(), W[0].const_data_ptr(),
+                    xn.mutable_data_ptr(), M, d.H, feps, stream);
+    launch_linear(dt, xn.const_data_ptr(), W[1].const_data_ptr(), q.mutable_data_ptr(), M, d.H, d.nH * d.D, stream);
+    launch_linear(dt, xn.const_data_ptr(), W[2].const_data_ptr(), k.mutable_data_ptr(), M, d.H, d.nKV * d.D, stream);
+    launch_linear(dt, xn.const_data_ptr(), W[3].const_data_ptr(), v.mutable_data_ptr(), M, d.H, d.nKV * d.D, stream);
+    launch_rope(dt, q.const_data_ptr(), pp, cp, snp, qr.mutable_data_ptr(), d.B, d.T, d.pos_stride_b, d.nH, d.D, d.P,
+                stream);
+    launch_rope(dt, k.const_data_ptr(), pp, cp, snp, kr.mutable_data_ptr(), d.B, d.T, d.pos_stride_b, d.nKV, d.D, d.P,
+                stream);
+    launch_kv_cache_write(dt, kc.mutable_data_ptr(), vc.mutable_data_ptr(), kr.const_data_ptr(), v.const_data_ptr(),
+                          sp, d.B, d.T, d.nKV, d.S, d.D, stream);
+    launch_cache_attention(dt, qr.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(), sp,
+                           attn.mutable_data_ptr(), d.B, d.T, d.nH, d.nKV, d.S, d.D, static_cast<float>(scale), stream);
+    launch_linear(dt, attn.const_data_ptr(), W[4].const_data_ptr(), o.mutable_data_ptr(), M, d.nH * d.D, d.H, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::add_out(out, out, o);
+    launch_rms_norm(dt, W[5].scalar_type() != h.scalar_type(), out.const_data_ptr(), W[5].const_data_ptr(),
+                    xn.mutable_data_ptr(), M, d.H, feps, stream);
+    launch_linear(dt, xn.const_data_ptr(), W[6].const_data_ptr(), gate.mutable_data_ptr(), M, d.H, d.I, stream);
+    launch_linear(dt, xn.const_data_ptr(), W[7].const_data_ptr(), up.mutable_data_ptr(), M, d.H, d.I, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::silu_out(act, gate);
+    at::mul_out(act, act, up);
+    launch_linear(dt, act.const_data_ptr(), W[8].const_data_ptr(), down.mutable_data_ptr(), M, d.I, d.H, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::add_out(out, out, down);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
@@ -173,6 +239,7 @@ TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
   m.impl("exit_head_argmax", &exit_head_argmax_cuda);
   m.impl("verify_greedy", &verify_greedy_cuda);
   m.impl("verify_sampling", &verify_sampling_cuda);
+  m.impl("layer_range_forward", &layer_range_forward_cuda);
 }
 
 }  // namespace layerskip::cuda

@@ -20,6 +20,9 @@ Shapes (B batch, T new tokens, S cache capacity, H hidden, nH query heads, nKV k
   verify_greedy(drafts[B, d] int64, target[B, d+1] int64, positions[B] int64!) -> (accepted[B], next_token[B])
   verify_sampling(drafts[B, d], q[B, d, V] f32, p[B, d+1, V] f32, uniforms[B, d+1] f32, positions[B]!)
       -> (accepted[B], next_token[B]); both add accepted + 1 to positions in place.
+  layer_range_forward(h[B, T, H], weights (9 per layer), k_caches!, v_caches! (one [B, nKV, S, D] per layer),
+                      start[B], positions[B, T], cos, sin, num_heads, num_kv_heads, eps, scale) -> h after the range
+      decoder layers in one call; bitwise the native ops one by one (layer_range_forward_composed).
 All math is done in float32 and rounded once to the input dtype at the end, so a row's result does not depend
 on how many other rows were computed with it (batch invariance, needed for lossless self-speculation).
 """
@@ -168,6 +171,43 @@ def verify_sampling_reference(drafts: torch.Tensor, q: torch.Tensor, p: torch.Te
     return accepted.to(drafts.device), next_token.to(drafts.device)
 
 
+LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm", "gate_proj",
+                 "up_proj", "down_proj")
+
+
+def layer_range_forward_composed(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads: int,
+                                 num_kv_heads: int, eps: float, scale: float, *, rms_norm_fn, linear_fn, rope_fn,
+                                 kv_cache_write_fn, cache_attention_fn) -> torch.Tensor:
+    """The decoder layers of model/llama.py, op by op, with the given ops (reference or native ones)."""
+    B, T, H = h.shape
+    for layer in range(len(weights) // len(LAYER_WEIGHTS)):
+        in_norm, wq, wk, wv, wo, post_norm, wg, wu, wd = weights[layer * 9:(layer + 1) * 9]
+        D = wq.shape[0] // num_heads
+        x = rms_norm_fn(h, in_norm, eps)
+        q = linear_fn(x, wq).view(B, T, num_heads, D)
+        k = linear_fn(x, wk).view(B, T, num_kv_heads, D)
+        v = linear_fn(x, wv).view(B, T, num_kv_heads, D)
+        q = rope_fn(q, positions, cos, sin)
+        k = rope_fn(k, positions, cos, sin)
+        kv_cache_write_fn(k_caches[layer], v_caches[layer], k, v, start)
+        a = cache_attention_fn(q, k_caches[layer], v_caches[layer], start, scale)
+        h = h + linear_fn(a.reshape(B, T, num_heads * D), wo)
+        x = rms_norm_fn(h, post_norm, eps)
+        gate = torch.nn.functional.silu(linear_fn(x, wg))
+        h = h + linear_fn(gate * linear_fn(x, wu), wd)
+    return h
+
+
+def layer_range_forward_reference(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads: int,
+                                  num_kv_heads: int, eps: float, scale: float) -> torch.Tensor:
+    """Plain-PyTorch decoder layers (writes the caches in place, like the native op)."""
+    return layer_range_forward_composed(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
+                                        num_kv_heads, eps, scale, rms_norm_fn=rms_norm_reference,
+                                        linear_fn=linear_reference, rope_fn=rope_reference,
+                                        kv_cache_write_fn=kv_cache_write_reference,
+                                        cache_attention_fn=cache_attention_reference)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Native ops: torch.ops.layerskip.* (csrc/ops.cpp has the schemas; csrc/cpu, csrc/cuda the kernels)
 #
@@ -203,6 +243,7 @@ if _native.native_available():
     _exit_head_argmax_op = torch.ops.layerskip.exit_head_argmax.default
     _verify_greedy_op = torch.ops.layerskip.verify_greedy.default
     _verify_sampling_op = torch.ops.layerskip.verify_sampling.default
+    _layer_range_forward_op = torch.ops.layerskip.layer_range_forward.default
 else:
     _rms_norm_op = _missing("rms_norm")
     _rope_op = _missing("rope")
@@ -212,6 +253,7 @@ else:
     _exit_head_argmax_op = _missing("exit_head_argmax")
     _verify_greedy_op = _missing("verify_greedy")
     _verify_sampling_op = _missing("verify_sampling")
+    _layer_range_forward_op = _missing("layer_range_forward")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -259,6 +301,25 @@ def verify_sampling(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, unif
     """Native :func:`verify_sampling_reference`, bitwise the same decisions (positions updated in place). On CUDA
     the draft ids are not range-checked on the host; an out-of-range draft is rejected."""
     return _verify_sampling_op(drafts, q, p, uniforms, positions)
+
+
+def layer_range_forward(h: torch.Tensor, weights: list[torch.Tensor], k_caches: list[torch.Tensor],
+                        v_caches: list[torch.Tensor], start: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
+                        scale: float) -> torch.Tensor:
+    """Native decoder layers in one call (see :func:`layer_range_forward_composed` for what each layer does):
+    bitwise the native ops one by one. Writes the caches in place; returns the hidden state after the last layer."""
+    return _layer_range_forward_op(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
+                                   num_kv_heads, eps, scale)
+
+
+def layer_range_forward_native_composed(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
+                                        num_kv_heads, eps, scale) -> torch.Tensor:
+    """The same layers op by op with the native kernels (what layer_range_forward must equal bitwise)."""
+    return layer_range_forward_composed(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
+                                        num_kv_heads, eps, scale, rms_norm_fn=rms_norm, linear_fn=linear,
+                                        rope_fn=rope, kv_cache_write_fn=kv_cache_write,
+                                        cache_attention_fn=cache_attention)
 
 
 # Fake (meta) kernels: output metadata only, for torch.compile / FakeTensor tracing. Outputs are contiguous.
@@ -312,3 +373,10 @@ if _native.native_available():
     def _verify_sampling_fake(drafts, q, p, uniforms, positions):
         torch._check(drafts.dim() == 2, lambda: f"verify_sampling: drafts must be 2-D [B, d], got {drafts.dim()}-D")
         return drafts.new_empty(drafts.shape[:1]), drafts.new_empty(drafts.shape[:1])
+
+    @torch.library.register_fake("layerskip::layer_range_forward")
+    def _layer_range_forward_fake(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
+                                  num_kv_heads, eps, scale):
+        torch._check(h.dim() == 3, lambda: f"layer_range_forward: h must be 3-D [B, T, H], got {h.dim()}-D")
+        torch._check(len(weights) % 9 == 0, lambda: "layer_range_forward: weights must hold 9 tensors per layer")
+        return h.new_empty(h.shape)

@@ -1,0 +1,110 @@
+"""Fused layer-range forward: the decoder layers of a :class:`LlamaForCausalLM` in one native call.
+
+    fused = FusedLayers(model)                       # packs references to the layer weights once (no copies)
+    h = fused.forward(h, start_layer, end_layer, st) # same contract as model.forward_layers(h, start, end, st)
+
+One call of ``ops.layer_range_forward`` replaces the ~15 Python-level ops per layer of ``model.forward_layers``
+(on a small model the per-op overhead is a large part of a decode step) and is bitwise equal to it with the
+native op set. Where the fused path does not apply it falls back to ``model.forward_layers`` itself:
+  * the model does not use the native op set (``model.ops.name != "native"``), or the extension is not built;
+  * no KV cache (the training / scoring path), or tensors on another device than the weights;
+  * a layer is wrapped or replaced (layer dropout, LoRA adapters: anything but the plain modules), or a weight is
+    not contiguous, or the layers' norm eps differ.
+The weights are referenced, not copied: in-place updates are seen. If modules or parameters are *replaced*, call
+:meth:`refresh` (or build a new FusedLayers).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from .llama import Attention, DecoderLayer, ForwardState, LlamaForCausalLM, MLP, RMSNorm
+
+
+class FusedLayers:
+    def __init__(self, model: LlamaForCausalLM):
+        self.model = model
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)collect the layer weights, e.g. after modules or parameters were replaced."""
+        cfg = self.model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.eps = float(cfg.rms_norm_eps)
+        self._weights: list[Optional[list[torch.Tensor]]] = [self._layer_weights(layer)
+                                                             for layer in self.model.model.layers]
+        self._scale = [layer.self_attn.scale if self._weights[i] is not None else None
+                       for i, layer in enumerate(self.model.model.layers)]
+        self._ranges: dict[tuple[int, int], Optional[list[torch.Tensor]]] = {}
+        self._caches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def _layer_weights(self, layer: nn.Module) -> Optional[list[torch.Tensor]]:
+        """The 9 weights of a plain decoder layer, or None when the layer is wrapped / unsupported."""
+        if type(layer) is not DecoderLayer:
+            return None
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn) is not Attention or type(mlp) is not MLP:
+            return None
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(type(n) is not RMSNorm or float(n.eps) != self.eps for n in norms):
+            return None
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return None
+        ws = [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+              attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
+              mlp.down_proj.weight]
+        if any(not w.is_contiguous() for w in ws):
+            return None
+        return [w.detach() for w in ws]
+
+    def _range(self, start_layer: int, end_layer: int) -> Optional[list[torch.Tensor]]:
+        key = (start_layer, end_layer)
+        if key not in self._ranges:
+            per = self._weights[start_layer:end_layer]
+            scales = set(self._scale[start_layer:end_layer])
+            ok = all(w is not None for w in per) and len(scales) <= 1
+            self._ranges[key] = [w for ws in per for w in ws] if ok else None
+        return self._ranges[key]
+
+    def _cache_lists(self, st: ForwardState, start_layer: int, end_layer: int):
+        rows = st.rows
+        key = (id(st.cache), None if rows is None else (rows.start, rows.stop, rows.step), start_layer, end_layer)
+        lists = self._caches.get(key)
+        if lists is None:
+            if len(self._caches) > 64:  # caches come and go with generate() calls
+                self._caches.clear()
+            ks, vs = [], []
+            for i in range(start_layer, end_layer):
+                k, v = st.cache.layer(i, rows)
+                ks.append(k)
+                vs.append(v)
+            lists = (ks, vs, st.cache)  # keep the cache alive while its id is a key
+            self._caches[key] = lists
+        return lists[0], lists[1]
+
+    def applies(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> bool:
+        """Whether forward() runs the fused native op (otherwise it falls back to model.forward_layers)."""
+        if end_layer <= start_layer or st.cache is None or getattr(st.ops, "name", None) != "native":
+            return False
+        if not ops.native_available() or h.dim() != 3 or not h.is_contiguous():
+            return False
+        w = self._range(start_layer, end_layer)
+        return w is not None and h.dtype == w[1].dtype and h.device == w[1].device
+
+    def forward(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> torch.Tensor:
+        """Decoder layers [start_layer, end_layer) on h [B, T, H]: model.forward_layers' contract and result."""
+        if not 0 <= start_layer <= end_layer <= len(self._weights):
+            return self.model.forward_layers(h, start_layer, end_layer, st)  # raises its own error
+        if not self.applies(h, start_layer, end_layer, st):
+            return self.model.forward_layers(h, start_layer, end_layer, st)
+        weights = self._range(start_layer, end_layer)
+        ks, vs = self._cache_lists(st, start_layer, end_layer)
+        return ops.layer_range_forward(h, weights, ks, vs, st.start, st.positions, st.cos, st.sin, self.num_heads,
+                                       self.num_kv_heads, self.eps, self._scale[start_layer])
+
+    __call__ = forward

@@ -1,0 +1,54 @@
+"""cache_attention with T > 1 (verification, prefill): the rows of a GQA group are computed together, and every
+row stays bitwise equal to computing it alone (T = 1) -- across key blocks, chunkings, thread counts and head dims."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerskip_ext import ops
+from test_ops import TOL, assert_bitwise, make_cache, randn, restore_threads, seeded  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(not ops.native_available(),
+                                reason="native extension not built (tests/test_build.py reports it)")
+
+SHAPES = [  # B, T, nH, nKV, S, D
+    (1, 7, 9, 3, 300, 64),    # SmolLM2 verification, keys over several 64-key blocks
+    (2, 16, 4, 1, 200, 128),  # group of 4 x 16 tokens
+    (1, 1, 9, 3, 2048, 64),   # decode at a long context
+    (2, 5, 6, 2, 131, 72),    # head dim known only at run time
+    (3, 3, 2, 2, 70, 32),     # no GQA sharing
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_grouped_rows_equal_rows_alone(shape, dtype, restore_threads):
+    B, T, nH, nKV, S, D = shape
+    g = seeded("attn-group", shape, dtype)
+    start = torch.randint(0, S - T + 1, (B,), generator=g)
+    start[0] = S - T  # one sequence at the very end of the cache
+    q = randn((B, T, nH, D), dtype, g)
+    (kc_clean, vc_clean), (kc, vc) = make_cache(B, nKV, S, D, dtype, start, T, g)  # NaN beyond start + T
+    scale = 1.0 / math.sqrt(D)
+    results = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        full = ops.cache_attention(q, kc, vc, start, scale)
+        assert not full.isnan().any()
+        results[n] = full
+        for b in range(B):
+            kb, vb = kc[b:b + 1].contiguous(), vc[b:b + 1].contiguous()
+            for t in range(T):
+                one = ops.cache_attention(q[b:b + 1, t:t + 1].contiguous(), kb, vb, start[b:b + 1] + t, scale)
+                assert_bitwise(one[0, 0], full[b, t], f"b={b} t={t} alone, {n} threads")
+            for h in range(0, nH, max(1, nH // nKV)):  # a single head's rows (GQA group of one)
+                hq = q[b:b + 1, :, h:h + 1].contiguous()
+                kv = h // (nH // nKV)
+                one = ops.cache_attention(hq, kb[:, kv:kv + 1].contiguous(), vb[:, kv:kv + 1].contiguous(),
+                                          start[b:b + 1], scale)
+                assert_bitwise(one[0, :, 0], full[b, :, h], f"b={b} head {h} alone")
+    assert_bitwise(results[1], results[2], "1 vs 2 threads")
+    torch.testing.assert_close(results[1], ops.cache_attention_reference(q, kc_clean, vc_clean, start, scale),
+                               **TOL[dtype])
