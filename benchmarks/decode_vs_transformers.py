@@ -51,18 +51,13 @@ def time_transformers(hf, prompt_ids, new_tokens, repeats):
 
 
 def build_transformers(model):
+    """A transformers LlamaForCausalLM holding copies of our tensors (same values, same dtype)."""
     import transformers
 
-    cfg = transformers.LlamaConfig(**model.config.to_hf_dict())
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(cfg)
-    hf.load_state_dict(model.state_dict(), strict=False, assign=True)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config.to_hf_dict()))
+    hf.load_state_dict(model.state_dict(), strict=False)
     if model.config.tie_word_embeddings:
         hf.tie_weights()
-    hf.model.rotary_emb.to("cpu")
-    for name, buf in list(hf.named_buffers()):
-        if buf.is_meta:  # rotary inv_freq: recompute on CPU
-            raise RuntimeError(f"buffer {name} was not materialised")
     return hf.to(model.dtype).eval()
 
 
