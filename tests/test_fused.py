@@ -153,7 +153,7 @@ def test_fused_layers_equal_forward_layers(dtype):
         st_b = model.forward_state(start, T, cache_b, rows)
         assert fused.applies(h, start_layer, end_layer, st_a)
         got = fused.forward(h, start_layer, end_layer, st_a)
-        want = model.forward_layers(h, start_layer, end_layer, st_b)
+        want = model.forward_layers_per_op(h, start_layer, end_layer, st_b)
         assert_bitwise(got, want, f"layers [{start_layer}, {end_layer}) T={T} rows={rows}")
         for t_a, t_b in zip(cache_a.k + cache_a.v, cache_b.k + cache_b.v):
             assert_bitwise(t_a, t_b, "caches")
@@ -165,7 +165,7 @@ def test_fused_layers_full_model_greedy_decode_matches():
     fused = FusedLayers(model)
     tokens = torch.randint(0, 300, (2, 9), generator=seeded("fused-decode"))
     outs = []
-    for runner in (fused.forward, model.forward_layers):
+    for runner in (fused.forward, model.forward_layers_per_op):
         cache = model.new_cache(2, 40)
         st = model.forward_state(torch.zeros(2, dtype=torch.int64), 9, cache)
         h = runner(model.embed(tokens), 0, model.num_layers, st)
@@ -187,7 +187,7 @@ def test_fused_layers_fall_back():
     cache = model.new_cache(1, 16)
     st = model.forward_state(torch.tensor([0]), 2, cache)
     assert not fused.applies(h, 0, 3, st), "reference op set: no fused path"
-    assert_bitwise(fused.forward(h, 0, 3, st), model.forward_layers(h, 0, 3, model.forward_state(torch.tensor([0]), 2,
+    assert_bitwise(fused.forward(h, 0, 3, st), model.forward_layers_per_op(h, 0, 3, model.forward_state(torch.tensor([0]), 2,
                                                                                                model.new_cache(1, 16))),
                    "reference fallback")
     model.use_native_ops()
@@ -200,7 +200,7 @@ def test_fused_layers_fall_back():
     assert fused.applies(h, 0, 1, st) and fused.applies(h, 2, 3, st)
     assert not fused.applies(h, 0, 3, st)
     ref_st = model.forward_state(torch.tensor([0]), 2, model.new_cache(1, 16))
-    assert_bitwise(fused.forward(h, 0, 3, st), model.forward_layers(h, 0, 3, ref_st), "wrapped layer fallback")
+    assert_bitwise(fused.forward(h, 0, 3, st), model.forward_layers_per_op(h, 0, 3, ref_st), "wrapped layer fallback")
     with pytest.raises(Exception, match="layer range"):
         fused.forward(h, 2, 5, st)
 
@@ -307,3 +307,21 @@ def test_cuda_layer_range_forward_equals_ops_one_by_one(case, dtype):
     assert_bitwise(got.cpu(), want.cpu(), "output")
     for a, b in itertools.chain(zip(k, k2), zip(v, v2)):
         assert_bitwise(a.cpu(), b.cpu(), "caches")
+
+
+def test_model_notices_modules_replaced_after_enabling_native_ops():
+    """A wrapper added after use_native_ops() (an adapter, say) must be run, not bypassed by a stale fused path."""
+    model = make_tiny_model(2, torch.float32).use_native_ops()
+    h = torch.randn(1, 3, model.config.hidden_size)
+
+    def run(fn):
+        cache = model.new_cache(1, 8)
+        return fn(h, 0, 3, model.forward_state(torch.tensor([0]), 3, cache))
+
+    assert_bitwise(run(model.forward_layers), run(model.forward_layers_per_op), "plain layers")
+    up = model.model.layers[1].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = nn.Sequential(up, nn.Dropout(0.0))
+    wrapped = run(model.forward_layers)
+    assert_bitwise(wrapped, run(model.forward_layers_per_op), "after wrapping")
+    model.model.layers[1].mlp.up_proj = up
+    assert_bitwise(run(model.forward_layers), run(model.forward_layers_per_op), "after unwrapping")

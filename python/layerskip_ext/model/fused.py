@@ -10,8 +10,8 @@ native op set. Where the fused path does not apply it falls back to ``model.forw
   * no KV cache (the training / scoring path), or tensors on another device than the weights;
   * a layer is wrapped or replaced (layer dropout, LoRA adapters: anything but the plain modules), or a weight is
     not contiguous, or the layers' norm eps differ.
-The weights are referenced, not copied: in-place updates are seen. If modules or parameters are *replaced*, call
-:meth:`refresh` (or build a new FusedLayers).
+The weights are referenced, not copied: in-place updates are seen, and replaced modules or parameters are noticed
+(by identity, on every call) and re-collected.
 """
 from __future__ import annotations
 
@@ -37,10 +37,29 @@ class FusedLayers:
         self.eps = float(cfg.rms_norm_eps)
         self._weights: list[Optional[list[torch.Tensor]]] = [self._layer_weights(layer)
                                                              for layer in self.model.model.layers]
+        # What the weights were collected from: checked by identity on every call, so a module or parameter
+        # replaced later (an adapter, a wrapper) is noticed instead of silently bypassed.
+        self._sources = [self._layer_sources(layer) for layer in self.model.model.layers]
         self._scale = [layer.self_attn.scale if self._weights[i] is not None else None
                        for i, layer in enumerate(self.model.model.layers)]
         self._ranges: dict[tuple[int, int], Optional[list[torch.Tensor]]] = {}
         self._caches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    @staticmethod
+    def _layer_sources(layer: nn.Module) -> list:
+        """The layer, its submodules and their parameters (the objects, not their values)."""
+        return [layer] + list(layer.modules())[1:] + list(layer.parameters())
+
+    def _unchanged(self, start_layer: int, end_layer: int) -> bool:
+        layers = self.model.model.layers
+        if len(layers) != len(self._sources):
+            return False
+        for i in range(start_layer, end_layer):
+            seen = self._sources[i]
+            now = self._layer_sources(layers[i])
+            if len(now) != len(seen) or any(a is not b for a, b in zip(now, seen)):
+                return False
+        return True
 
     def _layer_weights(self, layer: nn.Module) -> Optional[list[torch.Tensor]]:
         """The 9 weights of a plain decoder layer, or None when the layer is wrapped / unsupported."""
@@ -93,6 +112,8 @@ class FusedLayers:
             return False
         if not ops.native_available() or h.dim() != 3 or not h.is_contiguous():
             return False
+        if not self._unchanged(start_layer, end_layer):
+            self.refresh()
         w = self._range(start_layer, end_layer)
         return w is not None and h.dtype == w[1].dtype and h.device == w[1].device
 

@@ -156,6 +156,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.ops: OpSet = REFERENCE_OPS
+        self._fused = None  # FusedLayers when the native op set is on: layers [a, b) in one native call
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------------------
@@ -186,7 +187,12 @@ class LlamaForCausalLM(nn.Module):
         return model.eval()
 
     def use_native_ops(self, enabled: bool = True) -> "LlamaForCausalLM":
+        """Switch to the native kernels (and the fused layer-range forward) or back to the reference path.
+        Call again after replacing modules or parameters: the fused path holds references to the weights."""
+        from .fused import FusedLayers
+
         self.ops = native_ops() if enabled else REFERENCE_OPS
+        self._fused = FusedLayers(self) if enabled else None
         return self
 
     @property
@@ -243,6 +249,13 @@ class LlamaForCausalLM(nn.Module):
         """Run decoder layers [start_layer, end_layer) on hidden states h [B, T, H]."""
         if not 0 <= start_layer <= end_layer <= self.num_layers:
             raise GenerationError(f"layer range [{start_layer}, {end_layer}) is outside [0, {self.num_layers}]")
+        if self._fused is not None and self._fused.applies(h, start_layer, end_layer, st):
+            return self._fused.forward(h, start_layer, end_layer, st)  # bitwise forward_layers_per_op, one call
+        return self.forward_layers_per_op(h, start_layer, end_layer, st)
+
+    def forward_layers_per_op(self, h: torch.Tensor, start_layer: int, end_layer: int,
+                              st: ForwardState) -> torch.Tensor:
+        """forward_layers as a Python loop over the layers, one op-set call per piece (never fused)."""
         for layer in self.model.layers[start_layer:end_layer]:
             h = layer(h, st)
         return h
