@@ -156,8 +156,16 @@ def cmd_check_lossless(args) -> int:
         raise LayerSkipError("--num-speculations values must be >= 1")
     stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
 
-    def progress(done, total):
+    def write_json(reports):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([{"exit_layer": r.exit_layer, "num_speculations": r.num_speculations, "prompts": r.prompts,
+                            "mismatches": r.mismatches, "acceptance_rate": r.acceptance_rate,
+                            "tokens_per_full_pass": r.tokens_per_full_pass} for r in reports], f, indent=1)
+
+    def progress(done, total, reports):
         print(f"\r{done}/{total} prompts", end="", file=sys.stderr, flush=True)
+        write_json(reports)  # a long run leaves its partial report behind
 
     reports = check_lossless(model, prompts, [(E, d) for E in exits for d in depths], args.max_new_tokens,
                              stop_token_ids=stop_ids, progress=progress)
@@ -167,11 +175,7 @@ def cmd_check_lossless(args) -> int:
         first = f"prompt {r.mismatches[0][0]} at token {r.mismatches[0][1]}" if r.mismatches else "-"
         print(f"{r.exit_layer:>3} {r.num_speculations:>3} {r.prompts:>8} {len(r.mismatches):>10} "
               f"{r.acceptance_rate:>10.3f} {r.tokens_per_full_pass:>16.2f}  {first}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{"exit_layer": r.exit_layer, "num_speculations": r.num_speculations, "prompts": r.prompts,
-                        "mismatches": r.mismatches, "acceptance_rate": r.acceptance_rate,
-                        "tokens_per_full_pass": r.tokens_per_full_pass} for r in reports], f, indent=1)
+    write_json(reports)
     total = sum(len(r.mismatches) for r in reports)
     print(f"{total} mismatches over {len(prompts)} prompts x {len(reports)} (E, d) pairs")
     return 1 if total else 0

@@ -53,5 +53,5 @@ def check_lossless(model, prompts: list[list[int]], pairs: list[tuple[int, int]]
             report.rounds += r.stats["rounds"]
             report.new_tokens += len(got) - 1  # the first token comes from the prompt pass
         if progress is not None:
-            progress(i + 1, len(prompts))
+            progress(i + 1, len(prompts), reports)
     return reports
