@@ -325,3 +325,25 @@ def test_model_notices_modules_replaced_after_enabling_native_ops():
     assert_bitwise(wrapped, run(model.forward_layers_per_op), "after wrapping")
     model.model.layers[1].mlp.up_proj = up
     assert_bitwise(run(model.forward_layers), run(model.forward_layers_per_op), "after unwrapping")
+
+
+def test_move_weights_to_hugepages_keeps_model_and_results():
+    from layerskip_ext.model.fused import HUGE_PAGE, move_weights_to_hugepages
+
+    model = make_tiny_model(2, torch.float32, tie_word_embeddings=True).use_native_ops()
+    tokens = torch.randint(0, 300, (2, 11), generator=seeded("thp"))
+    before = model(tokens)
+    params = list(model.parameters())
+    moved = move_weights_to_hugepages(model)
+    assert moved >= sum(p.numel() * p.element_size() for p in params)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ptrs = sorted(p.data_ptr() for p in params)
+    assert ptrs[0] % HUGE_PAGE == 0 and ptrs[-1] - ptrs[0] < moved, "one arena"
+    assert_bitwise(model(tokens), before, "same logits after the move")
+    fused = FusedLayers(model)
+    cache_a, cache_b = model.new_cache(2, 16), model.new_cache(2, 16)
+    h = torch.randn(2, 3, model.config.hidden_size)
+    st_a = model.forward_state(torch.tensor([0, 4]), 3, cache_a)
+    st_b = model.forward_state(torch.tensor([0, 4]), 3, cache_b)
+    assert_bitwise(fused.forward(h, 0, 3, st_a), model.forward_layers(h, 0, 3, st_b), "fused after the move")

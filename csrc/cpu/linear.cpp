@@ -44,8 +44,9 @@ int64_t gemm_block_cols(int64_t N, int64_t K, int64_t elt, int64_t M, int64_t th
 
 void XPanel::build_f32(const float* x, int64_t rows, int64_t K) {
   M = rows;
-  ld = gemm::padded_k(K);
-  if (ld == K) {  // already the kernel's layout: no copy
+  ld = gemm::padded_k(K, gemm::kBlockF32);
+  b = nullptr;
+  if (ld == K) {  // already the kernel's layout
     p = x;
     return;
   }
@@ -56,11 +57,15 @@ void XPanel::build_f32(const float* x, int64_t rows, int64_t K) {
 
 void XPanel::build_bf16(const c10::BFloat16* x, int64_t rows, int64_t K) {
   M = rows;
-  ld = gemm::padded_k(K);
-  buf.assign(static_cast<size_t>(M * ld), 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) buf[m * ld + k] = to_f32(x[m * K + k]);
-  p = buf.data();
+  ld = gemm::padded_k(K, gemm::kBlockBF16);
+  p = nullptr;
+  if (ld == K) {
+    b = reinterpret_cast<const uint16_t*>(x);
+    return;
+  }
+  bbuf.assign(static_cast<size_t>(M * ld), 0);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(bbuf.data() + m * ld, x + m * K, sizeof(uint16_t) * K);
+  b = bbuf.data();
 }
 
 void gemm_block(const XPanel& x, const at::Tensor& weight, int64_t j0, int64_t nw, const int64_t* idx,
@@ -72,7 +77,7 @@ void gemm_block(const XPanel& x, const at::Tensor& weight, int64_t j0, int64_t n
     kern.f32(x.p, x.M, x.ld, idx != nullptr ? w : w + j0 * K, K, idx, nw, K, out);
   } else {
     const auto* w = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<c10::BFloat16>());
-    kern.bf16(x.p, x.M, x.ld, idx != nullptr ? w : w + j0 * K, K, idx, nw, K, out);
+    kern.bf16(x.b, x.M, x.ld, idx != nullptr ? w : w + j0 * K, K, idx, nw, K, out);
   }
 }
 
@@ -168,29 +173,26 @@ at::Tensor exit_head_argmax_cpu(const at::Tensor& h, const at::Tensor& norm_weig
 
   // Normed rows, exactly as the rms_norm op computes them (rounded to h's dtype), as the gemm panel.
   XPanel panel;
-  {
-    std::vector<c10::BFloat16> tmp;
-    const int64_t ld = gemm::padded_k(d.H);
-    panel.M = d.M;
-    panel.ld = ld;
-    panel.buf.assign(static_cast<size_t>(d.M * ld), 0.0f);
-    if (!f32) tmp.resize(static_cast<size_t>(d.H));
-    for (int64_t m = 0; m < d.M; ++m) {
-      float* dst = panel.buf.data() + m * ld;
-      if (f32) {
-        const float* xr = h.const_data_ptr<float>() + m * d.H;
-        if (norm_weight.scalar_type() == at::kFloat)
-          rms_norm_rows(xr, norm_weight.const_data_ptr<float>(), dst, 0, 1, d.H, feps);
-      } else {
-        const c10::BFloat16* xr = h.const_data_ptr<c10::BFloat16>() + m * d.H;
-        if (norm_weight.scalar_type() == at::kFloat)
-          rms_norm_rows(xr, norm_weight.const_data_ptr<float>(), tmp.data(), 0, 1, d.H, feps);
-        else
-          rms_norm_rows(xr, norm_weight.const_data_ptr<c10::BFloat16>(), tmp.data(), 0, 1, d.H, feps);
-        for (int64_t k = 0; k < d.H; ++k) dst[k] = to_f32(tmp[k]);
-      }
-    }
+  panel.M = d.M;
+  if (f32) {
+    panel.ld = gemm::padded_k(d.H, gemm::kBlockF32);
+    panel.buf.assign(static_cast<size_t>(d.M * panel.ld), 0.0f);
+    for (int64_t m = 0; m < d.M; ++m)
+      rms_norm_rows(h.const_data_ptr<float>() + m * d.H, norm_weight.const_data_ptr<float>(),
+                    panel.buf.data() + m * panel.ld, 0, 1, d.H, feps);
     panel.p = panel.buf.data();
+  } else {
+    panel.ld = gemm::padded_k(d.H, gemm::kBlockBF16);
+    panel.bbuf.assign(static_cast<size_t>(d.M * panel.ld), 0);
+    for (int64_t m = 0; m < d.M; ++m) {
+      const c10::BFloat16* xr = h.const_data_ptr<c10::BFloat16>() + m * d.H;
+      auto* dst = reinterpret_cast<c10::BFloat16*>(panel.bbuf.data() + m * panel.ld);
+      if (norm_weight.scalar_type() == at::kFloat)
+        rms_norm_rows(xr, norm_weight.const_data_ptr<float>(), dst, 0, 1, d.H, feps);
+      else
+        rms_norm_rows(xr, norm_weight.const_data_ptr<c10::BFloat16>(), dst, 0, 1, d.H, feps);
+    }
+    panel.b = panel.bbuf.data();
   }
 
   const int64_t* subset = d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr;

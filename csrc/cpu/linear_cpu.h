@@ -18,12 +18,15 @@ constexpr int64_t kGemmStreamRows = 16;
 int64_t gemm_block_cols(int64_t N, int64_t K, int64_t elt, int64_t M, int64_t threads,
                         int64_t max_cols = int64_t(1) << 40);
 
-// x rows as the gemm kernels read them: float32, row stride padded to a multiple of 16, zeros in the padding.
+// x rows as the gemm kernels read them (gemm.h): float32 rows padded to a multiple of 16, or bfloat16 rows padded
+// to a multiple of 32, zeros in the padding. No copy when K is already such a multiple.
 struct XPanel {
-  const float* p = nullptr;
+  const float* p = nullptr;       // float32 rows (for float32 W)
+  const uint16_t* b = nullptr;    // bfloat16 rows (for bfloat16 W)
   int64_t M = 0, ld = 0;
   std::vector<float> buf;
-  void build_f32(const float* x, int64_t rows, int64_t K);  // no copy when K is a multiple of 16
+  std::vector<uint16_t> bbuf;
+  void build_f32(const float* x, int64_t rows, int64_t K);
   void build_bf16(const c10::BFloat16* x, int64_t rows, int64_t K);
 };
 

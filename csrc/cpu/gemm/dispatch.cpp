@@ -9,25 +9,42 @@ namespace layerskip::cpu::gemm {
 extern const Kernels kGenericKernels;
 #ifdef LAYERSKIP_GEMM_X86
 extern const Kernels kAvx512Kernels;
+extern const Kernels kAvx512Bf16Kernels;  // bf16 only: its float32 kernel is kAvx512Kernels'
 extern const Kernels kAvx2Kernels;
 #endif
 
 namespace {
 
-bool supported(const Kernels& k) {
+struct Table {
+  Kernels k;
+  bool supported;
+};
+
+// Best first.
+struct Tables {
+  Table t[4];
+  int n = 0;
+  Tables() {
 #ifdef LAYERSKIP_GEMM_X86
-  __builtin_cpu_init();
-  if (&k == &kAvx512Kernels) return __builtin_cpu_supports("x86-64-v4");
-  if (&k == &kAvx2Kernels) return __builtin_cpu_supports("x86-64-v3");
+    __builtin_cpu_init();
+    const bool v4 = __builtin_cpu_supports("x86-64-v4") != 0;
+    t[n++] = {{"avx512bf16", kAvx512Kernels.f32, kAvx512Bf16Kernels.bf16},
+              v4 && __builtin_cpu_supports("avx512bf16") != 0};
+    t[n++] = {kAvx512Kernels, v4};
+    t[n++] = {kAvx2Kernels, __builtin_cpu_supports("x86-64-v3") != 0};
 #endif
-  return &k == &kGenericKernels;
+    t[n++] = {kGenericKernels, true};
+  }
+};
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
 }
 
 const Kernels* best() {
-#ifdef LAYERSKIP_GEMM_X86
-  if (supported(kAvx512Kernels)) return &kAvx512Kernels;
-  if (supported(kAvx2Kernels)) return &kAvx2Kernels;
-#endif
+  for (int i = 0; i < tables().n; ++i)
+    if (tables().t[i].supported) return &tables().t[i].k;
   return &kGenericKernels;
 }
 
@@ -41,14 +58,10 @@ std::atomic<const Kernels*>& slot() {
 const Kernels& active() { return *slot().load(std::memory_order_acquire); }
 
 bool set_active(const char* name) {
-  const Kernels* all[] = {
-#ifdef LAYERSKIP_GEMM_X86
-      &kAvx512Kernels, &kAvx2Kernels,
-#endif
-      &kGenericKernels};
-  for (const Kernels* k : all) {
-    if (std::strcmp(k->name, name) == 0 && supported(*k)) {
-      slot().store(k, std::memory_order_release);
+  for (int i = 0; i < tables().n; ++i) {
+    const Table& t = tables().t[i];
+    if (t.supported && std::strcmp(t.k.name, name) == 0) {
+      slot().store(&t.k, std::memory_order_release);
       return true;
     }
   }
@@ -58,15 +71,10 @@ bool set_active(const char* name) {
 const char* available() {
   static const char* names = [] {
     static char buf[64] = {0};
-    const Kernels* all[] = {
-#ifdef LAYERSKIP_GEMM_X86
-        &kAvx512Kernels, &kAvx2Kernels,
-#endif
-        &kGenericKernels};
-    for (const Kernels* k : all) {
-      if (!supported(*k)) continue;
+    for (int i = 0; i < tables().n; ++i) {
+      if (!tables().t[i].supported) continue;
       if (buf[0] != 0) std::strcat(buf, ",");
-      std::strcat(buf, k->name);
+      std::strcat(buf, tables().t[i].k.name);
     }
     return buf;
   }();

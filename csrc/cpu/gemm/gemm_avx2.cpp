@@ -15,11 +15,6 @@ struct V {
 };
 inline __attribute__((always_inline)) V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 inline __attribute__((always_inline)) V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-inline __attribute__((always_inline)) __m256 bf16x8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __attribute__((always_inline)) V vload(const uint16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
 inline __attribute__((always_inline)) V vfma(V x, V w, V acc) {
   return {_mm256_fmadd_ps(x.lo, w.lo, acc.lo), _mm256_fmadd_ps(x.hi, w.hi, acc.hi)};
 }
@@ -34,6 +29,35 @@ constexpr int nr_for(int mr) { return mr == 1 ? 3 : mr == 2 ? 2 : 1; }
 constexpr int stream_nr_for(int mr) { return mr == 1 ? 3 : mr <= 3 ? 2 : 1; }
 #define LS_GEMM_PREFETCH(p) ((void)0)
 
+// 32 bfloat16 -> per 32-bit lane i (elements 2i, 2i+1) the odd and the even element as float32 (exact).
+struct Pair {
+  V odd, even;
+};
+inline __attribute__((always_inline)) void split(__m256i v, __m256& odd, __m256& even) {
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+inline __attribute__((always_inline)) Pair pload(const uint16_t* p) {
+  Pair r;
+  split(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), r.odd.lo, r.even.lo);
+  split(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)), r.odd.hi, r.even.hi);
+  return r;
+}
+struct BF16Ops {
+  using XT = uint16_t;
+  using WT = uint16_t;
+  using XV = Pair;
+  using WV = Pair;
+  static constexpr int kStep = 32;
+  static inline __attribute__((always_inline)) XV loadx(const uint16_t* p) { return pload(p); }
+  static inline __attribute__((always_inline)) WV loadw(const uint16_t* p) { return pload(p); }
+  static inline __attribute__((always_inline)) V step(V acc, XV x, WV w) { return vfma(x.even, w.even, vfma(x.odd, w.odd, acc)); }
+  static constexpr int nr(int mr) { return mr == 1 ? 2 : 1; }
+  static constexpr int stream_nr(int mr) { return mr == 1 ? 2 : 1; }
+};
+
+#define LS_GEMM_F32 1
+#define LS_GEMM_BF16 1
 #include "cpu/gemm/kernels.inc"
 
 #undef LS_GEMM_PREFETCH

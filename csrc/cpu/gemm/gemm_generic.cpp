@@ -23,14 +23,6 @@ inline __attribute__((always_inline)) V vload(const float* p) {
   for (int i = 0; i < 16; ++i) r.a[i] = p[i];
   return r;
 }
-inline __attribute__((always_inline)) V vload(const uint16_t* p) {
-  V r;
-  for (int i = 0; i < 16; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-    __builtin_memcpy(&r.a[i], &bits, sizeof(float));
-  }
-  return r;
-}
 inline __attribute__((always_inline)) V vfma(V x, V w, V acc) {
   V r;
   for (int i = 0; i < 16; ++i) r.a[i] = std::fma(x.a[i], w.a[i], acc.a[i]);
@@ -46,6 +38,39 @@ constexpr int nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
 constexpr int stream_nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
 #define LS_GEMM_PREFETCH(p) ((void)0)
 
+inline __attribute__((always_inline)) float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+// 32 bfloat16 -> per lane i the odd (2i+1) and the even (2i) element as float32 (exact).
+struct Pair {
+  V odd, even;
+};
+inline __attribute__((always_inline)) Pair pload(const uint16_t* p) {
+  Pair r;
+  for (int i = 0; i < 16; ++i) {
+    r.odd.a[i] = bf16_to_f32(p[2 * i + 1]);
+    r.even.a[i] = bf16_to_f32(p[2 * i]);
+  }
+  return r;
+}
+struct BF16Ops {
+  using XT = uint16_t;
+  using WT = uint16_t;
+  using XV = Pair;
+  using WV = Pair;
+  static constexpr int kStep = 32;
+  static inline __attribute__((always_inline)) XV loadx(const uint16_t* p) { return pload(p); }
+  static inline __attribute__((always_inline)) WV loadw(const uint16_t* p) { return pload(p); }
+  static inline __attribute__((always_inline)) V step(V acc, XV x, WV w) { return vfma(x.even, w.even, vfma(x.odd, w.odd, acc)); }
+  static constexpr int nr(int mr) { return mr == 1 ? 2 : 1; }
+  static constexpr int stream_nr(int mr) { return mr == 1 ? 2 : 1; }
+};
+
+#define LS_GEMM_F32 1
+#define LS_GEMM_BF16 1
 #include "cpu/gemm/kernels.inc"
 
 #undef LS_GEMM_PREFETCH
