@@ -1,5 +1,4 @@
 // CPU kernels: kv_cache_write and cache_attention (GQA over a static KV cache).
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -12,6 +11,7 @@
 #include "common/cpu_math.h"
 #include "common/dispatch.h"
 #include "common/validate.h"
+#include "cpu/pool.h"
 #include "cpu/rows.h"
 
 namespace layerskip::cpu {
@@ -35,7 +35,7 @@ void kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, co
   // One item per (b, h): T rows of D elements, contiguous in the cache.
   const int64_t items = d.B * d.nKV;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, d.T * row_bytes));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(items, grain, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / d.nKV, h = it % d.nKV;
       const int64_t dst = ((b * d.nKV + h) * d.S + sp[b]) * row_bytes;

@@ -11,7 +11,6 @@
 //   g, u = linear(x, gate_proj / up_proj)                 one parallel region for the two
 //   h = h + linear(silu(g) * u, down_proj)                silu and * through ATen (torch's own kernels, as the model)
 // Scratch buffers live across calls (grown on demand): no allocation per layer, one output tensor per call.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -24,6 +23,7 @@
 
 #include "common/cpu_math.h"
 #include "common/validate.h"
+#include "cpu/pool.h"
 #include "cpu/linear_cpu.h"
 #include "cpu/rows.h"
 

@@ -4,7 +4,6 @@
 // fixed tree; see gemm.h), so a row's result never depends on M, on the blocking or on the thread count. Threads
 // split the output columns (W rows) only, never K. Small M (decode, verification) streams each W row once for
 // all rows of x: the register tile holds up to 8 rows of x against a few W rows.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -19,6 +18,7 @@
 #include "common/validate.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/linear_cpu.h"
+#include "cpu/pool.h"
 #include "cpu/rows.h"
 
 namespace layerskip::cpu {
@@ -83,19 +83,23 @@ void gemm_block(const XPanel& x, const at::Tensor& weight, int64_t j0, int64_t n
 
 void gemm_jobs(const XPanel& x, const GemmJob* jobs, int n_jobs) {
   if (x.M == 0 || n_jobs == 0) return;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t threads = std::max<int64_t>(1, pool_threads());
+  int64_t work = 0;
+  for (int j = 0; j < n_jobs; ++j) work += jobs[j].weight->numel() * (jobs[j].weight->element_size() + 4 * x.M);
+  if (work < (int64_t(1) << 16)) threads = 1;  // tiny: a hand-off costs more than the work
   struct Block {
     int job;
     int64_t j0, nw;
   };
   std::vector<Block> blocks;
-  int64_t work = 0;
   if (x.M <= kGemmStreamRows) {
-    // Streaming: each thread takes one slice of every job, so all threads finish together.
-    for (int64_t p = 0; p < threads; ++p) {
+    // Streaming: a few slices per thread of every job, slice-major, so whichever threads run take them in order
+    // (each slice is read as a few long sequential streams).
+    const int64_t parts = threads == 1 ? 1 : 4 * threads;
+    for (int64_t p = 0; p < parts; ++p) {
       for (int j = 0; j < n_jobs; ++j) {
         const int64_t N = jobs[j].weight->size(0);
-        const int64_t per = ((N + threads - 1) / threads + 7) / 8 * 8;
+        const int64_t per = ((N + parts - 1) / parts + 7) / 8 * 8;
         const int64_t j0 = p * per, j1 = std::min(N, (p + 1) * per);
         if (j1 > j0) blocks.push_back({j, j0, j1 - j0});
       }
@@ -108,21 +112,18 @@ void gemm_jobs(const XPanel& x, const GemmJob* jobs, int n_jobs) {
       for (int64_t j0 = 0; j0 < N; j0 += nb) blocks.push_back({j, j0, std::min(nb, N - j0)});
     }
   }
-  for (int j = 0; j < n_jobs; ++j) work += jobs[j].weight->numel() * (jobs[j].weight->element_size() + 4 * x.M);
-  const int64_t n = static_cast<int64_t>(blocks.size());
-  // In streaming order each thread's share is one contiguous run of blocks; tiny problems stay on this thread.
-  const int64_t grain = work < (int64_t(1) << 16) ? n : std::max<int64_t>(1, n / threads);
-  at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const Block& blk = blocks[b];
-      gemm::Out o = jobs[blk.job].out;
-      if (o.f32 != nullptr)
-        o.f32 += blk.j0;
-      else
-        o.bf16 += blk.j0;
-      gemm_block(x, *jobs[blk.job].weight, blk.j0, blk.nw, nullptr, o);
-    }
-  });
+  parallel_items(
+      static_cast<int64_t>(blocks.size()),
+      [&](int64_t b) {
+        const Block& blk = blocks[b];
+        gemm::Out o = jobs[blk.job].out;
+        if (o.f32 != nullptr)
+          o.f32 += blk.j0;
+        else
+          o.bf16 += blk.j0;
+        gemm_block(x, *jobs[blk.job].weight, blk.j0, blk.nw, nullptr, o);
+      },
+      threads);
 }
 
 namespace {
@@ -197,40 +198,42 @@ at::Tensor exit_head_argmax_cpu(const at::Tensor& h, const at::Tensor& norm_weig
 
   const int64_t* subset = d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr;
   const int64_t elt = lm_head.element_size();
-  // Blocks of at most 2048 columns bound the per-thread logits tile.
-  const int64_t nb = gemm_block_cols(d.V, d.H, elt, d.M, 2 * at::get_num_threads(), 2048);
+  // Blocks of at most 2048 columns bound the per-thread logits tile; a few per thread balance them.
+  const int64_t nb = gemm_block_cols(d.V, d.H, elt, d.M, 4 * pool_threads(), 2048);
   const int64_t nblocks = (d.V + nb - 1) / nb;
   // Best (value, column) of every block and row; combined in block order below, so the split over threads
   // cannot change the answer (ties: the lowest column, as torch.argmax).
   std::vector<float> bval(static_cast<size_t>(nblocks * d.M));
   std::vector<int64_t> bidx(static_cast<size_t>(nblocks * d.M));
   const int64_t work = d.V * d.H * (elt + 4 * d.M);
-  const int64_t grain = work < (int64_t(1) << 16) ? nblocks : 1;
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> tile(static_cast<size_t>(d.M * nb));
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t j0 = b * nb, nw = std::min(nb, d.V - j0);
-      gemm::Out o;
-      o.f32 = tile.data();
-      o.ld = nb;
-      gemm_block(panel, lm_head, j0, nw, subset != nullptr ? subset + j0 : nullptr, o);
-      for (int64_t m = 0; m < d.M; ++m) {
-        float best = -std::numeric_limits<float>::infinity();
-        int64_t best_j = -1;
-        const float* row = tile.data() + m * nb;
-        for (int64_t j = 0; j < nw; ++j) {
-          // The logit linear() would return: rounded to h's dtype.
-          const float v = f32 ? row[j] : to_f32(from_f32<c10::BFloat16>(row[j]));
-          if (takes(v, best, best_j)) {
-            best = v;
-            best_j = j0 + j;
+  const int64_t threads = work < (int64_t(1) << 16) ? 1 : pool_threads();
+  parallel_items(
+      nblocks,
+      [&](int64_t b) {
+        thread_local std::vector<float> tile;
+        if (static_cast<int64_t>(tile.size()) < d.M * nb) tile.resize(static_cast<size_t>(d.M * nb));
+        const int64_t j0 = b * nb, nw = std::min(nb, d.V - j0);
+        gemm::Out o;
+        o.f32 = tile.data();
+        o.ld = nb;
+        gemm_block(panel, lm_head, j0, nw, subset != nullptr ? subset + j0 : nullptr, o);
+        for (int64_t m = 0; m < d.M; ++m) {
+          float best = -std::numeric_limits<float>::infinity();
+          int64_t best_j = -1;
+          const float* row = tile.data() + m * nb;
+          for (int64_t j = 0; j < nw; ++j) {
+            // The logit linear() would return: rounded to h's dtype.
+            const float v = f32 ? row[j] : to_f32(from_f32<c10::BFloat16>(row[j]));
+            if (takes(v, best, best_j)) {
+              best = v;
+              best_j = j0 + j;
+            }
           }
+          bval[b * d.M + m] = best;
+          bidx[b * d.M + m] = best_j;
         }
-        bval[b * d.M + m] = best;
-        bidx[b * d.M + m] = best_j;
-      }
-    }
-  });
+      },
+      threads);
   int64_t* op_ = out.mutable_data_ptr<int64_t>();
   for (int64_t m = 0; m < d.M; ++m) {
     float best = -std::numeric_limits<float>::infinity();

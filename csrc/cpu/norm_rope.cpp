@@ -1,5 +1,4 @@
 // CPU kernels: rms_norm and rope (row-wise, batch invariant; see common/cpu_math.h).
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -10,6 +9,7 @@
 #include "common/cpu_math.h"
 #include "common/dispatch.h"
 #include "common/validate.h"
+#include "cpu/pool.h"
 #include "cpu/rows.h"
 
 namespace layerskip::cpu {
@@ -28,10 +28,10 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (weight.scalar_type() == x.scalar_type()) {
       const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-      at::parallel_for(0, d.rows, grain, [&](int64_t b, int64_t e) { rms_norm_rows(xp, wp, yp, b, e, d.H, feps); });
+      parallel_chunks(d.rows, grain, [&](int64_t b, int64_t e) { rms_norm_rows(xp, wp, yp, b, e, d.H, feps); });
     } else {
       const float* wp = weight.const_data_ptr<float>();
-      at::parallel_for(0, d.rows, grain, [&](int64_t b, int64_t e) { rms_norm_rows(xp, wp, yp, b, e, d.H, feps); });
+      parallel_chunks(d.rows, grain, [&](int64_t b, int64_t e) { rms_norm_rows(xp, wp, yp, b, e, d.H, feps); });
     }
   });
   return y;
@@ -51,7 +51,7 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::
     const int64_t* pp = positions.const_data_ptr<int64_t>();
     const float* cp = cos.const_data_ptr<float>();
     const float* sp = sin.const_data_ptr<float>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    parallel_chunks(rows, grain, [&](int64_t b, int64_t e) {
       rope_rows(xp, pp, cp, sp, op, b, e, d.T, d.pos_stride_b, d.nH, d.D);
     });
   });

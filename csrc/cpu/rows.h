@@ -3,8 +3,6 @@
 // common/cpu_math.h. Internal linkage: each translation unit compiles its own (identical) copy.
 #pragma once
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,6 +11,7 @@
 
 #include "common/cpu_math.h"
 #include "common/limits.h"
+#include "cpu/pool.h"
 
 namespace layerskip::cpu {
 namespace {
@@ -211,14 +210,14 @@ void cache_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* 
   if (B == 0 || Tn == 0 || nH == 0) return;
   const int64_t group = nH / nKV;
   const int64_t R = Tn * group;  // rows per (b, kv head), ordered (t, head in group)
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = pool_threads();
   const int64_t groups = B * nKV;
   const int64_t chunks = std::min<int64_t>(R, std::max<int64_t>(1, (2 * threads + groups - 1) / groups));
   const int64_t items = groups * chunks;
   const AttendGroupFn<T> fn = pick_attend_group<T>(D);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(items, [&](int64_t it) {
     AttnBuffers& buf = attn_buffers();
-    for (int64_t it = begin; it < end; ++it) {
+    {
       const int64_t chunk = it % chunks, bh = it / chunks;
       const int64_t kvh = bh % nKV, b = bh / nKV;
       const int64_t r0 = R * chunk / chunks, r1 = R * (chunk + 1) / chunks;

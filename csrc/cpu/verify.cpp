@@ -6,7 +6,6 @@
 //                    float32 product: accept with probability min(1, p/q)); at the first rejection the correction is
 //                    drawn from norm(max(p[b, j] - q[b, j], 0)) (p[b, j] when that has no mass), otherwise the bonus
 //                    from p[b, d]; both with uniforms[b, d] through common/sampling.h's inverse CDF.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -16,6 +15,7 @@
 
 #include "common/sampling.h"
 #include "common/validate.h"
+#include "cpu/pool.h"
 
 namespace layerskip::cpu {
 namespace {
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling_cpu(const at::Tensor& drafts,
   const int64_t D = d.d, V = d.V;
   // Sequences are independent: any split over threads gives the same answer.
   const int64_t grain = std::max<int64_t>(1, 65536 / V);
-  at::parallel_for(0, d.B, grain, [&](int64_t b0, int64_t b1) {
+  parallel_chunks(d.B, grain, [&](int64_t b0, int64_t b1) {
     std::vector<double> S;
     for (int64_t b = b0; b < b1; ++b) {
       const float* ub = up + b * (D + 1);
