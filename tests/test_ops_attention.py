@@ -52,3 +52,25 @@ def test_grouped_rows_equal_rows_alone(shape, dtype, restore_threads):
     assert_bitwise(results[1], results[2], "1 vs 2 threads")
     torch.testing.assert_close(results[1], ops.cache_attention_reference(q, kc_clean, vc_clean, start, scale),
                                **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_isa_tables_agree_bitwise(dtype):
+    """The score dot and the weighted value sum come from the gemm kernel tables: all tables, the same bits."""
+    from test_ops_linear import gemm_isa, gemm_isas
+
+    isas = gemm_isas()
+    if len(isas) < 2:
+        pytest.skip(f"only {isas} available here")
+    g = seeded("attn-isa", dtype)
+    cases = []
+    for B, T, nH, nKV, S, D in [(1, 7, 9, 3, 150, 64), (2, 3, 4, 2, 40, 128), (1, 2, 2, 1, 33, 40)]:
+        start = torch.randint(0, S - T + 1, (B,), generator=g)
+        q = randn((B, T, nH, D), dtype, g)
+        _, (kc, vc) = make_cache(B, nKV, S, D, dtype, start, T, g)
+        cases.append((q, kc, vc, start, D ** -0.5))
+    expected = [ops.cache_attention(*c) for c in cases]
+    for isa in isas:
+        with gemm_isa(isa):
+            for c, e in zip(cases, expected):
+                assert_bitwise(ops.cache_attention(*c), e, f"{isa} vs {isas[0]}")

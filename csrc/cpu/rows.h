@@ -7,10 +7,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_math.h"
 #include "common/limits.h"
+#include "cpu/gemm/gemm.h"
 #include "cpu/pool.h"
 
 namespace layerskip::cpu {
@@ -69,57 +71,31 @@ LS_CPU_CLONES void rope_rows(const T* x, const int64_t* positions, const float* 
 // ---- attention over the cache, grouped --------------------------------------------------------------------------
 // Rows r = 0..R-1 that read the same key/value head (a GQA group x T query tokens). Row r attends to keys
 // [0, n_keys[r]) with exactly the arithmetic of one row alone:
-//   scores_s = dot_fma(q, k_s) * scale         (kLanes fused multiply-add accumulators + cpu_math.h's fixed tree)
+//   scores_s = dot(q, k_s) * scale        the gemm.h dot (float32: 16 fused multiply-add lanes + the fixed tree;
+//                                         bfloat16: the pair lanes) -- the same for every (row, key)
 //   m = max_s scores_s (ascending s); e_s = exp(scores_s - m); l = sum_s e_s (kLanes accumulators + fixed tree)
 //   out = (sum_s e_s v_s, ascending s, one fused multiply-add per element) * (1 / l), rounded once
-// Only the loop order across rows changes: keys and values are visited in blocks of kAttnKeyBlock, and every row
-// of the group uses a block while it is in L1, so each key/value vector comes from memory once per group, not
-// once per row. A row's result therefore never depends on R, on the other rows or on its place in the group.
+// The rows of a group go through the kernels together, so each key/value vector is read once per group, not once
+// per row; a row's result never depends on R, on the other rows or on its place in the group.
+// (float16 takes the portable path below with the same definition for float32 arithmetic.)
 constexpr int64_t kAttnKeyBlock = 64;
-
-// sum_i a[i] * b[i]: lane j accumulates i = j, j + kLanes, ... with fused multiply-adds (std::fma: one rounding,
-// the same bits in every ISA clone), then lane_sum's tree.
-template <typename TA, typename TB>
-LS_INLINE float dot_fma(const TA* a, const TB* b, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = std::fma(to_f32(a[i + j]), to_f32(b[i + j]), acc[j]);
-  for (int j = 0; i + j < n; ++j) acc[j] = std::fma(to_f32(a[i + j]), to_f32(b[i + j]), acc[j]);
-  return lane_sum(acc);
-}
 
 struct AttnScratch {
   float* scores;  // R x ld   (ld >= max n_keys)
   int64_t ld;
-  float* qf;      // R x D    queries as float
+  float* qf;      // R x D    queries as float (padded panel for the gemm)
+  uint16_t* qb;   // R x D    queries as bfloat16 bits (padded panel)
   float* acc;     // R x D    running sum_s e_s v_s
   float* inv_l;   // R
 };
 
-// kD > 0: head dim known at compile time (the accumulators then live in registers); kD == 0: D at run time.
-template <typename T, int kD>
-LS_CPU_CLONES void attend_group(const T* const* q_rows, T* const* out_rows, const int64_t* n_keys, int64_t R,
-                                const T* K, const T* V, int64_t D_rt, float scale, AttnScratch sc) {
-  const int64_t D = kD > 0 ? kD : D_rt;
-  int64_t max_keys = 0;
+// Scale the scores and turn row r's first n_keys[r] into e_s = exp(s - max); inv_l[r] = 1 / sum e_s.
+LS_CPU_CLONES inline void softmax_rows(float* scores, int64_t ld, const int64_t* n_keys, int64_t R, float scale,
+                                       float* inv_l) {
   for (int64_t r = 0; r < R; ++r) {
-    max_keys = n_keys[r] > max_keys ? n_keys[r] : max_keys;
-    for (int64_t i = 0; i < D; ++i) sc.qf[r * D + i] = to_f32(q_rows[r][i]);
-  }
-  // scores, block by block of keys
-  for (int64_t s0 = 0; s0 < max_keys; s0 += kAttnKeyBlock) {
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t e = s0 + kAttnKeyBlock < n_keys[r] ? s0 + kAttnKeyBlock : n_keys[r];
-      const float* qf = sc.qf + r * D;
-      float* srow = sc.scores + r * sc.ld;
-      for (int64_t s = s0; s < e; ++s) srow[s] = dot_fma(qf, K + s * D, D) * scale;
-    }
-  }
-  // softmax statistics, row by row
-  for (int64_t r = 0; r < R; ++r) {
-    float* srow = sc.scores + r * sc.ld;
+    float* srow = scores + r * ld;
     const int64_t n = n_keys[r];
+    for (int64_t s = 0; s < n; ++s) srow[s] = srow[s] * scale;
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < n; ++s) m = srow[s] > m ? srow[s] : m;
     // Key p is always visible, so m is finite for finite inputs; a NaN score propagates as in the reference.
@@ -136,24 +112,60 @@ LS_CPU_CLONES void attend_group(const T* const* q_rows, T* const* out_rows, cons
       srow[s + j] = e;
       lsum[j] += e;
     }
-    sc.inv_l[r] = 1.0f / lane_sum(lsum);
-    for (int64_t i = 0; i < D; ++i) sc.acc[r * D + i] = 0.0f;
+    inv_l[r] = 1.0f / lane_sum(lsum);
   }
-  // weighted values, block by block of keys
-  for (int64_t s0 = 0; s0 < max_keys; s0 += kAttnKeyBlock) {
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t e = s0 + kAttnKeyBlock < n_keys[r] ? s0 + kAttnKeyBlock : n_keys[r];
-      if (e <= s0) continue;
-      const float* srow = sc.scores + r * sc.ld;
-      float acc[kD > 0 ? kD : LAYERSKIP_MAX_HEAD_DIM];
-      for (int64_t i = 0; i < D; ++i) acc[i] = sc.acc[r * D + i];
-      for (int64_t k = s0; k < e; ++k) {
-        const float p = srow[k];
-        const T* vr = V + k * D;
-        for (int64_t i = 0; i < D; ++i) acc[i] = std::fma(p, to_f32(vr[i]), acc[i]);
+}
+
+// sum_i a[i] * b[i] as the float32 gemm computes it: lane j accumulates i = j, j + kLanes, ... with fused
+// multiply-adds (std::fma: one rounding), the tail zero-padded, then lane_sum's tree. (float16 path only.)
+template <typename TA, typename TB>
+LS_INLINE float dot_fma(const TA* a, const TB* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = std::fma(to_f32(a[i + j]), to_f32(b[i + j]), acc[j]);
+  for (int j = 0; j < kLanes; ++j) acc[j] = std::fma(i + j < n ? to_f32(a[i + j]) : 0.0f,
+                                                     i + j < n ? to_f32(b[i + j]) : 0.0f, acc[j]);
+  return lane_sum(acc);
+}
+
+template <typename T>
+void attend_group(const T* const* q_rows, T* const* out_rows, const int64_t* n_keys, int64_t R, const T* K,
+                  const T* V, int64_t D, float scale, AttnScratch sc) {
+  int64_t max_keys = 0;
+  for (int64_t r = 0; r < R; ++r) max_keys = n_keys[r] > max_keys ? n_keys[r] : max_keys;
+  gemm::Out so;
+  so.f32 = sc.scores;
+  so.ld = sc.ld;
+  const gemm::Kernels& kern = gemm::active();
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t ldq = gemm::padded_k(D, gemm::kBlockF32);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < ldq; ++i) sc.qf[r * ldq + i] = i < D ? q_rows[r][i] : 0.0f;
+    kern.f32(sc.qf, R, ldq, K, D, nullptr, max_keys, D, so);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int64_t ldq = gemm::padded_k(D, gemm::kBlockBF16);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < ldq; ++i) sc.qb[r * ldq + i] = i < D ? q_rows[r][i].x : uint16_t(0);
+    kern.bf16(sc.qb, R, ldq, reinterpret_cast<const uint16_t*>(K), D, nullptr, max_keys, D, so);
+  } else {
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < D; ++i) sc.qf[r * D + i] = to_f32(q_rows[r][i]);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < n_keys[r]; ++s) sc.scores[r * sc.ld + s] = dot_fma(sc.qf + r * D, K + s * D, D);
+  }
+  softmax_rows(sc.scores, sc.ld, n_keys, R, scale, sc.inv_l);
+  for (int64_t i = 0; i < R * D; ++i) sc.acc[i] = 0.0f;
+  if constexpr (std::is_same_v<T, float>) {
+    kern.pv_f32(sc.scores, R, sc.ld, n_keys, V, D, sc.acc);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    kern.pv_bf16(sc.scores, R, sc.ld, n_keys, reinterpret_cast<const uint16_t*>(V), D, sc.acc);
+  } else {
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < n_keys[r]; ++k) {
+        const float p = sc.scores[r * sc.ld + k];
+        for (int64_t i = 0; i < D; ++i) sc.acc[r * D + i] = std::fma(p, to_f32(V[k * D + i]), sc.acc[r * D + i]);
       }
-      for (int64_t i = 0; i < D; ++i) sc.acc[r * D + i] = acc[i];
-    }
   }
   for (int64_t r = 0; r < R; ++r) {
     const float inv_l = sc.inv_l[r];
@@ -161,29 +173,19 @@ LS_CPU_CLONES void attend_group(const T* const* q_rows, T* const* out_rows, cons
   }
 }
 
-template <typename T>
-using AttendGroupFn = void (*)(const T* const*, T* const*, const int64_t*, int64_t, const T*, const T*, int64_t, float,
-                               AttnScratch);
-
-template <typename T>
-AttendGroupFn<T> pick_attend_group(int64_t D) {
-  switch (D) {
-    case 64: return &attend_group<T, 64>;
-    case 128: return &attend_group<T, 128>;
-    default: return &attend_group<T, 0>;
-  }
-}
-
 // Per-thread scratch of attend_group, grown on demand (never shrunk), so calls do not allocate.
 struct AttnBuffers {
   std::vector<float> scores, qf, acc, inv_l;
+  std::vector<uint16_t> qb;
   std::vector<const void*> q_rows;
   std::vector<void*> out_rows;
   std::vector<int64_t> n_keys;
   AttnScratch get(int64_t R, int64_t max_keys, int64_t D) {
     const int64_t ld = (max_keys + kLanes - 1) / kLanes * kLanes + kLanes;
+    const int64_t Dp = gemm::padded_k(D, gemm::kBlockBF16);
     if (static_cast<int64_t>(scores.size()) < R * ld) scores.resize(static_cast<size_t>(R * ld));
-    if (static_cast<int64_t>(qf.size()) < R * D) qf.resize(static_cast<size_t>(R * D));
+    if (static_cast<int64_t>(qf.size()) < R * Dp) qf.resize(static_cast<size_t>(R * Dp));
+    if (static_cast<int64_t>(qb.size()) < R * Dp) qb.resize(static_cast<size_t>(R * Dp));
     if (static_cast<int64_t>(acc.size()) < R * D) acc.resize(static_cast<size_t>(R * D));
     if (static_cast<int64_t>(inv_l.size()) < R) inv_l.resize(static_cast<size_t>(R));
     if (static_cast<int64_t>(q_rows.size()) < R) {
@@ -191,7 +193,7 @@ struct AttnBuffers {
       out_rows.resize(static_cast<size_t>(R));
       n_keys.resize(static_cast<size_t>(R));
     }
-    return {scores.data(), ld, qf.data(), acc.data(), inv_l.data()};
+    return {scores.data(), ld, qf.data(), qb.data(), acc.data(), inv_l.data()};
   }
 };
 
@@ -214,7 +216,6 @@ void cache_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* 
   const int64_t groups = B * nKV;
   const int64_t chunks = std::min<int64_t>(R, std::max<int64_t>(1, (2 * threads + groups - 1) / groups));
   const int64_t items = groups * chunks;
-  const AttendGroupFn<T> fn = pick_attend_group<T>(D);
   parallel_items(items, [&](int64_t it) {
     AttnBuffers& buf = attn_buffers();
     {
@@ -230,8 +231,9 @@ void cache_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* 
         buf.n_keys[r - r0] = sp[b] + t + 1;
       }
       const int64_t cache_off = (b * nKV + kvh) * S * D;
-      fn(reinterpret_cast<const T* const*>(buf.q_rows.data()), reinterpret_cast<T* const*>(buf.out_rows.data()),
-         buf.n_keys.data(), r1 - r0, kp + cache_off, vp + cache_off, D, scale, sc);
+      attend_group<T>(reinterpret_cast<const T* const*>(buf.q_rows.data()),
+                      reinterpret_cast<T* const*>(buf.out_rows.data()), buf.n_keys.data(), r1 - r0, kp + cache_off,
+                      vp + cache_off, D, scale, sc);
     }
   });
 }

@@ -28,7 +28,8 @@ struct Tables {
 #ifdef LAYERSKIP_GEMM_X86
     __builtin_cpu_init();
     const bool v4 = __builtin_cpu_supports("x86-64-v4") != 0;
-    t[n++] = {{"avx512bf16", kAvx512Kernels.f32, kAvx512Bf16Kernels.bf16},
+    t[n++] = {{"avx512bf16", kAvx512Kernels.f32, kAvx512Bf16Kernels.bf16, kAvx512Kernels.pv_f32,
+               kAvx512Kernels.pv_bf16},
               v4 && __builtin_cpu_supports("avx512bf16") != 0};
     t[n++] = {kAvx512Kernels, v4};
     t[n++] = {kAvx2Kernels, __builtin_cpu_supports("x86-64-v3") != 0};

@@ -43,10 +43,19 @@ using GemmF32 = void (*)(const float* x, int64_t M, int64_t ldx, const float* w,
 using GemmBF16 = void (*)(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t ldw,
                           const int64_t* idx, int64_t nw, int64_t K, Out out);
 
+// Attention's weighted sum of values: for r < R and i < D, for s = 0 .. n_keys[r]-1 in order,
+//   acc[r*D + i] = fma(p[r*lds + s], V[s*D + i], acc[r*D + i])     (one rounding each; V float32 or bfloat16)
+using PvF32 = void (*)(const float* p, int64_t R, int64_t lds, const int64_t* n_keys, const float* V, int64_t D,
+                       float* acc);
+using PvBF16 = void (*)(const float* p, int64_t R, int64_t lds, const int64_t* n_keys, const uint16_t* V, int64_t D,
+                        float* acc);
+
 struct Kernels {
   const char* name;  // "avx512bf16", "avx512", "avx2", "generic"
   GemmF32 f32;
   GemmBF16 bf16;
+  PvF32 pv_f32;
+  PvBF16 pv_bf16;
 };
 
 // The table chosen at load time (best the CPU supports). Thread-safe to read.

@@ -24,6 +24,22 @@ inline __attribute__((always_inline)) float vsum(V a) {
   const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
   return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
 }
+inline __attribute__((always_inline)) void vsum16(const V* a, float* out) {
+  for (int i = 0; i < 16; ++i) out[i] = vsum(a[i]);
+}
+inline __attribute__((always_inline)) V vset1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline __attribute__((always_inline)) void vstore(float* p, V a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline __attribute__((always_inline)) __m256 bf16x8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __attribute__((always_inline)) V vloadh(const uint16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
+inline __attribute__((always_inline)) float sfma(float x, float w, float acc) { return __builtin_fmaf(x, w, acc); }
+constexpr int kPvRows64 = 2;
+constexpr int kPvRows128 = 1;
 // 16 ymm registers, two per V: MR * NR + NR + 1 <= 8.
 constexpr int nr_for(int mr) { return mr == 1 ? 3 : mr == 2 ? 2 : 1; }
 constexpr int stream_nr_for(int mr) { return mr == 1 ? 3 : mr <= 3 ? 2 : 1; }
@@ -65,6 +81,7 @@ struct BF16Ops {
 }  // namespace
 }  // namespace avx2_impl
 
-extern const Kernels kAvx2Kernels = {"avx2", &avx2_impl::gemm_f32, &avx2_impl::gemm_bf16};
+extern const Kernels kAvx2Kernels = {"avx2", &avx2_impl::gemm_f32, &avx2_impl::gemm_bf16, &avx2_impl::pv_f32,
+                                     &avx2_impl::pv_bf16};
 
 }  // namespace layerskip::cpu::gemm

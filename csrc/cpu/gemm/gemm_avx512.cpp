@@ -49,6 +49,7 @@ struct BF16Ops {
 }  // namespace
 }  // namespace avx512_impl
 
-extern const Kernels kAvx512Kernels = {"avx512", &avx512_impl::gemm_f32, &avx512_impl::gemm_bf16};
+extern const Kernels kAvx512Kernels = {"avx512", &avx512_impl::gemm_f32, &avx512_impl::gemm_bf16,
+                                       &avx512_impl::pv_f32, &avx512_impl::pv_bf16};
 
 }  // namespace layerskip::cpu::gemm

@@ -41,6 +41,6 @@ struct BF16Ops {
 }  // namespace
 }  // namespace avx512bf16_impl
 
-extern const Kernels kAvx512Bf16Kernels = {"avx512bf16", nullptr, &avx512bf16_impl::gemm_bf16};
+extern const Kernels kAvx512Bf16Kernels = {"avx512bf16", nullptr, &avx512bf16_impl::gemm_bf16, nullptr, nullptr};
 
 }  // namespace layerskip::cpu::gemm

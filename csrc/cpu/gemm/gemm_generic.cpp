@@ -34,6 +34,28 @@ inline __attribute__((always_inline)) float vsum(V a) {
   for (int j = 0; j < 4; ++j) c[j] = b[j] + b[j + 4];
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
+inline __attribute__((always_inline)) void vsum16(const V* a, float* out) {
+  for (int i = 0; i < 16; ++i) out[i] = vsum(a[i]);
+}
+inline __attribute__((always_inline)) V vset1(float x) {
+  V r;
+  for (int i = 0; i < 16; ++i) r.a[i] = x;
+  return r;
+}
+inline __attribute__((always_inline)) void vstore(float* p, V a) {
+  for (int i = 0; i < 16; ++i) p[i] = a.a[i];
+}
+inline __attribute__((always_inline)) V vloadh(const uint16_t* p) {
+  V r;
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    __builtin_memcpy(&r.a[i], &bits, sizeof(float));
+  }
+  return r;
+}
+inline __attribute__((always_inline)) float sfma(float x, float w, float acc) { return std::fma(x, w, acc); }
+constexpr int kPvRows64 = 1;
+constexpr int kPvRows128 = 1;
 constexpr int nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
 constexpr int stream_nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
 #define LS_GEMM_PREFETCH(p) ((void)0)
@@ -78,6 +100,7 @@ struct BF16Ops {
 }  // namespace
 }  // namespace generic_impl
 
-extern const Kernels kGenericKernels = {"generic", &generic_impl::gemm_f32, &generic_impl::gemm_bf16};
+extern const Kernels kGenericKernels = {"generic", &generic_impl::gemm_f32, &generic_impl::gemm_bf16,
+                                        &generic_impl::pv_f32, &generic_impl::pv_bf16};
 
 }  // namespace layerskip::cpu::gemm
