@@ -3,6 +3,7 @@
 
     python benchmarks/bench_step.py                        # float32 and bfloat16, context 128, 2 threads
     python benchmarks/bench_step.py --dtypes float32 --context 128 2048 --T 1 4 7 --threads 1 2 --json out.json
+    python benchmarks/bench_step.py --hugepages            # weights moved onto 2 MB pages first
 
 Each row: best-of-N milliseconds for all 30 layers, tokens/s this implies for autoregressive decoding
 (layers + greedy head), GB/s of weights read, and the ratio of a T-token pass to the T = 1 pass.
@@ -17,7 +18,7 @@ import time
 import torch
 
 from layerskip_ext.model import load_model
-from layerskip_ext.model.fused import FusedLayers
+from layerskip_ext.model.fused import FusedLayers, move_weights_to_hugepages
 
 
 def busy_other(t0_stat):
@@ -52,12 +53,15 @@ def main():
     ap.add_argument("--T", type=int, nargs="+", default=[1, 7])
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--hugepages", action="store_true", help="move the weights onto 2 MB pages first")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
     for dtype in args.dtypes:
         model, _ = load_model(args.model, dtype=dtype)
         model.use_native_ops()
+        if args.hugepages:
+            move_weights_to_hugepages(model)
         fused = FusedLayers(model)
         L = model.num_layers
         layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
@@ -78,7 +82,7 @@ def main():
                         ms = best_ms(lambda: fn(h, 0, L, st), args.reps)
                         if T == args.T[0]:
                             base[impl] = ms
-                        row = dict(dtype=dtype, context=ctx, threads=threads, T=T, impl=impl, layers_ms=round(ms, 2),
+                        row = dict(dtype=dtype, hugepages=args.hugepages, context=ctx, threads=threads, T=T, impl=impl, layers_ms=round(ms, 2),
                                    head_ms=round(head_ms, 2),
                                    ar_tokens_per_s=round(1e3 / (ms + head_ms), 1) if T == 1 else None,
                                    weights_GBps=round(layer_bytes / ms / 1e6, 1),

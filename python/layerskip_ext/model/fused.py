@@ -11,7 +11,8 @@ native op set. Where the fused path does not apply it falls back to ``model.forw
   * a layer is wrapped or replaced (layer dropout, LoRA adapters: anything but the plain modules), or a weight is
     not contiguous, or the layers' norm eps differ.
 The weights are referenced, not copied: in-place updates are seen, and replaced modules or parameters are noticed
-(by identity, on every call) and re-collected.
+and re-collected: global module / parameter registration hooks bump a counter, and only when it moved are the
+layers checked again by identity (a call costs one integer comparison, not a walk over every module).
 """
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ from torch import nn
 
 from .. import ops
 from .llama import Attention, DecoderLayer, ForwardState, LlamaForCausalLM, MLP, RMSNorm
+
+# Bumped whenever any module gets a submodule or parameter assigned (nn.Module.__setattr__ / register_*), e.g. a
+# wrapper or adapter replacing a layer's linear. FusedLayers re-checks its layers only when this moved.
+_structure_version = 0
+
+
+def _bump(*_args):
+    global _structure_version
+    _structure_version += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_bump)
+nn.modules.module.register_module_parameter_registration_hook(_bump)
 
 
 class FusedLayers:
@@ -45,6 +59,7 @@ class FusedLayers:
                        for i, layer in enumerate(self.model.model.layers)]
         self._ranges: dict[tuple[int, int], Optional[list[torch.Tensor]]] = {}
         self._caches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._version = _structure_version
 
     @staticmethod
     def _layer_sources(layer: nn.Module) -> list:
@@ -113,8 +128,11 @@ class FusedLayers:
             return False
         if not ops.native_available() or h.dim() != 3 or not h.is_contiguous():
             return False
-        if not self._unchanged(start_layer, end_layer):
-            self.refresh()
+        if self._version != _structure_version:  # something somewhere was re-assigned: is it ours?
+            if self._unchanged(0, len(self._sources)):
+                self._version = _structure_version
+            else:
+                self.refresh()
         w = self._range(start_layer, end_layer)
         return w is not None and h.dtype == w[1].dtype and h.device == w[1].device
 
@@ -123,7 +141,8 @@ class FusedLayers:
         if not 0 <= start_layer <= end_layer <= len(self._weights):
             return self.model.forward_layers(h, start_layer, end_layer, st)  # raises its own error
         if not self.applies(h, start_layer, end_layer, st):
-            return self.model.forward_layers(h, start_layer, end_layer, st)
+            per_op = getattr(self.model, "forward_layers_per_op", self.model.forward_layers)
+            return per_op(h, start_layer, end_layer, st)
         weights = self._range(start_layer, end_layer)
         ks, vs = self._cache_lists(st, start_layer, end_layer)
         return ops.layer_range_forward(h, weights, ks, vs, st.start, st.positions, st.cos, st.sin, self.num_heads,
