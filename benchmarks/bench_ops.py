@@ -97,7 +97,7 @@ def test_kv_cache_write(benchmark, impl, dtype, device, T):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("T", [1, 5, 7])
 def test_cache_attention(benchmark, impl, dtype, device, T):
     """Decode (T=1) / verify (T=5) at the end of a full 2048-slot cache: every key is read."""
     benchmark.group = f"cache_attention T={T} {dtype} {device}"
@@ -150,3 +150,55 @@ def test_exit_head_argmax(benchmark, impl, dtype, device, M):
     else:
         fn = lambda: _linear_ref(ops.rms_norm_reference(h, nw, EPS), w).argmax(-1)  # noqa: E731
     _run(benchmark, fn, _nbytes(w, h, nw), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["greedy", "sampling"])
+def test_verify(benchmark, impl, device, kind):
+    """One verification round's acceptance for 4 sequences, d = 6, full 49152-token distributions (sampling)."""
+    benchmark.group = f"verify_{kind} {device}"
+    B, d, V = 4, 6, 49152
+    g = torch.Generator().manual_seed(0)
+    drafts = torch.randint(0, V, (B, d), generator=g).to(device)
+    pos = torch.zeros(B, dtype=torch.int64, device=device)
+    if kind == "greedy":
+        target = torch.cat((drafts, drafts[:, :1]), 1)
+        f = ops.verify_greedy if impl == "native" else ops.verify_greedy_reference
+        _run(benchmark, lambda: f(drafts, target, pos), _nbytes(drafts, target, pos), device)
+    else:
+        q = torch.softmax(torch.randn(B, d, V, generator=g), -1).to(device)
+        p = torch.softmax(torch.randn(B, d + 1, V, generator=g), -1).to(device)
+        u = torch.rand(B, d + 1, generator=g).to(device)
+        f = ops.verify_sampling if impl == "native" else ops.verify_sampling_reference
+        # bytes: the distributions the rule reads at most (one residual row and one p row per sequence)
+        _run(benchmark, lambda: f(drafts, q, p, u, pos), 3 * B * V * 4, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [1, 7])
+def test_layer_range_forward(benchmark, impl, dtype, device, T):
+    """Four SmolLM2 decoder layers over a 512-slot cache: the fused op vs the reference ops one by one."""
+    benchmark.group = f"layer_range_forward 4 layers T={T} {dtype} {device}"
+    L, I, Sc = 4, 1536, 512
+    dt = DTYPES[dtype]
+    g = torch.Generator().manual_seed(0)
+    ws = []
+    for _ in range(L):
+        lin = lambda n, k: (torch.randn(n, k, generator=g) * k ** -0.5).to(dt).to(device)  # noqa: E731
+        ones = torch.ones(H, dtype=dt, device=device)
+        ws += [ones, lin(NH * D, H), lin(NKV * D, H), lin(NKV * D, H), lin(H, NH * D), ones, lin(I, H), lin(I, H),
+               lin(H, I)]
+    kc = [torch.randn(1, NKV, Sc, D, dtype=dt, device=device) for _ in range(L)]
+    vc = [torch.randn(1, NKV, Sc, D, dtype=dt, device=device) for _ in range(L)]
+    start = torch.tensor([Sc - T], device=device)
+    pos = (start[:, None] + torch.arange(T, device=device)[None]).contiguous()
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    ang = torch.arange(Sc, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
+    h = torch.randn(1, T, H, dtype=dt, device=device)
+    f = ops.layer_range_forward if impl == "native" else ops.layer_range_forward_reference
+    nbytes = _nbytes(*ws) + _nbytes(*kc, *vc)
+    _run(benchmark, lambda: f(h, ws, kc, vc, start, pos, cos, sin, NH, NKV, EPS, D ** -0.5), nbytes, device)
