@@ -162,6 +162,8 @@ def hugepage_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor of nbytes on 2 MB-aligned, private anonymous memory advised for transparent huge pages
     (MADV_HUGEPAGE before first touch, so the kernel backs it with 2 MB pages where it can). The mapping lives as
     long as the tensor's storage."""
+    if not (hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")):  # not a POSIX system
+        return torch.empty(nbytes, dtype=torch.uint8)
     mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
