@@ -389,3 +389,39 @@ def test_cuda_linear_and_head_batch_invariant(dtype):
 def test_cuda_linear_errors():
     with pytest.raises(RuntimeError, match="linear: weight must be on the device of x"):
         ops.linear(torch.randn(2, 8, device="cuda"), torch.randn(3, 8))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The CPU work pool (csrc/cpu/pool.cpp): more threads than cores, fork
+# --------------------------------------------------------------------------------------------------------------
+
+def test_pool_more_threads_than_cores_same_bits(restore_threads):
+    g = seeded("pool-threads")
+    x, w = randn((7, 576), torch.float32, g), randn((3000, 576), torch.float32, g)
+    h, nw = randn((5, 576), torch.bfloat16, g), randn((576,), torch.bfloat16, g)
+    head = randn((4000, 576), torch.bfloat16, g)
+    torch.set_num_threads(1)
+    ref = (ops.linear(x, w), ops.exit_head_argmax(h, nw, 1e-5, head))
+    for n in (2, 3, 8):
+        torch.set_num_threads(n)
+        for _ in range(20):  # many back-to-back jobs: helpers join late, early or not at all
+            assert_bitwise(ops.linear(x, w), ref[0], f"{n} threads")
+            assert torch.equal(ops.exit_head_argmax(h, nw, 1e-5, head), ref[1])
+
+
+def test_pool_survives_fork(restore_threads):
+    """A forked child (DataLoader workers, multiprocessing) has none of the parent's helper threads: ops still run."""
+    import multiprocessing as mp
+
+    torch.set_num_threads(2)
+    x, w = torch.randn(3, 64), torch.randn(500, 64)
+    expected = ops.linear(x, w)  # the parent's helpers exist now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as p:
+        got = p.apply_async(_linear_in_child, (x, w)).get(timeout=60)
+    assert_bitwise(got, expected, "child vs parent")
+
+
+def _linear_in_child(x, w):
+    torch.set_num_threads(2)
+    return ops.linear(x, w)
