@@ -214,7 +214,10 @@ void cache_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* 
   const int64_t R = Tn * group;  // rows per (b, kv head), ordered (t, head in group)
   const int64_t threads = pool_threads();
   const int64_t groups = B * nKV;
-  const int64_t chunks = std::min<int64_t>(R, std::max<int64_t>(1, (2 * threads + groups - 1) / groups));
+  // Enough chunks to keep every thread busy; and for long T (prefill) chunks of at most 64 rows, so a chunk's scores
+  // stop near its own last token instead of running over the whole causal range.
+  const int64_t chunks = std::min<int64_t>(
+      R, std::max<int64_t>({int64_t(1), (2 * threads + groups - 1) / groups, (R + 63) / 64}));
   const int64_t items = groups * chunks;
   parallel_items(items, [&](int64_t it) {
     AttnBuffers& buf = attn_buffers();
