@@ -46,7 +46,9 @@ def build_info() -> dict[str, Any]:
 
     Keys: native (bool), version, torch (version built against), cuda_compiled, cuda_archs (list of str),
     cpu_isa (CPU kernel variant chosen at load time: "avx512", "avx2" or "generic"), cpu_features (dict),
-    max_head_dim, and at run time: torch_runtime (installed torch), cuda_available (torch.cuda.is_available()).
+    max_head_dim, gemm_isa (the linear / attention kernel table in use: "avx512bf16", "avx512", "avx2" or
+    "generic") and gemm_isas (the tables this CPU can run, best first), and at run time: torch_runtime (installed
+    torch), cuda_available (torch.cuda.is_available()).
     """
     if _C is not None:
         info: dict[str, Any] = dict(_C.build_info())
