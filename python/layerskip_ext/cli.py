@@ -225,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_chk.add_argument("--threads", type=int, default=None)
     p_chk.add_argument("--json", default=None, help="also write the report to this file")
     p_chk.set_defaults(func=cmd_check_lossless)
+    from .commands.demo import add_demo_args, cmd_demo
+    from .commands.sweep import add_sweep_args, cmd_sweep
+
+    p_demo = sub.add_parser("demo", help="self-speculative vs autoregressive on one prompt: outputs, speed, acceptance")
+    add_demo_args(p_demo)
+    p_demo.set_defaults(func=cmd_demo)
+    p_sweep = sub.add_parser("sweep", help="acceptance and speedup over a grid of exit layers and depths, cost model")
+    add_sweep_args(p_sweep)
+    p_sweep.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""Measure self-speculative decoding over a grid of exit layers E and speculation depths d.
+
+Every cell decodes the same prompts greedily, one prompt at a time (batch 1, the latency setting), and is
+compared with the autoregressive baseline measured in the same run: its tokens per second, and whether its
+outputs equal the baseline's token for token. The baseline is measured before and after the grid and averaged,
+so a machine whose load drifts during the run biases no cell's speedup in one direction only.
+Tokens per second counts decode only (tokens after each prompt's first, over the time after the prefill), as
+``layerskip generate`` reports it: the prefill is the same full-model pass for every strategy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional, Sequence
+
+from ..errors import LayerSkipError
+from ..generation import generate
+from .cost_model import Prediction, StageCosts, predict, rank_of
+
+
+@dataclasses.dataclass
+class RunStats:
+    outputs: list[list[int]]
+    decode_tokens: int = 0   # tokens after each prompt's first
+    decode_s: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.decode_tokens / self.rounds if self.rounds else 0.0
+
+
+@dataclasses.dataclass
+class Cell:
+    exit_layer: int
+    num_speculations: int
+    acceptance: Optional[float] = None
+    tokens_per_round: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    speedup: Optional[float] = None
+    equal_to_ar: Optional[bool] = None
+    predicted: Optional[Prediction] = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.exit_layer, self.num_speculations
+
+    @property
+    def measured(self) -> bool:
+        return self.speedup is not None
+
+
+@dataclasses.dataclass
+class SweepResult:
+    cells: list[Cell]
+    ar_tokens_per_s: float
+    ar_tokens_per_s_runs: list[float]   # the baseline measured before (and after) the grid
+    alpha: dict[int, float]
+    stage_costs: Optional[StageCosts]
+    settings: dict
+
+    def best(self) -> Optional[Cell]:
+        """Highest measured speedup among cells whose outputs equal the baseline's (all cells if none does)."""
+        measured = [c for c in self.cells if c.measured]
+        lossless = [c for c in measured if c.equal_to_ar] or measured
+        return max(lossless, key=lambda c: c.speedup) if lossless else None
+
+    def predicted_best(self) -> Optional[Cell]:
+        predicted = [c for c in self.cells if c.predicted is not None]
+        return max(predicted, key=lambda c: c.predicted.speedup) if predicted else None
+
+    def predicted_best_rank(self) -> Optional[int]:
+        """Rank (1 = fastest) of the predicted best cell among the measured cells."""
+        pb = self.predicted_best()
+        scores = {c.key: c.speedup for c in self.cells if c.measured}
+        return rank_of(pb.key, scores) if pb is not None and pb.key in scores else None
+
+
+def check_grid(num_layers: int, exit_layers: Sequence[int], depths: Sequence[int]) -> None:
+    """One-line errors for a grid generate() would reject cell by cell."""
+    if not exit_layers or not depths:
+        raise LayerSkipError("empty grid: give at least one exit layer and one speculation depth")
+    for E in exit_layers:
+        if not 1 <= E <= num_layers:
+            raise LayerSkipError(f"exit layer {E} is outside [1, {num_layers}] (the model has {num_layers} layers)")
+    for d in depths:
+        if d < 1:
+            raise LayerSkipError(f"speculation depth {d} must be >= 1")
+
+
+def default_exit_layers(num_layers: int, count: int = 6) -> list[int]:
+    """A spread over the depth: every (L / count)-th layer, the last one excluded (it drafts with every layer)."""
+    if num_layers <= 1:
+        return [1]
+    step = max(1, num_layers // count)
+    return list(range(step, num_layers, step))[:count]
+
+
+def run_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Iterable[int],
+                exit_layer: Optional[int] = None, num_speculations: Optional[int] = None) -> RunStats:
+    """Greedy decoding of each prompt alone; autoregressive when exit_layer is None."""
+    strategy = "autoregressive" if exit_layer is None else "self_speculative"
+    stats = RunStats([])
+    stops = list(stop_ids)
+    for p in prompts:
+        r = generate(model, [list(p)], strategy=strategy, max_new_tokens=max_new_tokens, stop_token_ids=stops,
+                     exit_layer=exit_layer, num_speculations=num_speculations)
+        tokens = r.sequences[0].tokens
+        stats.outputs.append(tokens)
+        stats.decode_tokens += max(0, len(tokens) - 1)
+        stats.decode_s += r.decode_s
+        stats.drafted += r.stats.get("draft_tokens", 0)
+        stats.accepted += r.stats.get("accepted_tokens", 0)
+        stats.rounds += r.stats.get("rounds", 0)
+    return stats
+
+
+def warm_up(model, prompt: Sequence[int], exit_layer: int, d: int, stop_ids: Iterable[int]) -> None:
+    """One short generation per strategy: first calls allocate buffers and page weights in."""
+    run_prompts(model, [prompt], 4, stop_ids)
+    run_prompts(model, [prompt], 4, stop_ids, exit_layer, d)
+
+
+def predict_grid(model, prompts, ar: RunStats, exit_layers, depths, max_new_tokens: int, repeats: int = 5):
+    """-> (alpha, stage costs, {(E, d): Prediction}) from one teacher-forced pass per prompt + microbenchmarks."""
+    from .cost_measure import measure_agreement, measure_stage_costs
+
+    alpha, agreements = measure_agreement(model, prompts, ar.outputs, exit_layers)
+    ar_step_s = ar.decode_s / ar.decode_tokens if ar.decode_tokens else 0.0
+    position = int(sum(len(p) for p in prompts) / len(prompts)) + max_new_tokens // 2
+    costs = measure_stage_costs(model, position, depths, ar_step_s, repeats=repeats)
+    preds = {(E, d): predict(costs, alpha[E], E, d, agreements[E], max_new_tokens)
+             for E in exit_layers for d in depths}
+    return alpha, costs, preds
+
+
+def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int], depths: Sequence[int],
+              max_new_tokens: int, stop_ids: Iterable[int], *, measure: bool = True, with_prediction: bool = True,
+              progress: bool = False, settings: Optional[dict] = None) -> SweepResult:
+    """The autoregressive baseline, then (with_prediction) the cost model, then (measure) every grid cell."""
+    exit_layers, depths = sorted(set(exit_layers)), sorted(set(depths))
+    check_grid(model.num_layers, exit_layers, depths)
+    if not prompts:
+        raise LayerSkipError("no prompts to sweep over")
+    if max_new_tokens < 2:
+        raise LayerSkipError(f"--max-new-tokens must be >= 2 to time decoding, got {max_new_tokens}")
+    stop_ids = list(stop_ids)
+    warm_up(model, prompts[0], exit_layers[0], depths[0], stop_ids)
+    ar = run_prompts(model, prompts, max_new_tokens, stop_ids)
+    runs = [ar.tokens_per_s]
+    cells = {(E, d): Cell(E, d) for E in exit_layers for d in depths}
+    alpha, costs = {}, None
+    if with_prediction:
+        alpha, costs, preds = predict_grid(model, prompts, ar, exit_layers, depths, max_new_tokens)
+        for key, pred in preds.items():
+            cells[key].predicted = pred
+    if measure:
+        measured = {}
+        keys = list(cells)
+        if progress:
+            from tqdm import tqdm
+            keys = tqdm(keys, desc="sweeping (E, d)", unit="cell")
+        for E, d in keys:
+            measured[(E, d)] = run_prompts(model, prompts, max_new_tokens, stop_ids, E, d)
+        runs.append(run_prompts(model, prompts, max_new_tokens, stop_ids).tokens_per_s)
+        base = sum(runs) / len(runs)
+        for key, st in measured.items():
+            c = cells[key]
+            c.acceptance, c.tokens_per_round, c.tokens_per_s = st.acceptance, st.tokens_per_round, st.tokens_per_s
+            c.speedup = st.tokens_per_s / base if base > 0 else 0.0
+            c.equal_to_ar = st.outputs == ar.outputs
+    return SweepResult(list(cells.values()), sum(runs) / len(runs), runs, alpha, costs, dict(settings or {}))

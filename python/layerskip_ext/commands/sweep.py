@@ -1,0 +1,116 @@
+"""``layerskip sweep``: acceptance rate and tokens/s of self-speculation over a grid of (E, d), and the cost model.
+
+    layerskip sweep --model smollm2-135m-layerskip --out sweep/            # measured grid + predictions
+    layerskip sweep --model smollm2-135m-layerskip --predict               # cost model only (fast)
+    layerskip sweep --model smollm2-135m-layerskip --write-default         # store the best (E, d) in its config
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import LayerSkipError
+from .common import int_list, prompt_texts, setup_threads
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Measure self-speculative decoding (acceptance rate, tokens/s, speedup over autoregressive "
+                     "decoding measured in the same run) over a grid of exit layers E and speculation depths d, "
+                     "with the cost model's prediction for every cell. Writes DIR/sweep.json, DIR/sweep.md and "
+                     "DIR/sweep.png and prints the best (E, d).")
+    p.add_argument("--model", required=True, help="HF folder, .gguf file, adapter folder, or a packaged name")
+    p.add_argument("--exit-layers", default=None, metavar="E1,E2,...",
+                   help="exit layers to try (default: a spread of about six over the depth)")
+    p.add_argument("--num-speculations", default="1,2,3,4,6", metavar="D1,D2,...",
+                   help="speculation depths to try (default 1,2,3,4,6)")
+    p.add_argument("--prompts", default="humaneval",
+                   help="'humaneval' (default), a JSONL(.gz) with a 'prompt' field, or a text file of prompts "
+                        "separated by blank lines")
+    p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="layerskip_sweep", help="output folder (default layerskip_sweep)")
+    p.add_argument("--predict", action="store_true",
+                   help="only the cost model: predicted table and best (E, d) without decoding the full grid")
+    p.add_argument("--write-default", action="store_true",
+                   help="write the best (E, d) as the 'layerskip' block of the model's adapter_config.json "
+                        "(adapter) or config.json (HF folder), which --strategy auto then uses")
+
+
+def _check_args(args) -> tuple[list[int] | None, list[int]]:
+    exits = int_list(args.exit_layers, "--exit-layers") if args.exit_layers is not None else None
+    depths = int_list(args.num_speculations, "--num-speculations")
+    if exits is not None and not exits:
+        raise LayerSkipError("empty grid: --exit-layers lists no exit layer")
+    if not depths:
+        raise LayerSkipError("empty grid: --num-speculations lists no depth")
+    bad = [d for d in depths if d < 1]
+    if bad:
+        raise LayerSkipError(f"--num-speculations: depth {bad[0]} must be >= 1")
+    if args.num_prompts < 1:
+        raise LayerSkipError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.max_new_tokens < 2:
+        raise LayerSkipError(f"--max-new-tokens must be >= 2, got {args.max_new_tokens}")
+    return exits, depths
+
+
+def cmd_sweep(args) -> int:
+    import torch
+
+    from ..analysis.sweep import check_grid, default_exit_layers, run_sweep
+    from ..analysis.sweep_report import format_markdown, write_reports
+    from ..model import load_model
+
+    exits, depths = _check_args(args)
+    setup_threads(args.threads)
+    texts = prompt_texts(args.prompts)[:args.num_prompts]  # before loading: a bad prompts file fails fast
+    if args.write_default:
+        from ..io.layerskip_block import layerskip_config_path
+
+        layerskip_config_path(args.model)  # a GGUF has nowhere to store it: say so before the long run
+    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True)
+    if tokenizer is None:
+        raise LayerSkipError(f"{args.model} has no tokenizer")
+    exits = exits if exits is not None else default_exit_layers(model.num_layers)
+    check_grid(model.num_layers, exits, depths)
+    prompts = [tokenizer.encode(t) for t in texts]
+    stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
+    settings = {"model": args.model, "dtype": args.dtype, "backend": model.ops.name,
+                "threads": torch.get_num_threads(), "prompts": args.prompts, "num_prompts": len(prompts),
+                "max_new_tokens": args.max_new_tokens, "load_average_1m": round(os.getloadavg()[0], 2)}
+    print(f"sweeping {len(exits)} exit layers x {len(depths)} depths over {len(prompts)} prompts"
+          + (" (cost model only)" if args.predict else ""), file=sys.stderr)
+    res = run_sweep(model, prompts, exits, depths, args.max_new_tokens, stop_ids, measure=not args.predict,
+                    with_prediction=True, progress=True, settings=settings)
+    title = f"{args.model} ({args.dtype}, {settings['threads']} threads)"
+    print(format_markdown(res, title))
+    paths, note = write_reports(res, args.out, title)
+    if note:
+        print(note, file=sys.stderr)
+    print("wrote " + ", ".join(paths), file=sys.stderr)
+
+    best = res.predicted_best() if args.predict else res.best()
+    speedup = best.predicted.speedup if args.predict else best.speedup
+    label = "predicted best" if args.predict else "best"
+    print(f"{label}: E={best.exit_layer} d={best.num_speculations} ({speedup:.2f}x vs autoregressive)")
+    if args.write_default:
+        _write_default(args.model, best, speedup, args.predict)
+    return 0
+
+
+def _write_default(model: str, best, speedup: float, predicted: bool) -> None:
+    from ..io.layerskip_block import write_layerskip_block
+
+    extra = {"speedup": round(speedup, 3), "source": "layerskip sweep" + (" --predict" if predicted else "")}
+    if not predicted:
+        extra["acceptance"] = round(best.acceptance, 4)
+    path = write_layerskip_block(model, best.exit_layer, best.num_speculations, extra)
+    print(f"wrote exit_layer={best.exit_layer}, num_speculations={best.num_speculations} to {path}",
+          file=sys.stderr)
+    if speedup <= 1.0:
+        # Still written, as asked: but --strategy auto will now self-speculate, which this model does not gain by.
+        print(f"note: the best setting is not faster than autoregressive decoding ({speedup:.2f}x); "
+              f"--strategy auto will self-speculate with it", file=sys.stderr)

@@ -1,0 +1,160 @@
+"""The self-speculation cost model: its arithmetic, the exact replay of greedy rounds, and its measurements on a
+tiny model (structure only: performance is never asserted)."""
+import math
+
+import pytest
+import torch
+
+from layerskip_ext import ops
+from layerskip_ext.analysis.cost_measure import measure_agreement, measure_stage_costs
+from layerskip_ext.analysis.cost_model import (StageCosts, ar_step_model_s, expected_acceptance,
+                                               expected_tokens_per_round, overhead_from_ar, predict, rank_of,
+                                               replay_rounds, round_time_s)
+from layerskip_ext.analysis.sweep import Cell, SweepResult, check_grid, default_exit_layers, run_prompts
+from layerskip_ext.errors import LayerSkipError
+from tiny_checkpoints import make_tiny_model
+
+needs_native = pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+
+
+def costs(**kw):
+    fields = dict(num_layers=10, layer_s={1: 1.0, 3: 2.0}, call_s={1: 0.5, 3: 0.7}, head_s={1: 3.0, 3: 4.0},
+                  overhead_s=0.25, ar_step_s=13.75)
+    fields.update(kw)
+    return StageCosts(**fields)
+
+
+@pytest.mark.parametrize("alpha,d,expected", [(0.0, 3, 1.0), (1.0, 4, 5.0), (0.5, 2, 1.75), (0.9, 1, 1.9)])
+def test_tokens_per_round_is_a_truncated_geometric_sum(alpha, d, expected):
+    assert expected_tokens_per_round(alpha, d) == pytest.approx(expected)
+
+
+def test_expected_acceptance_is_accepted_over_drafted():
+    assert expected_acceptance(0.5, 2) == pytest.approx((0.5 + 0.25) / 2)
+    assert expected_acceptance(1.0, 6) == pytest.approx(1.0)
+    assert expected_acceptance(0.0, 3) == 0.0
+    with pytest.raises(ValueError):
+        expected_tokens_per_round(1.5, 2)
+
+
+def test_round_time_adds_draft_verify_and_overhead():
+    c = costs()
+    # draft: 3 x (0.5 + 4 x 1.0) + 2 x 3.0 = 19.5; verify: 0.7 + 6 x 2.0 + 4.0 = 16.7; overhead 0.25
+    assert round_time_s(c, 4, 2) == pytest.approx(36.45)
+    # E = L: nothing left to verify but the head on d + 1 rows
+    assert round_time_s(c, 10, 2) == pytest.approx(3 * 10.5 + 6.0 + 0.7 + 4.0 + 0.25)
+    with pytest.raises(ValueError):
+        round_time_s(c, 11, 2)
+    with pytest.raises(ValueError):
+        round_time_s(c, 4, 3)  # no T = 4 measurements
+
+
+def test_overhead_is_what_the_model_calls_leave_of_a_step():
+    c = costs()
+    assert ar_step_model_s(c) == pytest.approx(13.5)
+    assert overhead_from_ar(1.0, 0.5, 3.0, 10, 13.75) == pytest.approx(0.25)
+    assert overhead_from_ar(1.0, 0.5, 3.0, 10, 12.0) == 0.0  # never negative
+
+
+def test_predicted_speedup():
+    c = costs()
+    p = predict(c, 0.5, 4, 2)
+    assert p.tokens_per_round == pytest.approx(1.75)
+    assert p.round_s == pytest.approx(36.45)
+    assert p.speedup == pytest.approx(1.75 * 13.75 / 36.45)
+    assert p.tokens_per_s == pytest.approx(1.75 / 36.45)
+    assert p.replay_speedup is None
+    # with agreement sequences the replay gives exact tokens per round: 1 round emitting 3 tokens
+    p = predict(c, 0.5, 4, 2, agreements=[[False, True, True, False]], max_new_tokens=4)
+    assert p.replay_tokens_per_round == pytest.approx(3.0)
+    assert p.replay_speedup == pytest.approx(3.0 * 13.75 / 36.45)
+
+
+def test_replay_rounds():
+    # token 0 is the prefill's; round 1 accepts 2 drafts (+1), round 2 accepts the last token as a draft
+    assert replay_rounds([[False, True, True, False, True]], 2) == (2, 4, 3)
+    # all drafts rejected: one token per round
+    assert replay_rounds([[True] + [False] * 5], 3) == (5, 5, 0)
+    # the last rounds draft no further than max_new_tokens allows (remaining - 1)
+    assert replay_rounds([[True] * 6], 4, max_new_tokens=6) == (1, 5, 4)
+    assert replay_rounds([[True] * 6], 2, max_new_tokens=6) == (2, 5, 3)
+    # prompts add up; an empty or one-token output has no round
+    assert replay_rounds([[True, True], [], [False]], 1) == (1, 1, 1)
+    with pytest.raises(ValueError):
+        replay_rounds([[True]], 0)
+
+
+def test_rank_of():
+    scores = {(1, 1): 0.5, (1, 2): 1.5, (2, 1): 1.2, (2, 2): 1.5}
+    assert rank_of((1, 2), scores) == 1 and rank_of((2, 2), scores) == 1
+    assert rank_of((2, 1), scores) == 3 and rank_of((1, 1), scores) == 4
+    with pytest.raises(KeyError):
+        rank_of((3, 3), scores)
+
+
+def test_sweep_result_best_prefers_lossless_and_ranks_the_prediction():
+    def cell(E, d, speedup, equal, pred):
+        c = Cell(E, d, acceptance=0.5, tokens_per_round=1.5, tokens_per_s=10 * speedup, speedup=speedup,
+                 equal_to_ar=equal)
+        c.predicted = predict(costs(), 0.5, 4, 2)
+        c.predicted.speedup = pred
+        return c
+
+    res = SweepResult([cell(1, 1, 2.0, False, 0.9), cell(1, 2, 1.4, True, 1.1), cell(2, 1, 1.2, True, 1.3)],
+                      10.0, [10.0], {}, None, {})
+    assert res.best().key == (1, 2)           # (1, 1) is faster but not lossless
+    assert res.predicted_best().key == (2, 1)
+    assert res.predicted_best_rank() == 3     # measured: 2.0, 1.4, 1.2
+
+
+def test_check_grid_and_default_exit_layers():
+    check_grid(4, [1, 4], [1, 2])
+    for exits, depths, msg in (([], [1], "empty grid"), ([1], [], "empty grid"), ([5], [1], "outside [1, 4]"),
+                               ([0], [1], "outside [1, 4]"), ([2], [0], ">= 1")):
+        with pytest.raises(LayerSkipError, match=msg.replace("[", r"\[")):
+            check_grid(4, exits, depths)
+    assert default_exit_layers(30) == [5, 10, 15, 20, 25]
+    assert default_exit_layers(32) == [5, 10, 15, 20, 25, 30]
+    assert default_exit_layers(4) == [1, 2, 3]
+    assert default_exit_layers(1) == [1]
+
+
+def damped_model():
+    """A tiny model whose deeper layers barely move the residual stream, so early exits agree with the last
+    layer often but not always (a random model's exits almost never agree)."""
+    model = make_tiny_model(seed=5, num_hidden_layers=4, vocab_size=300, max_position_embeddings=128)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            if i >= 1:
+                layer.self_attn.o_proj.weight.mul_(0.4)
+                layer.mlp.down_proj.weight.mul_(0.4)
+    return model.use_native_ops(True)
+
+
+@needs_native
+def test_replay_of_measured_agreement_equals_real_self_speculation():
+    """The agreement sequences from one teacher-forced pass replay generate()'s greedy rounds exactly."""
+    model = damped_model()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 9, 14)]
+    max_new = 24
+    ar = run_prompts(model, prompts, max_new, [])
+    alpha, agreements = measure_agreement(model, prompts, ar.outputs, [1, 2, 3, 4])
+    assert alpha[4] == 1.0  # the last layer agrees with itself
+    assert any(0.1 < alpha[E] < 0.9 for E in (1, 2, 3)), alpha  # the test needs a model with partial agreement
+    for E in (1, 2, 3):
+        for d in (1, 3, 5):
+            ss = run_prompts(model, prompts, max_new, [], E, d)
+            assert ss.outputs == ar.outputs
+            rounds, emitted, accepted = replay_rounds(agreements[E], d, max_new)
+            assert (rounds, emitted, accepted) == (ss.rounds, ss.decode_tokens, ss.accepted), (E, d)
+
+
+def test_measure_stage_costs_structure():
+    model = damped_model() if ops.native_available() else make_tiny_model(num_hidden_layers=4)
+    c = measure_stage_costs(model, position=20, depths=[1, 3], ar_step_s=1e-3, repeats=2)
+    assert c.num_layers == 4 and set(c.layer_s) == set(c.call_s) == set(c.head_s) == {1, 2, 4}
+    values = list(c.layer_s.values()) + list(c.call_s.values()) + list(c.head_s.values()) + [c.overhead_s]
+    assert all(math.isfinite(v) and v >= 0 for v in values)
+    assert c.overhead_s == pytest.approx(overhead_from_ar(c.layer_s[1], c.call_s[1], c.head_s[1], 4, 1e-3))
+    assert round_time_s(c, 2, 3) > 0
