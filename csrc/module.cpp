@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/limits.h"
+#include "common/poison.h"
 #include "cpu/gemm/gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -94,4 +95,7 @@ PYBIND11_MODULE(_C, m) {
                                   layerskip::cpu::gemm::available() + ")");
     return prev;
   });
+  // Test hook: exit_head_sample / exit_head_log_softmax fill their outputs with NaN / -1 before writing them
+  // (common/poison.h); returns the previous setting.
+  m.def("_set_poison_outputs", [](bool on) { return layerskip::poison_outputs().exchange(on); });
 }

@@ -16,6 +16,18 @@ TORCH_LIBRARY(layerskip, m) {
   // h[..., H] -> [...] int64: argmax(linear(rms_norm(h, norm_weight, eps), lm_head[V, H]), -1), ties -> lowest;
   // with vocab_subset[V'] int64 only those rows of lm_head are scored (the chosen id is returned)
   m.def("exit_head_argmax(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) -> Tensor");
+  // The exit head for sampling: h[..., H], uniforms[...] float32 in [0, 1) (one per row), temperature > 0,
+  // top_k >= 0 (0: off), top_p in (0, 1] (1: off) -> tokens[...] int64, probs[..., V] float32: the filtered
+  // distribution of softmax(logits / temperature) (common/head_filter.h; generation/sampling.py filtered_probs)
+  // that token was drawn from by inverse CDF (common/sampling.h), logits = linear(rms_norm(h), lm_head) bitwise
+  // the native ops'. With vocab_subset[V'] the distribution is over those rows of lm_head (probs[..., V'] in
+  // vocab_subset's order) and tokens are their ids. Deterministic given the uniforms.
+  m.def("exit_head_sample(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor uniforms, "
+        "float temperature, int top_k, float top_p, Tensor? vocab_subset) -> (Tensor tokens, Tensor probs)");
+  // h[..., H] -> [..., V] float32: log_softmax of the exit head's logits (bitwise the native ops'), computed in
+  // float64 and rounded once; with vocab_subset[V'], over those rows of lm_head only ([..., V']).
+  m.def("exit_head_log_softmax(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) "
+        "-> Tensor");
   // drafts[B, d] int64, target[B, d+1] int64 (the verifier's argmax), positions[B] int64 (+= accepted + 1 in place)
   //   -> accepted[B] (agreeing prefix length), next_token[B] = target[b, accepted[b]]
   m.def("verify_greedy(Tensor drafts, Tensor target, Tensor(a!) positions) -> (Tensor accepted, Tensor next_token)");

@@ -186,9 +186,9 @@ struct HeadDims {
   bool subset;
 };
 
-inline HeadDims validate_exit_head_argmax(const at::Tensor& h, const at::Tensor& norm_weight,
-                                          const at::Tensor& lm_head, const std::optional<at::Tensor>& subset) {
-  constexpr const char* op = "exit_head_argmax";
+// The exit head's common arguments (exit_head_argmax, exit_head_sample, exit_head_log_softmax), messages under op.
+inline HeadDims validate_exit_head(const char* op, const at::Tensor& h, const at::Tensor& norm_weight,
+                                   const at::Tensor& lm_head, const std::optional<at::Tensor>& subset) {
   check_defined(h, op, "h");
   TORCH_CHECK(h.dim() >= 1, op, ": h must have at least 1 dim [..., H], got 0-D");
   check_rank(norm_weight, 1, op, "norm_weight", "[H]");
@@ -223,12 +223,57 @@ inline HeadDims validate_exit_head_argmax(const at::Tensor& h, const at::Tensor&
   return {M, H, V, has_subset};
 }
 
+inline HeadDims validate_exit_head_argmax(const at::Tensor& h, const at::Tensor& norm_weight,
+                                          const at::Tensor& lm_head, const std::optional<at::Tensor>& subset) {
+  return validate_exit_head("exit_head_argmax", h, norm_weight, lm_head, subset);
+}
+
+// exit_head_sample: the head's arguments, then uniforms (shape h.shape[:-1], float32) and the sampling parameters.
+// The values of uniforms are checked by the CPU kernel only (check_uniform_values): reading them on the host would
+// synchronise a CUDA stream.
+inline HeadDims validate_exit_head_sample(const at::Tensor& h, const at::Tensor& norm_weight,
+                                          const at::Tensor& lm_head, const at::Tensor& uniforms, double temperature,
+                                          int64_t top_k, double top_p, const std::optional<at::Tensor>& subset) {
+  constexpr const char* op = "exit_head_sample";
+  const HeadDims d = validate_exit_head(op, h, norm_weight, lm_head, subset);
+  check_defined(uniforms, op, "uniforms");
+  check_dtype(uniforms, at::kFloat, op, "uniforms");
+  check_same_device(uniforms, h, op, "uniforms", "h");
+  TORCH_CHECK(uniforms.sizes() == h.sizes().slice(0, h.dim() - 1), op,
+              ": uniforms must have the shape of h without its last dim ", h.sizes().slice(0, h.dim() - 1),
+              " (one per row), got ", uniforms.sizes());
+  check_contiguous(uniforms, op, "uniforms");
+  // The negated comparisons reject NaN too.
+  TORCH_CHECK(temperature > 0.0 && temperature <= 3.4e38, op, ": temperature must be a finite number > 0, got ",
+              temperature, " (greedy decoding is exit_head_argmax)");
+  TORCH_CHECK(static_cast<float>(temperature) > 0.0f, op, ": temperature ", temperature,
+              " rounds to 0 in float32");
+  TORCH_CHECK(top_k >= 0, op, ": top_k must be >= 0 (0 disables it), got ", top_k);
+  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, op, ": top_p must be in (0, 1] (1 disables it), got ", top_p);
+  TORCH_CHECK(d.V <= (int64_t(1) << 30), op, ": at most 2^30 vocabulary columns, got ", d.V);
+  return d;
+}
+
+inline HeadDims validate_exit_head_log_softmax(const at::Tensor& h, const at::Tensor& norm_weight,
+                                               const at::Tensor& lm_head, const std::optional<at::Tensor>& subset) {
+  return validate_exit_head("exit_head_log_softmax", h, norm_weight, lm_head, subset);
+}
+
 // CPU only: 0 <= vocab_subset[i] < V.
-inline void check_subset_values(const at::Tensor& subset, int64_t V) {
+inline void check_subset_values(const at::Tensor& subset, int64_t V, const char* op = "exit_head_argmax") {
   const int64_t* p = subset.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < subset.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < V, "exit_head_argmax: vocab_subset[", i, "] = ", p[i],
+    TORCH_CHECK(p[i] >= 0 && p[i] < V, op, ": vocab_subset[", i, "] = ", p[i],
                 " is out of range [0, V) with V = lm_head.size(0) = ", V);
+  }
+}
+
+// CPU only: every uniform in [0, 1) (u = 1 would pick past the last token of the inverse CDF).
+inline void check_uniform_values(const at::Tensor& uniforms, const char* op) {
+  const float* p = uniforms.const_data_ptr<float>();
+  for (int64_t i = 0; i < uniforms.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0.0f && p[i] < 1.0f, op, ": uniforms[", i, "] (flat index) = ", p[i],
+                " is outside [0, 1)");
   }
 }
 

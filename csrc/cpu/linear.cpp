@@ -126,6 +126,32 @@ void gemm_jobs(const XPanel& x, const GemmJob* jobs, int n_jobs) {
       threads);
 }
 
+void build_head_panel(XPanel& panel, const at::Tensor& h, const at::Tensor& norm_weight, float eps, int64_t M,
+                      int64_t H) {
+  // Normed rows, exactly as the rms_norm op computes them (rounded to h's dtype), as the gemm panel.
+  panel.M = M;
+  if (h.scalar_type() == at::kFloat) {
+    panel.ld = gemm::padded_k(H, gemm::kBlockF32);
+    panel.buf.assign(static_cast<size_t>(M * panel.ld), 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      rms_norm_rows(h.const_data_ptr<float>() + m * H, norm_weight.const_data_ptr<float>(),
+                    panel.buf.data() + m * panel.ld, 0, 1, H, eps);
+    panel.p = panel.buf.data();
+  } else {
+    panel.ld = gemm::padded_k(H, gemm::kBlockBF16);
+    panel.bbuf.assign(static_cast<size_t>(M * panel.ld), 0);
+    for (int64_t m = 0; m < M; ++m) {
+      const c10::BFloat16* xr = h.const_data_ptr<c10::BFloat16>() + m * H;
+      auto* dst = reinterpret_cast<c10::BFloat16*>(panel.bbuf.data() + m * panel.ld);
+      if (norm_weight.scalar_type() == at::kFloat)
+        rms_norm_rows(xr, norm_weight.const_data_ptr<float>(), dst, 0, 1, H, eps);
+      else
+        rms_norm_rows(xr, norm_weight.const_data_ptr<c10::BFloat16>(), dst, 0, 1, H, eps);
+    }
+    panel.b = panel.bbuf.data();
+  }
+}
+
 namespace {
 
 // ---- linear -------------------------------------------------------------------------------------------------------
@@ -170,31 +196,9 @@ at::Tensor exit_head_argmax_cpu(const at::Tensor& h, const at::Tensor& norm_weig
   at::Tensor out = at::empty(shape, h.options().dtype(at::kLong));
   if (d.M == 0) return out;
   const float feps = static_cast<float>(eps);
-  const bool f32 = h.scalar_type() == at::kFloat;
-
-  // Normed rows, exactly as the rms_norm op computes them (rounded to h's dtype), as the gemm panel.
   XPanel panel;
-  panel.M = d.M;
-  if (f32) {
-    panel.ld = gemm::padded_k(d.H, gemm::kBlockF32);
-    panel.buf.assign(static_cast<size_t>(d.M * panel.ld), 0.0f);
-    for (int64_t m = 0; m < d.M; ++m)
-      rms_norm_rows(h.const_data_ptr<float>() + m * d.H, norm_weight.const_data_ptr<float>(),
-                    panel.buf.data() + m * panel.ld, 0, 1, d.H, feps);
-    panel.p = panel.buf.data();
-  } else {
-    panel.ld = gemm::padded_k(d.H, gemm::kBlockBF16);
-    panel.bbuf.assign(static_cast<size_t>(d.M * panel.ld), 0);
-    for (int64_t m = 0; m < d.M; ++m) {
-      const c10::BFloat16* xr = h.const_data_ptr<c10::BFloat16>() + m * d.H;
-      auto* dst = reinterpret_cast<c10::BFloat16*>(panel.bbuf.data() + m * panel.ld);
-      if (norm_weight.scalar_type() == at::kFloat)
-        rms_norm_rows(xr, norm_weight.const_data_ptr<float>(), dst, 0, 1, d.H, feps);
-      else
-        rms_norm_rows(xr, norm_weight.const_data_ptr<c10::BFloat16>(), dst, 0, 1, d.H, feps);
-    }
-    panel.b = panel.bbuf.data();
-  }
+  build_head_panel(panel, h, norm_weight, feps, d.M, d.H);
+  const bool f32 = h.scalar_type() == at::kFloat;
 
   const int64_t* subset = d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr;
   const int64_t elt = lm_head.element_size();

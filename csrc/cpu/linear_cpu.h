@@ -30,6 +30,11 @@ struct XPanel {
   void build_bf16(const c10::BFloat16* x, int64_t rows, int64_t K);
 };
 
+// The exit head's gemm panel: rms_norm(h[M, H], norm_weight[H], eps) row by row exactly as the rms_norm op computes
+// it (rounded to h's dtype: float32 or bfloat16), so linear over it gives the native ops' logits bit for bit.
+void build_head_panel(XPanel& panel, const at::Tensor& h, const at::Tensor& norm_weight, float eps, int64_t M,
+                      int64_t H);
+
 // Columns [j0, j0 + nw) of x W^T (weight [N, K] float32 or bfloat16; with idx, column j is row idx[j] of W and
 // idx points at the block's first entry) into out.
 void gemm_block(const XPanel& x, const at::Tensor& weight, int64_t j0, int64_t nw, const int64_t* idx,

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "common/head_filter.h"
 #include "common/limits.h"
 #include "common/sampling.h"
 #include "cuda/launchers.h"
@@ -409,6 +410,211 @@ __global__ void head_argmax_final_kernel(const float* __restrict__ part_val, con
   out[m] = id;
 }
 
+// ---- exit_head_sample / exit_head_log_softmax ----------------------------------------------------------------------
+// The logits: head_argmax_partial_kernel's columns (the linear kernel's dot per column), written out as float32.
+template <typename T>
+__global__ void __launch_bounds__(kLinWarps * 32)
+    head_logits_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ subset, int64_t M,
+                       int64_t K, int64_t V, int64_t rows_w, float* __restrict__ out) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t m0 = int64_t(blockIdx.y) * kLinRows;
+  const int rows = static_cast<int>(M - m0 < kLinRows ? M - m0 : kLinRows);
+  const T* xt = x + m0 * K;
+  const bool vec_ok = vec_aligned(x, K) && vec_aligned(w, K);
+  const int64_t n0 = (int64_t(blockIdx.x) * kLinWarps + warp) * kLinCols;
+  for (int c = 0; c < kLinCols; ++c) {
+    const int64_t n = n0 + c;
+    if (n >= V) break;
+    const int64_t row = subset != nullptr ? subset[n] : n;
+    const bool row_ok = row >= 0 && row < rows_w;  // a bad vocab_subset entry: a NaN column, never a bad read
+    float acc[kLinRows];
+    warp_dot_rows(xt, K, rows, w + (row_ok ? row : 0) * K, K, vec_ok, acc);
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < kLinRows; ++m)
+        if (m < rows) out[(m0 + m) * V + n] = row_ok ? to_f32(from_f32<T>(acc[m])) : nan_f32();
+    }
+  }
+}
+
+// One block of kRowThreads per row. Every step is the CPU kernel's (csrc/cpu/exit_head.cpp) with the same
+// arithmetic: elementwise steps are per element; sums are common/sampling.h's chunk sums (a thread per chunk, then
+// thread 0 adds them in order); max is exact in any order; the selects count / add integers (exact in any order).
+constexpr int kRowThreads = 256;
+
+__device__ __forceinline__ float row_max(const float* row, int64_t V, float* s_red) {
+  float m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) m = row[i] > m ? row[i] : m;  // NaN ignored, as the CPU
+  s_red[threadIdx.x] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float r = -INFINITY;
+    for (int t = 0; t < kRowThreads; ++t) r = s_red[t] > r ? s_red[t] : r;
+    s_red[0] = r;
+  }
+  __syncthreads();
+  const float r = s_red[0];
+  __syncthreads();  // s_red is reused
+  return r;
+}
+
+// S(row): chunk sums into S, their total in chunk order (thread 0), returned to every thread.
+__device__ __forceinline__ double row_chunked_sum(const float* row, int64_t V, double* S, double* s_total) {
+  const int64_t n = (V + kSampleChunk - 1) / kSampleChunk;
+  const SampleWeights w{row, nullptr};
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) S[c] = sample_chunk_sum(w, c, V);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int64_t c = 0; c < n; ++c) t += S[c];
+    *s_total = t;
+  }
+  __syncthreads();
+  return *s_total;  // rewritten only after the next call's first barrier, which every thread reaches after this read
+}
+
+struct SelectShared {
+  uint32_t count[kSelectBins];
+  unsigned long long weight[kSelectBins];
+  uint32_t prefix;
+  unsigned long long carried;
+};
+
+// Radix select over the order keys of row[0, V) (common/head_filter.h, the CPU's radix_select): weights 1 each or
+// F(value) (mass). On return every thread may read sh.prefix (the selected key) and sh.carried (the weight above).
+__device__ void row_radix_select(const float* row, int64_t V, bool mass, uint64_t limit, SelectShared& sh) {
+  if (threadIdx.x == 0) {
+    sh.prefix = 0;
+    sh.carried = 0;
+  }
+  for (int level = 0; level < 4; ++level) {
+    const int shift = 24 - 8 * level;
+    for (int i = threadIdx.x; i < kSelectBins; i += blockDim.x) {
+      sh.count[i] = 0;
+      sh.weight[i] = 0;
+    }
+    __syncthreads();
+    const uint32_t prefix = sh.prefix;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const float v = row[i];
+      const uint32_t k = order_key(v);
+      if (level > 0 && (k >> (shift + 8)) != (prefix >> (shift + 8))) continue;
+      const uint32_t dg = (k >> shift) & 0xffu;
+      atomicAdd(&sh.count[dg], 1u);
+      atomicAdd(&sh.weight[dg], mass ? static_cast<unsigned long long>(prob_fixed(v)) : 1ull);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint64_t carried = sh.carried;
+      const int dg = select_digit(sh.count, reinterpret_cast<const uint64_t*>(sh.weight), limit, carried);
+      sh.prefix = prefix | (static_cast<uint32_t>(dg < 0 ? 0 : dg) << shift);  // dg >= 0 always (see select_digit)
+      sh.carried = carried;
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void __launch_bounds__(kRowThreads)
+    head_sample_rows_kernel(float* __restrict__ probs, const float* __restrict__ uniforms,
+                            const int64_t* __restrict__ subset, int64_t V, float temperature, int64_t top_k,
+                            double top_p, double* __restrict__ scratch, int64_t* __restrict__ tokens) {
+  __shared__ SelectShared sh;
+  __shared__ float s_red[kRowThreads];
+  __shared__ unsigned long long s_ties[kRowThreads];
+  __shared__ unsigned long long s_keep;
+  __shared__ double s_total;
+  const int64_t m = blockIdx.x;
+  const int64_t nchunks = (V + kSampleChunk - 1) / kSampleChunk;
+  float* row = probs + m * V;
+  double* S = scratch + m * nchunks;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) row[i] = __fdiv_rn(row[i], temperature);
+  __syncthreads();
+  if (top_k > 0 && top_k < V) {
+    row_radix_select(row, V, false, static_cast<uint64_t>(top_k), sh);
+    const uint32_t kth = sh.prefix;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+      if (order_key(row[i]) < kth) row[i] = -INFINITY;
+    __syncthreads();
+  }
+  const float mx = row_max(row, V, s_red);
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+    row[i] = __double2float_rn(exp(__dsub_rn(static_cast<double>(row[i]), static_cast<double>(mx))));
+  __syncthreads();
+  const double total = row_chunked_sum(row, V, S, &s_total);
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+    row[i] = __double2float_rn(__ddiv_rn(static_cast<double>(row[i]), total));
+  __syncthreads();
+  if (top_p < 1.0) {
+    const uint64_t limit = top_p_fixed(top_p);
+    row_radix_select(row, V, true, limit, sh);
+    const uint32_t vkey = sh.prefix;
+    const uint64_t above = sh.carried;
+    // Contiguous spans per thread, so a tie's rank (in id order) is its span's offset plus its place in the span.
+    const int64_t span = (V + kRowThreads - 1) / kRowThreads;
+    const int64_t i0 = int64_t(threadIdx.x) * span < V ? int64_t(threadIdx.x) * span : V;
+    const int64_t i1 = i0 + span < V ? i0 + span : V;
+    unsigned long long mine = 0;
+    for (int64_t i = i0; i < i1; ++i) mine += order_key(row[i]) == vkey;
+    s_ties[threadIdx.x] = mine;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long run = 0;
+      for (int t = 0; t < kRowThreads; ++t) {
+        const unsigned long long c = s_ties[t];
+        s_ties[t] = run;
+        run += c;
+      }
+      s_keep = top_p_ties_kept(run, prob_fixed(key_value(vkey)), above, limit);
+    }
+    __syncthreads();
+    unsigned long long r = s_ties[threadIdx.x];
+    const unsigned long long keep = s_keep;
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint32_t k = order_key(row[i]);
+      if (k > vkey || (k == vkey && r++ < keep)) continue;
+      row[i] = 0.0f;
+    }
+    __syncthreads();
+    const double z = row_chunked_sum(row, V, S, &s_total);
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+      row[i] = __double2float_rn(__ddiv_rn(static_cast<double>(row[i]), z));
+    __syncthreads();
+  }
+  row_chunked_sum(row, V, S, &s_total);
+  if (threadIdx.x == 0) {
+    int64_t j = sample_from_chunks(SampleWeights{row, nullptr}, S, nchunks, V, uniforms[m]);
+    if (j < 0) j = V - 1;  // no mass (non-finite logits): the last column, as verify_sampling
+    tokens[m] = subset != nullptr ? subset[j] : j;
+  }
+}
+
+__global__ void __launch_bounds__(kRowThreads)
+    head_log_softmax_rows_kernel(float* __restrict__ rows, int64_t V, double* __restrict__ scratch) {
+  __shared__ float s_red[kRowThreads];
+  __shared__ double s_total;
+  const int64_t nchunks = (V + kSampleChunk - 1) / kSampleChunk;
+  float* row = rows + int64_t(blockIdx.x) * V;
+  double* S = scratch + int64_t(blockIdx.x) * nchunks;
+  const float mx = row_max(row, V, s_red);
+  const double dmx = static_cast<double>(mx);
+  for (int64_t c = threadIdx.x; c < nchunks; c += blockDim.x) {
+    double s = 0.0;
+    const int64_t end = (c + 1) * kSampleChunk < V ? (c + 1) * kSampleChunk : V;
+    for (int64_t i = c * kSampleChunk; i < end; ++i) s = __dadd_rn(s, exp(__dsub_rn(static_cast<double>(row[i]), dmx)));
+    S[c] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int64_t c = 0; c < nchunks; ++c) t += S[c];
+    s_total = t;
+  }
+  __syncthreads();
+  const double lse = __dadd_rn(dmx, log(s_total));
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+    row[i] = __double2float_rn(__dsub_rn(static_cast<double>(row[i]), lse));
+}
+
 template <typename F>
 void dispatch_lin(DType dt, F&& f) {
   if (dt == DType::kBFloat16)
@@ -563,6 +769,36 @@ void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t row
 }  // namespace layerskip::cuda
 
 namespace layerskip::cuda {
+
+void launch_head_logits(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
+                        int64_t H, int64_t V, float* logits, cudaStream_t stream) {
+  if (M == 0 || V == 0) return;
+  const int64_t cols_per_block = int64_t(kLinWarps) * kLinCols;
+  const dim3 grid(static_cast<unsigned>((V + cols_per_block - 1) / cols_per_block),
+                  static_cast<unsigned>((M + kLinRows - 1) / kLinRows));
+  dispatch_lin(dt, [&](auto tag) {
+    using Ty = decltype(tag);
+    head_logits_kernel<Ty><<<grid, kLinWarps * 32, 0, stream>>>(static_cast<const Ty*>(normed),
+                                                                static_cast<const Ty*>(w), subset, M, H, V, rows_w,
+                                                                logits);
+  });
+}
+
+int64_t head_rows_scratch(int64_t M, int64_t V) { return M * ((V + kSampleChunk - 1) / kSampleChunk); }
+
+void launch_head_sample_rows(float* probs, const float* uniforms, const int64_t* subset, int64_t M, int64_t V,
+                             float temperature, int64_t top_k, double top_p, double* scratch, int64_t* tokens,
+                             cudaStream_t stream) {
+  if (M == 0 || V == 0) return;
+  head_sample_rows_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream>>>(probs, uniforms, subset, V,
+                                                                                temperature, top_k, top_p, scratch,
+                                                                                tokens);
+}
+
+void launch_head_log_softmax_rows(float* rows, int64_t M, int64_t V, double* scratch, cudaStream_t stream) {
+  if (M == 0 || V == 0) return;
+  head_log_softmax_rows_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream>>>(rows, V, scratch);
+}
 
 void launch_verify_greedy(const int64_t* drafts, const int64_t* target, int64_t* positions, int64_t* accepted,
                           int64_t* next, int64_t B, int64_t D, cudaStream_t stream) {

@@ -45,6 +45,24 @@ int64_t head_argmax_blocks(int64_t V);
 void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
                         int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, cudaStream_t stream);
 
+// logits[M, V] float32 = linear(normed, w[subset]) as the linear kernel computes each column, rounded to dt (the
+// linear op's output) and widened; normed [M, H] (dt: float32 or bfloat16), w [rows_w, H], subset [V] or null. A
+// subset entry outside [0, rows_w) gives a NaN column (never an out-of-bounds read).
+void launch_head_logits(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
+                        int64_t H, int64_t V, float* logits, cudaStream_t stream);
+
+// float64 scratch elements launch_head_sample_rows / launch_head_log_softmax_rows need for M rows of V.
+int64_t head_rows_scratch(int64_t M, int64_t V);
+
+// In place over probs [M, V] (the logits in, the filtered distribution out: common/head_filter.h), tokens [M] drawn
+// with uniforms [M] (common/sampling.h; mapped through subset [V] when not null; V - 1 when there is no mass).
+void launch_head_sample_rows(float* probs, const float* uniforms, const int64_t* subset, int64_t M, int64_t V,
+                             float temperature, int64_t top_k, double top_p, double* scratch, int64_t* tokens,
+                             cudaStream_t stream);
+
+// In place over rows [M, V]: the logits in, their log_softmax out (float64 arithmetic, rounded once).
+void launch_head_log_softmax_rows(float* rows, int64_t M, int64_t V, double* scratch, cudaStream_t stream);
+
 // drafts [B, D], target [B, D+1], positions/accepted/next [B], all int64 (positions updated in place).
 void launch_verify_greedy(const int64_t* drafts, const int64_t* target, int64_t* positions, int64_t* accepted,
                           int64_t* next, int64_t B, int64_t D, cudaStream_t stream);

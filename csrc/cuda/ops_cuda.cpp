@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/poison.h"
 #include "common/validate.h"
 #include "cuda/launchers.h"
 
@@ -132,6 +133,78 @@ at::Tensor exit_head_argmax_cuda(const at::Tensor& h, const at::Tensor& norm_wei
   return out;
 }
 
+// exit_head_sample / exit_head_log_softmax: the rms_norm kernel, the linear kernel's columns written as float32
+// logits into the output, then one block per row over them in place. All on the current stream, no host sync (the
+// values of uniforms and vocab_subset are not checked here: see launchers.h for what bad ones do).
+void head_logits_cuda(const char* op, const HeadDims& d, const at::Tensor& h, const at::Tensor& norm_weight,
+                            double eps, const at::Tensor& lm_head, const std::optional<at::Tensor>& vocab_subset,
+                            at::Tensor out /* [M, V] float32 */) {
+  const DType dt = to_dtype(h, op, "h");
+  const cudaStream_t stream = stream_of(h);
+  at::Tensor normed = at::empty({d.M, d.H}, h.options());
+  launch_rms_norm(dt, norm_weight.scalar_type() != h.scalar_type(), h.const_data_ptr(), norm_weight.const_data_ptr(),
+                  normed.mutable_data_ptr(), d.M, d.H, static_cast<float>(eps), stream);
+  launch_head_logits(dt, normed.const_data_ptr(), lm_head.const_data_ptr(), lm_head.size(0),
+                     d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr, d.M, d.H, d.V,
+                     out.mutable_data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}  // normed may be freed now: the caching allocator reuses it only in stream order, after these kernels
+
+void check_head_rows(const char* op, const HeadDims& d) {
+  TORCH_CHECK((d.M + 7) / 8 <= 65535 && d.M <= std::numeric_limits<int32_t>::max(), op,
+              ": too many rows for one launch (", d.M, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> exit_head_sample_cuda(const at::Tensor& h, const at::Tensor& norm_weight,
+                                                         double eps, const at::Tensor& lm_head,
+                                                         const at::Tensor& uniforms, double temperature,
+                                                         int64_t top_k, double top_p,
+                                                         const std::optional<at::Tensor>& vocab_subset) {
+  constexpr const char* op = "exit_head_sample";
+  const auto d = validate_exit_head_sample(h, norm_weight, lm_head, uniforms, temperature, top_k, top_p,
+                                           vocab_subset);
+  check_device_type(h, c10::DeviceType::CUDA, op, "h");
+  check_head_rows(op, d);
+  const c10::cuda::CUDAGuard guard(h.device());
+  std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end() - 1);
+  at::Tensor tokens = at::empty(shape, h.options().dtype(at::kLong));
+  shape.push_back(d.V);
+  at::Tensor probs = at::empty(shape, h.options().dtype(at::kFloat));
+  if (poison_outputs().load()) {
+    tokens.fill_(-1);
+    probs.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  if (d.M == 0) return {tokens, probs};
+  head_logits_cuda(op, d, h, norm_weight, eps, lm_head, vocab_subset, probs);
+  at::Tensor scratch = at::empty({std::max<int64_t>(1, head_rows_scratch(d.M, d.V))}, h.options().dtype(at::kDouble));
+  launch_head_sample_rows(probs.mutable_data_ptr<float>(), uniforms.const_data_ptr<float>(),
+                          d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr, d.M, d.V,
+                          static_cast<float>(temperature), top_k, top_p, scratch.mutable_data_ptr<double>(),
+                          tokens.mutable_data_ptr<int64_t>(), stream_of(h));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {tokens, probs};
+}
+
+at::Tensor exit_head_log_softmax_cuda(const at::Tensor& h, const at::Tensor& norm_weight, double eps,
+                                      const at::Tensor& lm_head, const std::optional<at::Tensor>& vocab_subset) {
+  constexpr const char* op = "exit_head_log_softmax";
+  const auto d = validate_exit_head_log_softmax(h, norm_weight, lm_head, vocab_subset);
+  check_device_type(h, c10::DeviceType::CUDA, op, "h");
+  check_head_rows(op, d);
+  const c10::cuda::CUDAGuard guard(h.device());
+  std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end() - 1);
+  shape.push_back(d.V);
+  at::Tensor out = at::empty(shape, h.options().dtype(at::kFloat));
+  if (poison_outputs().load()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (d.M == 0) return out;
+  head_logits_cuda(op, d, h, norm_weight, eps, lm_head, vocab_subset, out);
+  at::Tensor scratch = at::empty({std::max<int64_t>(1, head_rows_scratch(d.M, d.V))}, h.options().dtype(at::kDouble));
+  launch_head_log_softmax_rows(out.mutable_data_ptr<float>(), d.M, d.V, scratch.mutable_data_ptr<double>(),
+                               stream_of(h));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& drafts, const at::Tensor& target,
                                                       const at::Tensor& positions) {
   const auto d = validate_verify_greedy(drafts, target, positions);
@@ -237,6 +310,8 @@ TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
   m.impl("cache_attention", &cache_attention_cuda);
   m.impl("linear", &linear_cuda);
   m.impl("exit_head_argmax", &exit_head_argmax_cuda);
+  m.impl("exit_head_sample", &exit_head_sample_cuda);
+  m.impl("exit_head_log_softmax", &exit_head_log_softmax_cuda);
   m.impl("verify_greedy", &verify_greedy_cuda);
   m.impl("verify_sampling", &verify_sampling_cuda);
   m.impl("layer_range_forward", &layer_range_forward_cuda);

@@ -17,6 +17,11 @@ Shapes (B batch, T new tokens, S cache capacity, H hidden, nH query heads, nKV k
   linear(x[..., K], weight[N, K]) -> [..., N]   (float32 or bfloat16; x and weight of one dtype)
   exit_head_argmax(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] int64 or None) -> [...] int64
       argmax over the vocabulary of linear(rms_norm(h)), without materialising the logits; ties -> lowest index.
+  exit_head_sample(h[..., H], norm_weight[H], eps, lm_head[V, H], uniforms[...] f32, temperature, top_k, top_p,
+                   vocab_subset[V'] or None) -> (tokens[...] int64, probs[..., V] f32)
+      the token drawn by inverse CDF with each row's uniform from the filtered distribution of softmax(logits / T)
+      (top-k, top-p, renormalised: sampling_probs_reference), and that distribution (verify_sampling's q / p).
+  exit_head_log_softmax(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] or None) -> [..., V] f32
   verify_greedy(drafts[B, d] int64, target[B, d+1] int64, positions[B] int64!) -> (accepted[B], next_token[B])
   verify_sampling(drafts[B, d], q[B, d, V] f32, p[B, d+1, V] f32, uniforms[B, d+1] f32, positions[B]!)
       -> (accepted[B], next_token[B]); both add accepted + 1 to positions in place.
@@ -127,6 +132,97 @@ def sample_inverse_cdf_reference(w: torch.Tensor, u: float) -> int:
         return c * SAMPLE_CHUNK + int(inside[0])
     positive = (chunk > 0).nonzero()
     return c * SAMPLE_CHUNK + int(positive[-1]) if positive.numel() else -1
+
+
+def chunked_sum_reference(w: torch.Tensor) -> torch.Tensor:
+    """w[..., V] float64 -> [...] float64, summed as the kernels do (csrc/common/sampling.h): chunks of 256 in
+    ascending order, then the chunk sums in order (torch's CPU cumsum adds in order; padding zeros add nothing)."""
+    V = w.shape[-1]
+    n = (V + SAMPLE_CHUNK - 1) // SAMPLE_CHUNK
+    padded = torch.nn.functional.pad(w.double().cpu(), (0, n * SAMPLE_CHUNK - V))
+    S = padded.view(*w.shape[:-1], n, SAMPLE_CHUNK).cumsum(-1)[..., -1]
+    return S.cumsum(-1)[..., -1].to(w.device)
+
+
+PROB_FIXED_ONE = 2 ** 60  # csrc/common/head_filter.h kProbFixedOne: top-p's exact integer unit of probability
+
+
+def sampling_probs_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution exit_head_sample draws from, with the kernels' arithmetic (csrc/common/head_filter.h):
+    generation/sampling.py's ``filtered_probs`` (softmax(logits / T), top-k with ties at the k-th value kept, then
+    the smallest prefix in (p descending, id ascending) order whose mass reaches top_p (the first token always),
+    renormalised), computed so the kernels can match it bit for bit: float32 x = logits / T, exp in float64 rounded
+    once to float32, normalising sums in float64 chunks, top-p masses as exact integers floor(p * 2^60).
+    logits [..., V] -> probs [..., V] float32."""
+    x = logits.float() / torch.full_like(logits, temperature, dtype=torch.float32)
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    m = x.max(-1, keepdim=True).values
+    e = torch.exp(x.double() - m.double()).float()
+    p = (e.double() / chunked_sum_reference(e.double()).unsqueeze(-1)).float()
+    if top_p < 1.0:
+        limit = max(1, int(top_p * PROB_FIXED_ONE))
+        fixed = (p.double() * PROB_FIXED_ONE).to(torch.int64)  # exact: a power-of-two scaling of a float32 <= 1
+        _, order = torch.sort(p, dim=-1, descending=True, stable=True)  # ties: lower id first
+        fs = fixed.gather(-1, order)
+        keep_sorted = (torch.cumsum(fs, -1) - fs) < limit
+        keep_sorted[..., 0] = True
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        p = p.masked_fill(~keep, 0.0)
+        p = (p.double() / chunked_sum_reference(p.double()).unsqueeze(-1)).float()
+    return p
+
+
+def exit_head_sample_composed(h, norm_weight, eps, lm_head, uniforms, temperature, top_k, top_p, vocab_subset,
+                              rms_norm_fn, linear_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """exit_head_sample from separate norm / linear functions: with the native ones, the logits are the native op's
+    bit for bit, and so (but for a float64 exp differing in its last bit, which then rounds to the same float32
+    all but ~2^-29 of the time) are the probabilities and tokens."""
+    w = lm_head if vocab_subset is None else lm_head[vocab_subset]
+    logits = linear_fn(rms_norm_fn(h, norm_weight, eps), w.contiguous())
+    probs = sampling_probs_reference(logits, temperature, top_k, top_p)
+    V = probs.shape[-1]
+    flat, u = probs.reshape(-1, V).cpu(), uniforms.reshape(-1).cpu()
+    cols = [sample_inverse_cdf_reference(flat[i], float(u[i])) for i in range(flat.shape[0])]
+    tokens = torch.tensor([c if c >= 0 else V - 1 for c in cols], dtype=torch.int64, device=h.device)
+    if vocab_subset is not None:
+        tokens = vocab_subset[tokens]
+    return tokens.view(h.shape[:-1]), probs
+
+
+def exit_head_sample_reference(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                               uniforms: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                               vocab_subset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens[...], probs[..., V]): each row's token drawn with its uniform by inverse CDF
+    (:func:`sample_inverse_cdf_reference`) from :func:`sampling_probs_reference` of the exit head's logits
+    (over lm_head[vocab_subset] when given, returning those ids)."""
+    return exit_head_sample_composed(h, norm_weight, eps, lm_head, uniforms, temperature, top_k, top_p, vocab_subset,
+                                     rms_norm_reference, linear_reference)
+
+
+def log_softmax_reference(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim with the kernels' arithmetic: float64, max subtracted, exp sums in chunks
+    (:func:`chunked_sum_reference`), rounded once to float32."""
+    x = logits.double()
+    m = x.max(-1, keepdim=True).values
+    lse = m + torch.log(chunked_sum_reference(torch.exp(x - m))).unsqueeze(-1)
+    return (x - lse).float()
+
+
+def exit_head_log_softmax_composed(h, norm_weight, eps, lm_head, vocab_subset, rms_norm_fn,
+                                   linear_fn) -> torch.Tensor:
+    w = lm_head if vocab_subset is None else lm_head[vocab_subset]
+    return log_softmax_reference(linear_fn(rms_norm_fn(h, norm_weight, eps), w.contiguous()))
+
+
+def exit_head_log_softmax_reference(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                                    vocab_subset: torch.Tensor | None = None) -> torch.Tensor:
+    """log_softmax of the exit head's logits linear(rms_norm(h)) (over lm_head[vocab_subset] when given),
+    float32 [..., V]."""
+    return exit_head_log_softmax_composed(h, norm_weight, eps, lm_head, vocab_subset, rms_norm_reference,
+                                          linear_reference)
 
 
 def verify_greedy_reference(drafts: torch.Tensor, target: torch.Tensor,
@@ -241,6 +337,8 @@ if _native.native_available():
     _cache_attention_op = torch.ops.layerskip.cache_attention.default
     _linear_op = torch.ops.layerskip.linear.default
     _exit_head_argmax_op = torch.ops.layerskip.exit_head_argmax.default
+    _exit_head_sample_op = torch.ops.layerskip.exit_head_sample.default
+    _exit_head_log_softmax_op = torch.ops.layerskip.exit_head_log_softmax.default
     _verify_greedy_op = torch.ops.layerskip.verify_greedy.default
     _verify_sampling_op = torch.ops.layerskip.verify_sampling.default
     _layer_range_forward_op = torch.ops.layerskip.layer_range_forward.default
@@ -251,6 +349,8 @@ else:
     _cache_attention_op = _missing("cache_attention")
     _linear_op = _missing("linear")
     _exit_head_argmax_op = _missing("exit_head_argmax")
+    _exit_head_sample_op = _missing("exit_head_sample")
+    _exit_head_log_softmax_op = _missing("exit_head_log_softmax")
     _verify_greedy_op = _missing("verify_greedy")
     _verify_sampling_op = _missing("verify_sampling")
     _layer_range_forward_op = _missing("layer_range_forward")
@@ -288,6 +388,22 @@ def exit_head_argmax(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_
     """Native greedy exit head: bitwise ``linear(rms_norm(h, norm_weight, eps), lm_head).argmax(-1)`` of the
     native ops (over ``lm_head[vocab_subset]`` when given, returning token ids), without the [..., V] logits."""
     return _exit_head_argmax_op(h, norm_weight, eps, lm_head, vocab_subset)
+
+
+def exit_head_sample(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                     uniforms: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                     vocab_subset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native sampling exit head (:func:`exit_head_sample_reference`): (tokens[...] int64, probs[..., V] float32),
+    the probabilities being the filtered distribution each token was drawn from with its uniform (uniforms[...] in
+    [0, 1), one per row of h). Logits bitwise the native ops'; rows independent (batch invariant); deterministic
+    given the uniforms. On CUDA the uniforms' and vocab_subset's values are not checked on the host."""
+    return _exit_head_sample_op(h, norm_weight, eps, lm_head, uniforms, temperature, top_k, top_p, vocab_subset)
+
+
+def exit_head_log_softmax(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                          vocab_subset: torch.Tensor | None = None) -> torch.Tensor:
+    """Native :func:`exit_head_log_softmax_reference`: log-probabilities [..., V] float32 of the exit head."""
+    return _exit_head_log_softmax_op(h, norm_weight, eps, lm_head, vocab_subset)
 
 
 def verify_greedy(drafts: torch.Tensor, target: torch.Tensor,
@@ -363,6 +479,24 @@ if _native.native_available():
         torch._check(h.dim() >= 1, lambda: "exit_head_argmax: h must have at least 1 dim [..., H], got 0-D")
         torch._check(lm_head.dim() == 2, lambda: f"exit_head_argmax: lm_head must be 2-D [V, H], got {lm_head.dim()}-D")
         return h.new_empty(h.shape[:-1], dtype=torch.int64)
+
+    def _head_columns(op, h, lm_head, vocab_subset):
+        torch._check(h.dim() >= 1, lambda: f"{op}: h must have at least 1 dim [..., H], got 0-D")
+        torch._check(lm_head.dim() == 2, lambda: f"{op}: lm_head must be 2-D [V, H], got {lm_head.dim()}-D")
+        return lm_head.shape[0] if vocab_subset is None else vocab_subset.shape[0]
+
+    @torch.library.register_fake("layerskip::exit_head_sample")
+    def _exit_head_sample_fake(h, norm_weight, eps, lm_head, uniforms, temperature, top_k, top_p, vocab_subset):
+        V = _head_columns("exit_head_sample", h, lm_head, vocab_subset)
+        torch._check(uniforms.shape == h.shape[:-1],
+                     lambda: "exit_head_sample: uniforms must have the shape of h without its last dim")
+        return (h.new_empty(h.shape[:-1], dtype=torch.int64),
+                h.new_empty((*h.shape[:-1], V), dtype=torch.float32))
+
+    @torch.library.register_fake("layerskip::exit_head_log_softmax")
+    def _exit_head_log_softmax_fake(h, norm_weight, eps, lm_head, vocab_subset):
+        V = _head_columns("exit_head_log_softmax", h, lm_head, vocab_subset)
+        return h.new_empty((*h.shape[:-1], V), dtype=torch.float32)
 
     @torch.library.register_fake("layerskip::verify_greedy")
     def _verify_greedy_fake(drafts, target, positions):

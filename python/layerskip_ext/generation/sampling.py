@@ -48,7 +48,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
     if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # stable: equal probabilities in id order, so which of them top-p keeps is defined (and the native head's)
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         before = torch.cumsum(sorted_p, dim=-1) - sorted_p
         sorted_p = sorted_p.masked_fill(before >= params.top_p, 0.0)
@@ -57,12 +58,66 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
+def _fused_head(model, name: str):
+    """The op set's fused exit head ``name`` when it applies (a plain nn.Linear LM head), else None."""
+    fused = getattr(model.ops, name, None)
+    return fused if fused is not None and type(model.lm_head) is torch.nn.Linear else None
+
+
+def _fused_head_sample(fused, model, hidden: torch.Tensor, params: SamplingParams,
+                       uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    n = model.model.norm
+    tokens, probs = fused(flat, n.weight, n.eps, model.lm_head.weight, uniforms.reshape(-1).contiguous(),
+                          params.temperature, params.top_k, params.top_p, None)
+    return tokens.view(hidden.shape[:-1]), probs.view(*hidden.shape[:-1], probs.shape[-1])
+
+
+def sample_with_probs(model, hidden: torch.Tensor, params: SamplingParams,
+                      generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling (not greedy) through the shared exit head: hidden [..., H] -> (tokens [...] int64, the filtered
+    distribution they were drawn from [..., V] float32: speculative sampling's q).
+
+    With a fused sampling head (the native op set) one native call computes the logits, filters them and draws each
+    token by inverse CDF from one uniform of ``generator``; otherwise filtered_probs(head(hidden)) and
+    torch.multinomial. Either way: the same seed, the same tokens."""
+    fused = _fused_head(model, "exit_head_sample")
+    if fused is None:
+        probs = filtered_probs(model.head(hidden), params)
+        tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        return tokens.view(hidden.shape[:-1]), probs
+    uniforms = torch.rand(hidden.shape[:-1], generator=generator, device=hidden.device)
+    return _fused_head_sample(fused, model, hidden, params, uniforms)
+
+
+def head_probs(model, hidden: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The filtered distribution [..., V] float32 of the exit head at hidden [..., H] (speculative sampling's
+    target p), through the fused sampling head where the op set has one (its token is not used, so its uniforms are
+    zeros: no generator state is consumed)."""
+    fused = _fused_head(model, "exit_head_sample")
+    if fused is None:
+        return filtered_probs(model.head(hidden), params)
+    uniforms = torch.zeros(hidden.shape[:-1], device=hidden.device)
+    return _fused_head_sample(fused, model, hidden, params, uniforms)[1]
+
+
+def head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """log_softmax of the exit head's logits at hidden [..., H] -> [..., V] float32 (scoring, evaluation), through
+    the fused log-probs head where the op set has one."""
+    fused = _fused_head(model, "exit_head_log_softmax")
+    if fused is None:
+        return torch.log_softmax(model.head(hidden).float(), dim=-1)
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    n = model.model.norm
+    out = fused(flat, n.weight, n.eps, model.lm_head.weight, None)
+    return out.view(*hidden.shape[:-1], out.shape[-1])
+
+
 def choose_tokens(model, hidden: torch.Tensor, params: SamplingParams,
                   generator: Optional[torch.Generator]) -> torch.Tensor:
     """hidden [B, H] (a layer's output) -> token ids [B] (int64), through the model's shared exit head.
 
-    Greedy never materialises logits where the op set has a fused exit head."""
+    Neither greedy nor (with the native op set) sampling materialises logits outside the fused native call."""
     if params.greedy:
         return model.head_argmax(hidden)
-    probs = filtered_probs(model.head(hidden), params)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_with_probs(model, hidden, params, generator)[0]

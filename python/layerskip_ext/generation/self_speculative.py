@@ -21,7 +21,7 @@ import torch
 
 from .batch import DecodeBatch
 from .core import GenerationResult, Timer
-from .sampling import SamplingParams, choose_tokens, filtered_probs
+from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
 def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator):
@@ -38,9 +38,9 @@ def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampli
         if sampling.greedy:
             token = model.head_argmax(h[:, -1]).view(-1, 1)
         else:
-            probs = filtered_probs(model.head(h)[:, -1], sampling)
+            token, probs = sample_with_probs(model, h[:, -1], sampling, generator)  # fused native head if any
             q.append(probs)
-            token = torch.multinomial(probs, 1, generator=generator)
+            token = token.view(-1, 1)
         drafts.append(token)
     st = model.forward_state(start, d + 1, batch.cache, rows)
     deep = model.forward_layers(torch.cat(hidden, dim=1), exit_layer, model.num_layers, st)
@@ -57,7 +57,7 @@ def _accept(model, start: torch.Tensor, drafts: torch.Tensor, q, deep: torch.Ten
         target = model.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
         accepted, next_token = model.ops.verify_greedy(drafts.to(target.device), target, positions)
     else:
-        p = filtered_probs(model.head(deep), sampling).contiguous()  # [n, d+1, V]
+        p = head_probs(model, deep, sampling).contiguous()  # [n, d+1, V]
         if q is None:
             q = p.new_empty(n, 0, p.shape[-1])
         uniforms = torch.rand(n, d + 1, generator=generator, device=p.device)

@@ -38,6 +38,11 @@ class OpSet:
     # -> (accepted[B], next_token[B])
     verify_greedy: Callable = ops.verify_greedy_reference
     verify_sampling: Callable = ops.verify_sampling_reference
+    # fused sampling head (h[M, H], norm_weight, eps, lm_head, uniforms[M], temperature, top_k, top_p, vocab_subset)
+    # -> (tokens[M], probs[M, V]) and log-probs head (h, norm_weight, eps, lm_head, vocab_subset) -> [M, V];
+    # None: generation/sampling.py composes head() with filtered_probs / log_softmax
+    exit_head_sample: Optional[Callable] = None
+    exit_head_log_softmax: Optional[Callable] = None
 
 
 REFERENCE_OPS = OpSet("reference", ops.rms_norm_reference, ops.rope_reference, ops.kv_cache_write_reference,
@@ -49,7 +54,8 @@ def native_ops() -> OpSet:
         raise RuntimeError("layerskip_ext native extension is not built: reinstall with "
                            "`pip install --no-build-isolation .` (see README)")
     return OpSet("native", ops.rms_norm, ops.rope, ops.kv_cache_write, ops.cache_attention, ops.linear,
-                 ops.exit_head_argmax, ops.verify_greedy, ops.verify_sampling)
+                 ops.exit_head_argmax, ops.verify_greedy, ops.verify_sampling, ops.exit_head_sample,
+                 ops.exit_head_log_softmax)
 
 
 def linear(module: nn.Module, x: torch.Tensor, ops: OpSet) -> torch.Tensor:
