@@ -29,6 +29,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"),
                    help="native kernels or the plain PyTorch reference (auto: native when built)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--draft-vocab", default="auto",
+                   help="self-speculative greedy drafts score only these tokens: a draft_vocab.json file, 'none' "
+                        "(the whole vocabulary), or 'auto' (default: the model's stored one, if any); lossless")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -76,7 +79,8 @@ def cmd_generate(args) -> int:
         raise LayerSkipError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     _setup_threads(args)
     prompt = _read_prompt(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=not args.json)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=not args.json,
+                                  draft_vocab=args.draft_vocab)
     if tokenizer is None:
         raise LayerSkipError(f"{args.model} has no tokenizer; text generation needs one")
     if args.chat:
@@ -225,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_chk.add_argument("--threads", type=int, default=None)
     p_chk.add_argument("--json", default=None, help="also write the report to this file")
     p_chk.set_defaults(func=cmd_check_lossless)
+    from .draft_vocab_cli import add_draft_vocab_args, cmd_draft_vocab
+
+    p_dv = sub.add_parser("draft-vocab", help="store a frequency-ranked draft vocabulary with a model "
+                                              "(cheaper self-speculative drafts, same output)")
+    add_draft_vocab_args(p_dv)
+    p_dv.set_defaults(func=cmd_draft_vocab)
     from .commands.demo import add_demo_args, cmd_demo
     from .commands.sweep import add_sweep_args, cmd_sweep
 

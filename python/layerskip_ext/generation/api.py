@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import torch
+
 from ..errors import GenerationError
 from .autoregressive import generate_autoregressive
 from .batch import DecodeBatch
@@ -17,7 +19,7 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: Optional[int] = None, stop_token_ids: Optional[Iterable[int]] = None,
              exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
-             on_token: Optional[TokenCallback] = None) -> GenerationResult:
+             on_token: Optional[TokenCallback] = None, draft_vocab="auto") -> GenerationResult:
     """Generate continuations of token-id prompts (one list, or a batch of lists of any lengths).
 
     strategy: "autoregressive" (all layers, one token per pass), "early_exit" (layers < exit_layer, then the
@@ -25,6 +27,11 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     with the rest: output as the full model's). Stops at any of ``stop_token_ids`` (default: the model config's
     EOS ids), after ``max_new_tokens``, or when a sequence reaches the model's context length
     (finish_reason "context_full").
+
+    draft_vocab (self_speculative, greedy only): the token ids the draft's exit head scores: "auto" (default) the
+    model's stored draft vocabulary (``model.draft_vocab``, set by load_model) if it has one, None for the whole
+    vocabulary, or a sequence / 1-D tensor of ids. Output is the same either way (verification scores the full
+    vocabulary); only acceptance and speed change. Sampling drafts ignore it.
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # a single prompt
@@ -48,6 +55,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
             raise GenerationError(f"num_speculations={num_speculations} does not fit the remaining context: the "
                                   f"longest prompt leaves {room} of {config.max_position_embeddings} positions")
 
+    subset = resolve_draft_vocab(model, draft_vocab) if strategy == "self_speculative" else None
+
     stops = config.eos_token_ids if stop_token_ids is None else list(stop_token_ids)
     capacity = min(max(len(p) for p in prompts) + max_new_tokens, config.max_position_embeddings)
     rules = StopRules([SequenceOutput(p) for p in prompts], max_new_tokens, stops, capacity, on_token)
@@ -56,12 +65,29 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
         return result
     batch = DecodeBatch(model, rules, capacity)
     if strategy == "self_speculative":
-        return generate_self_speculative(model, batch, sampling, result, exit_layer, num_speculations)
+        return generate_self_speculative(model, batch, sampling, result, exit_layer, num_speculations, subset)
     result = generate_autoregressive(model, batch, sampling, result,
                                      exit_layer=exit_layer if strategy == "early_exit" else None)
     if strategy == "early_exit":
         result.stats["exit_layer"] = exit_layer
     return result
+
+
+def resolve_draft_vocab(model, draft_vocab) -> Optional[torch.Tensor]:
+    """generate's draft_vocab argument -> ascending int64 ids on the model's device, or None (all tokens)."""
+    from ..model.draft_vocab import DraftVocabError, check_draft_vocab
+
+    if isinstance(draft_vocab, str):
+        if draft_vocab != "auto":
+            raise GenerationError(f"draft_vocab must be 'auto', None, or token ids; got {draft_vocab!r}")
+        draft_vocab = getattr(model, "draft_vocab", None)
+    if draft_vocab is None:
+        return None
+    try:
+        ids = check_draft_vocab(draft_vocab, model.config.vocab_size)
+    except DraftVocabError as e:
+        raise GenerationError(str(e)) from None
+    return ids.to(model.device)
 
 
 def check_exit_layer(exit_layer: Optional[int], num_layers: int) -> int:

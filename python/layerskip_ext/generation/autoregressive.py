@@ -13,19 +13,22 @@ def generate_autoregressive(model, batch: DecodeBatch, sampling: SamplingParams,
                             exit_layer: int | None = None) -> GenerationResult:
     """One token per forward pass. With exit_layer set, every pass stops after that layer (early exit)."""
     generator = sampling.generator(model.device)
+    end_layer = model.num_layers if exit_layer is None else exit_layer
     timer = Timer()
-    first = choose_tokens(model, batch.prefill(exit_layer), sampling, generator)
-    for row in range(len(batch.active)):
-        batch.emit(row, [first[row]])
-    batch.drop_finished()
+    batch.emit_first(choose_tokens(model, batch.prefill(exit_layer), sampling, generator))
     result.prefill_s = timer.lap()
 
     while not batch.done():
-        hidden = model.forward_hidden(batch.last_tokens().view(-1, 1), start=batch.positions(), cache=batch.cache,
-                                      exit_layer=exit_layer, rows=batch.rows)[:, -1]
+        # The step's inputs are the batch's own tensors (tokens the model chose, positions the loop advanced):
+        # already valid, so the layers run without forward_hidden's checks (host reads of the tensors).
+        tokens, start = batch.last_tokens(), batch.positions()
+        st = model.forward_state(start, 1, batch.cache, batch.rows, max_start=batch.max_position())
+        hidden = model.forward_layers(model.embed(tokens.view(-1, 1)), 0, end_layer, st)[:, -1]
         next_tokens = choose_tokens(model, hidden, sampling, generator)
-        for row in range(len(batch.active)):
-            batch.emit(row, [next_tokens[row]])
+        tokens.copy_(next_tokens)
+        start += 1
+        for row, t in enumerate(next_tokens.tolist()):
+            batch.emit(row, (t,))
         batch.drop_finished()
     result.decode_s = timer.lap()
     return result

@@ -3,6 +3,12 @@
 Cache row i holds sequence ``active[i]``; the live rows are always the first ``len(active)``, so every forward call
 covers one contiguous slice of the cache. When sequences finish, the remaining rows are moved up (one copy per
 finishing event), so finished sequences cost no more work.
+
+Per row, two int64 tensors on the model's device live here for the whole generation (instead of being rebuilt
+from Python lists every step): ``pos`` (the position of the newest token, where the next forward call starts)
+and ``last`` (the newest token, emitted but not yet in the cache). The strategies advance them in place (the
+verification ops add accepted + 1 to the positions themselves). The Python-side outputs stay the record of what
+was emitted; ``max_position`` reads them, so no step reads a device tensor back just to check bounds.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ class DecodeBatch:
         self.cache = model.new_cache(len(self.outputs), capacity)
         self.capacity = capacity
         self.active = list(range(len(self.outputs)))
+        dev = model.device
+        self.pos = torch.tensor([len(o.prompt_tokens) - 1 for o in self.outputs], dtype=torch.int64, device=dev)
+        self.last = torch.tensor([o.prompt_tokens[-1] for o in self.outputs], dtype=torch.int64, device=dev)
 
     @property
     def rows(self) -> slice:
@@ -36,16 +45,21 @@ class DecodeBatch:
         return torch.stack(last)
 
     def last_tokens(self) -> torch.Tensor:
-        """[n] the newest token of each live sequence (emitted but not yet in the cache)."""
-        return to_tensor([self.outputs[b].tokens[-1] for b in self.active])
+        """[n] the newest token of each live sequence (emitted but not yet in the cache): a view of ``last``."""
+        return self.last[self.rows]
 
     def positions(self) -> torch.Tensor:
-        """[n] the position of each live sequence's newest token: where the next forward call starts."""
-        return to_tensor([len(self.outputs[b].prompt_tokens) + len(self.outputs[b].tokens) - 1 for b in self.active])
+        """[n] the position of each live sequence's newest token, where the next forward call starts: a view of
+        ``pos`` (writes go through)."""
+        return self.pos[self.rows]
+
+    def max_position(self) -> int:
+        """max over live sequences of the newest token's position, from the emitted tokens (no device read)."""
+        return max(len(self.outputs[b].prompt_tokens) + len(self.outputs[b].tokens) for b in self.active) - 1
 
     def room(self) -> int:
         """How many positions past the newest token every live sequence still has in the cache."""
-        return self.capacity - 1 - int(self.positions().max())
+        return self.capacity - 1 - self.max_position()
 
     def emit(self, row: int, tokens) -> int:
         """Emit tokens for the sequence in cache row `row` until it finishes. -> how many were emitted."""
@@ -54,6 +68,14 @@ class DecodeBatch:
             if not self.rules.emit(b, int(t)):
                 return n
         return len(tokens)
+
+    def emit_first(self, first: torch.Tensor) -> None:
+        """The prompt pass's token of every sequence: emitted, and the newest token at position len(prompt)."""
+        for row, t in enumerate(first.tolist()):
+            self.emit(row, [t])
+        self.last[self.rows] = first.to(self.last.device)
+        self.pos[self.rows] += 1
+        self.drop_finished()
 
     def drop_finished(self) -> None:
         keep = [i for i, b in enumerate(self.active) if not self.rules.done(b)]
@@ -64,6 +86,8 @@ class DecodeBatch:
             for buffers in (self.cache.k, self.cache.v):
                 for t in buffers:
                     t[:len(keep)] = t.index_select(0, index)
+            for t in (self.pos, self.last):
+                t[:len(keep)] = t.index_select(0, index.to(t.device))
         self.active = [self.active[i] for i in keep]
 
     def done(self) -> bool:

@@ -14,6 +14,12 @@ Greedy output equals autoregressive greedy output exactly when every op is batch
 does not depend on T), which the native kernels guarantee. Sampling follows Leviathan et al.: accept y with
 probability min(1, p(y)/q(y)), else resample from norm(max(p - q, 0)); emitted tokens follow the full model.
 Acceptance is the op set's verify_greedy / verify_sampling (native kernels, or their PyTorch references).
+
+Draft vocabulary (greedy only): the draft's exit head may score only a subset of the vocabulary (``draft_vocab``,
+e.g. a corpus's 8k most frequent tokens: model/draft_vocab.py), which cuts a shallow draft's head cost. Output is
+unchanged: verification always scores the full vocabulary, so a token outside the subset is emitted as the full
+model's correction. Sampling drafts ignore it for now: a draft distribution q restricted to the subset stays
+lossless under the acceptance rule, but the native sampling path takes full-vocabulary q, so it is not wired up.
 """
 from __future__ import annotations
 
@@ -24,35 +30,38 @@ from .core import GenerationResult, Timer
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
-def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator):
-    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), deep hidden states [n, d+1, H]."""
+def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
+                      draft_vocab=None):
+    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), deep hidden states [n, d+1, H].
+    draft_vocab: ids the greedy draft head scores (None: all)."""
     rows, start = batch.rows, batch.positions()
+    top = batch.max_position()  # known from the emitted tokens: forward_state reads no tensor back
     token = batch.last_tokens().view(-1, 1)
     hidden, drafts, q = [], [], []
     for i in range(d + 1):
-        st = model.forward_state(start + i, 1, batch.cache, rows)
+        st = model.forward_state(start + i, 1, batch.cache, rows, max_start=top + i)
         h = model.forward_layers(model.embed(token.to(model.device)), 0, exit_layer, st)
         hidden.append(h)
         if i == d:
             break
         if sampling.greedy:
-            token = model.head_argmax(h[:, -1]).view(-1, 1)
+            token = model.head_argmax(h[:, -1], draft_vocab).view(-1, 1)
         else:
             token, probs = sample_with_probs(model, h[:, -1], sampling, generator)  # fused native head if any
             q.append(probs)
             token = token.view(-1, 1)
         drafts.append(token)
-    st = model.forward_state(start, d + 1, batch.cache, rows)
+    st = model.forward_state(start, d + 1, batch.cache, rows, max_start=top)
     deep = model.forward_layers(torch.cat(hidden, dim=1), exit_layer, model.num_layers, st)
     drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(len(batch.active), 0, dtype=torch.int64)
     return drafts.cpu(), (torch.stack(q, dim=1) if q else None), deep
 
 
-def _accept(model, start: torch.Tensor, drafts: torch.Tensor, q, deep: torch.Tensor, sampling: SamplingParams,
-            generator) -> tuple[list[list[int]], list[int]]:
-    """The verification op: per row, the accepted draft prefix plus the full model's correction/bonus token."""
+def _accept(model, positions: torch.Tensor, drafts: torch.Tensor, q, deep: torch.Tensor, sampling: SamplingParams,
+            generator) -> tuple[list[list[int]], list[int], torch.Tensor]:
+    """The verification op: per row, the accepted draft prefix plus the full model's correction/bonus token, and
+    that last token [n] as a tensor. positions (the batch's own, [n]) is advanced in place by accepted + 1."""
     n, d = drafts.shape
-    positions = start.clone()  # the op advances it in place; DecodeBatch derives positions from emitted tokens
     if sampling.greedy:
         target = model.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
         accepted, next_token = model.ops.verify_greedy(drafts.to(target.device), target, positions)
@@ -63,29 +72,32 @@ def _accept(model, start: torch.Tensor, drafts: torch.Tensor, q, deep: torch.Ten
         uniforms = torch.rand(n, d + 1, generator=generator, device=p.device)
         accepted, next_token = model.ops.verify_sampling(drafts.to(p.device), q.contiguous(), p, uniforms,
                                                          positions)
-    accepted, next_token = accepted.tolist(), next_token.tolist()
-    return [drafts[r, :a].tolist() + [next_token[r]] for r, a in enumerate(accepted)], accepted
+    last = next_token
+    accepted, next_token, drafts = accepted.tolist(), next_token.tolist(), drafts.tolist()
+    return [drafts[r][:a] + [next_token[r]] for r, a in enumerate(accepted)], accepted, last
 
 
 @torch.no_grad()
 def generate_self_speculative(model, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
-                              exit_layer: int, num_speculations: int) -> GenerationResult:
+                              exit_layer: int, num_speculations: int, draft_vocab=None) -> GenerationResult:
+    """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
+    ignored when sampling."""
     generator = sampling.generator(model.device)
     timer = Timer()
-    first = choose_tokens(model, batch.prefill(), sampling, generator)
-    for row in range(len(batch.active)):
-        batch.emit(row, [first[row]])
-    batch.drop_finished()
+    batch.emit_first(choose_tokens(model, batch.prefill(), sampling, generator))
     result.prefill_s = timer.lap()
+    if not sampling.greedy:
+        draft_vocab = None  # see the module docstring
 
     drafted = accepted_total = rounds = 0
     while not batch.done():
         # Never draft past the cache or past what any live sequence may still emit.
         remaining = max(batch.rules.max_new_tokens - len(batch.outputs[b].tokens) for b in batch.active)
         d = max(0, min(num_speculations, batch.room(), remaining - 1))
-        start = batch.positions()
-        drafts, q, deep = _draft_and_verify(model, batch, exit_layer, d, sampling, generator)
-        emitted, accepted = _accept(model, start, drafts, q, deep, sampling, generator)
+        drafts, q, deep = _draft_and_verify(model, batch, exit_layer, d, sampling, generator, draft_vocab)
+        # The verification op advances the batch's positions in place; its last token becomes the newest.
+        emitted, accepted, last = _accept(model, batch.positions(), drafts, q, deep, sampling, generator)
+        batch.last_tokens().copy_(last)
         for row, tokens in enumerate(emitted):
             batch.emit(row, tokens)
         drafted += d * len(emitted)

@@ -164,6 +164,10 @@ class LlamaForCausalLM(nn.Module):
         self.ops: OpSet = REFERENCE_OPS
         self._fused = None  # FusedLayers when the native op set is on: layers [a, b) in one native call
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Ascending token ids a self-speculative greedy draft scores instead of the whole vocabulary (set by
+        # load_model from the model's stored draft vocabulary; see model/draft_vocab.py). None: all of them.
+        self.draft_vocab: Optional[torch.Tensor] = None
+        self._arange: dict[tuple, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------------------------
     # construction
@@ -233,13 +237,19 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(tokens)
 
     def forward_state(self, start: torch.Tensor, num_tokens: int, cache: Optional[StaticKVCache],
-                      rows: Optional[slice] = None) -> ForwardState:
-        """Validate positions and build the per-call state. start: [B] int64, first new token's position."""
+                      rows: Optional[slice] = None, max_start: Optional[int] = None) -> ForwardState:
+        """Validate positions and build the per-call state. start: [B] int64, first new token's position.
+
+        max_start: max(start), when the caller already knows it (and that start >= 0), e.g. the decode loop from
+        its emitted tokens: then no value is read back from ``start`` (a host read per call on the hot path, and
+        a device synchronisation on a GPU)."""
         start = start.to(torch.int64)
-        positions = start.view(-1, 1) + torch.arange(num_tokens, dtype=torch.int64).view(1, -1)
-        end = int(positions[:, -1].max()) + 1 if num_tokens > 0 else 0
-        if int(start.min()) < 0:
-            raise GenerationError(f"negative start position {int(start.min())}")
+        positions = start.view(-1, 1) + self._positions_offsets(num_tokens, start.device)
+        if max_start is None:
+            if int(start.min()) < 0:
+                raise GenerationError(f"negative start position {int(start.min())}")
+            max_start = int(start.max())
+        end = max_start + num_tokens if num_tokens > 0 else 0
         if cache is not None and end > cache.capacity:
             raise GenerationError(f"tokens up to position {end} do not fit the KV cache (capacity {cache.capacity})")
         if end > self.config.max_position_embeddings:
@@ -250,6 +260,14 @@ class LlamaForCausalLM(nn.Module):
         if cache is None and bool((start == start[0]).all()):
             positions = positions[:1]  # broadcast over the batch (see DecoderLayer.forward)
         return ForwardState(positions.to(dev), start.to(dev), cos, sin, cache, self.ops, rows)
+
+    def _positions_offsets(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """[1, T] = 0 .. T-1, kept per (T, device): a decode step asks for the same few every time."""
+        key = (num_tokens, device)
+        t = self._arange.get(key)
+        if t is None:
+            t = self._arange[key] = torch.arange(num_tokens, dtype=torch.int64, device=device).view(1, -1)
+        return t
 
     def forward_layers(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> torch.Tensor:
         """Run decoder layers [start_layer, end_layer) on hidden states h [B, T, H]."""
@@ -270,15 +288,22 @@ class LlamaForCausalLM(nn.Module):
         """Shared exit head: final RMSNorm + LM head, applicable to the output of any layer. -> logits [..., V]"""
         return linear(self.lm_head, self.model.norm(h, self.ops), self.ops)
 
-    def head_argmax(self, h: torch.Tensor) -> torch.Tensor:
+    def head_argmax(self, h: torch.Tensor, vocab_subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """argmax of head(h) over the vocabulary, [...] int64, without materialising logits where the op set
-        has a fused exit head. Bitwise the same choice as head(h).argmax(-1) (ties: lowest id)."""
+        has a fused exit head. Bitwise the same choice as head(h).argmax(-1) (ties: lowest id).
+        vocab_subset (int64 ids on the model's device): score only those tokens; returns the chosen token id."""
         fused = getattr(self.ops, "exit_head_argmax", None)
         if fused is None or type(self.lm_head) is not nn.Linear:
-            return self.head(h).argmax(-1)
+            if vocab_subset is None:
+                return self.head(h).argmax(-1)
+            w = self.lm_head.weight if type(self.lm_head) is nn.Linear else None
+            if w is None:  # a wrapped head (e.g. an adapter) runs whole; pick among the subset's logits
+                return vocab_subset[self.head(h)[..., vocab_subset].argmax(-1)]
+            logits = self.ops.linear(self.model.norm(h, self.ops), w[vocab_subset].contiguous())
+            return vocab_subset[logits.argmax(-1)]
         flat = h.reshape(-1, h.shape[-1]).contiguous()
         n = self.model.norm
-        return fused(flat, n.weight, n.eps, self.lm_head.weight, None).view(h.shape[:-1])
+        return fused(flat, n.weight, n.eps, self.lm_head.weight, vocab_subset).view(h.shape[:-1])
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start: Optional[torch.Tensor] = None,
