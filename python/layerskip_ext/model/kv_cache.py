@@ -18,9 +18,13 @@ class StaticKVCache:
         if capacity <= 0:
             raise GenerationError(f"KV cache capacity must be positive, got {capacity}")
         shape = (batch_size, num_kv_heads, capacity, head_dim)
-        # [L] x [B, nKV, S, D]; separate tensors per layer so each is contiguous for the kernels.
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # [L] x [B, nKV, S, D]; a contiguous tensor per layer for the kernels, all views of ONE zeroed buffer: one
+        # fill instead of 2L (each a parallel region: on a loaded 2-core machine the 60 fills of a 30-layer model
+        # measured ~0.5 s per generate() call).
+        buffer = torch.zeros((2, num_layers) + shape, dtype=dtype, device=device)
+        # (single views by indexing, not unbind(): unbind's views may not be written in place under autograd)
+        self.k = [buffer[0, i] for i in range(num_layers)]
+        self.v = [buffer[1, i] for i in range(num_layers)]
         self.capacity = capacity
         self.batch_size = batch_size
 
