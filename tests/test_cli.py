@@ -169,3 +169,24 @@ def test_train_then_analyze_then_generate(checkpoints, capsys, tmp_path):
                              "--json")
     assert code == 0, err
     assert json.loads(res)["new_tokens"] >= 1
+
+
+def test_auto_strategy_uses_a_tuned_setting_only_when_it_was_faster(checkpoints, capsys, tmp_path):
+    """--strategy auto self-speculates with the model's layerskip block, unless the block records a measured
+    speedup <= 1 (layerskip sweep --write-default on a model whose best setting is slower than autoregressive)."""
+    import shutil
+    folder = tmp_path / "tuned"
+    shutil.copytree(checkpoints["hf"], folder)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    strategies = {}
+    for name, block in {"faster": {"exit_layer": 2, "num_speculations": 2, "speedup": 1.4},
+                        "slower": {"exit_layer": 2, "num_speculations": 2, "speedup": 0.8},
+                        "unmeasured": {"exit_layer": 2, "num_speculations": 2}}.items():
+        cfg_path.write_text(json.dumps(dict(cfg, layerskip=block)))
+        code, out, _ = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "def f(x):",
+                               "--max-new-tokens", "4", "--json", "--backend", "reference")
+        assert code == 0
+        strategies[name] = json.loads(out)["strategy"]
+    assert strategies == {"faster": "self_speculative", "slower": "autoregressive",
+                          "unmeasured": "self_speculative"}

@@ -52,7 +52,11 @@ def _choose_strategy(args, model):
     tuned = default_speculation(model, f"{args.model} {getattr(model, 'source', '')}")
     strategy = args.strategy
     if strategy == "auto":
-        strategy = "self_speculative" if tuned or args.exit_layer else "autoregressive"
+        # a setting whose measured speedup (layerskip sweep --write-default) is not above 1 is kept for
+        # `layerskip demo` and explicit use, but auto decodes autoregressively: it is the faster of the two there
+        block = getattr(model.config, "layerskip", None) or {}
+        slower = isinstance(block.get("speedup"), (int, float)) and block["speedup"] <= 1.0
+        strategy = "self_speculative" if (tuned and not slower) or args.exit_layer else "autoregressive"
     E, d = args.exit_layer, args.num_speculations
     if strategy == "self_speculative" and tuned:
         E = tuned[0] if E is None else E

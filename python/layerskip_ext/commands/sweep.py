@@ -111,6 +111,7 @@ def _write_default(model: str, best, speedup: float, predicted: bool) -> None:
     print(f"wrote exit_layer={best.exit_layer}, num_speculations={best.num_speculations} to {path}",
           file=sys.stderr)
     if speedup <= 1.0:
-        # Still written, as asked: but --strategy auto will now self-speculate, which this model does not gain by.
+        # Still written, as asked (layerskip demo and --strategy self_speculative use it); the recorded speedup
+        # makes --strategy auto decode autoregressively, the faster choice for this model.
         print(f"note: the best setting is not faster than autoregressive decoding ({speedup:.2f}x); "
-              f"--strategy auto will self-speculate with it", file=sys.stderr)
+              f"--strategy auto will keep decoding autoregressively", file=sys.stderr)
