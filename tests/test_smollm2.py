@@ -63,3 +63,24 @@ def test_self_speculative_greedy_equals_autoregressive(smollm2):
             assert got == expected, (E, d)
     finally:
         model.use_native_ops(False)
+
+
+@needs_native
+def test_shipped_layerskip_adapter_installs_loads_and_self_speculates_losslessly(smollm2):
+    """The packaged smollm2-135m-layerskip (package data: a LoRA adapter on smollm2-135m): present after
+    `pip install .`, merged at load, its tuned (E, d) read from the adapter, self-speculative greedy == AR."""
+    from layerskip_ext.model.lora import ALL_LINEARS
+
+    base, tok = smollm2
+    model, tok2 = load_model("smollm2-135m-layerskip")
+    assert tok2 is not None and tok2.vocab_size == tok.vocab_size
+    block = model.config.layerskip
+    assert 1 <= block["exit_layer"] < model.num_layers and block["num_speculations"] >= 1
+    changed = [n for n, p in model.named_parameters()
+               if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed and all(any(t in n for t in ALL_LINEARS) for n in changed)   # only adapted weights moved
+    ids = tok.encode("def fibonacci(n):\n")
+    ar = generate(model, ids, max_new_tokens=24).sequences[0].tokens
+    res = generate(model, ids, max_new_tokens=24, strategy="self_speculative", exit_layer=block["exit_layer"],
+                   num_speculations=block["num_speculations"])
+    assert res.sequences[0].tokens == ar
