@@ -13,8 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_bench_cpu_small(tmp_path):
     out = tmp_path / "gpu_bench.json"
+    # the child imports the same layerskip_ext as this process (the installed one in CI, whose native extension is
+    # built; the source tree's python/ has no compiled module after a non-editable install)
+    import layerskip_ext
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(ROOT, "python")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+        [os.path.dirname(os.path.dirname(layerskip_ext.__file__))] +
+        ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_bench.py"), "--device", "cpu", "--small", "--threads",
