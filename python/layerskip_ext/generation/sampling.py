@@ -58,19 +58,10 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
-def _fused_head(model, name: str):
-    """The op set's fused exit head ``name`` when it applies (a plain nn.Linear LM head), else None."""
-    fused = getattr(model.ops, name, None)
-    return fused if fused is not None and type(model.lm_head) is torch.nn.Linear else None
-
-
 def _fused_head_sample(fused, model, hidden: torch.Tensor, params: SamplingParams,
                        uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    n = model.model.norm
-    tokens, probs = fused(flat, n.weight, n.eps, model.lm_head.weight, uniforms.reshape(-1).contiguous(),
-                          params.temperature, params.top_k, params.top_p, None)
-    return tokens.view(hidden.shape[:-1]), probs.view(*hidden.shape[:-1], probs.shape[-1])
+    return model.run_fused_head(fused, hidden, uniforms.reshape(-1).contiguous(), params.temperature,
+                                params.top_k, params.top_p, None)
 
 
 def sample_with_probs(model, hidden: torch.Tensor, params: SamplingParams,
@@ -81,7 +72,7 @@ def sample_with_probs(model, hidden: torch.Tensor, params: SamplingParams,
     With a fused sampling head (the native op set) one native call computes the logits, filters them and draws each
     token by inverse CDF from one uniform of ``generator``; otherwise filtered_probs(head(hidden)) and
     torch.multinomial. Either way: the same seed, the same tokens."""
-    fused = _fused_head(model, "exit_head_sample")
+    fused = model.fused_head("exit_head_sample")
     if fused is None:
         probs = filtered_probs(model.head(hidden), params)
         tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
@@ -94,7 +85,7 @@ def head_probs(model, hidden: torch.Tensor, params: SamplingParams) -> torch.Ten
     """The filtered distribution [..., V] float32 of the exit head at hidden [..., H] (speculative sampling's
     target p), through the fused sampling head where the op set has one (its token is not used, so its uniforms are
     zeros: no generator state is consumed)."""
-    fused = _fused_head(model, "exit_head_sample")
+    fused = model.fused_head("exit_head_sample")
     if fused is None:
         return filtered_probs(model.head(hidden), params)
     uniforms = torch.zeros(hidden.shape[:-1], device=hidden.device)
@@ -104,13 +95,10 @@ def head_probs(model, hidden: torch.Tensor, params: SamplingParams) -> torch.Ten
 def head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
     """log_softmax of the exit head's logits at hidden [..., H] -> [..., V] float32 (scoring, evaluation), through
     the fused log-probs head where the op set has one."""
-    fused = _fused_head(model, "exit_head_log_softmax")
+    fused = model.fused_head("exit_head_log_softmax")
     if fused is None:
         return torch.log_softmax(model.head(hidden).float(), dim=-1)
-    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    n = model.model.norm
-    out = fused(flat, n.weight, n.eps, model.lm_head.weight, None)
-    return out.view(*hidden.shape[:-1], out.shape[-1])
+    return model.run_fused_head(fused, hidden, None)
 
 
 def choose_tokens(model, hidden: torch.Tensor, params: SamplingParams,

@@ -288,22 +288,34 @@ class LlamaForCausalLM(nn.Module):
         """Shared exit head: final RMSNorm + LM head, applicable to the output of any layer. -> logits [..., V]"""
         return linear(self.lm_head, self.model.norm(h, self.ops), self.ops)
 
+    def fused_head(self, name: str) -> Optional[Callable]:
+        """The op set's fused exit head ``name`` (exit_head_argmax / _sample / _log_softmax) when it applies (a
+        plain nn.Linear LM head), else None: the caller composes head() with the rest."""
+        op = getattr(self.ops, name, None)
+        return op if op is not None and type(self.lm_head) is nn.Linear else None
+
+    def run_fused_head(self, op: Callable, h: torch.Tensor, *args):
+        """op(rows of h [..., H] flattened, final norm weight, eps, LM head weight, *args), its outputs reshaped
+        back to h's leading dimensions (a tuple stays a tuple)."""
+        flat = h.reshape(-1, h.shape[-1]).contiguous()
+        n = self.model.norm
+        out = op(flat, n.weight, n.eps, self.lm_head.weight, *args)
+        lead = h.shape[:-1]
+        if isinstance(out, tuple):
+            return tuple(t.view(*lead, *t.shape[1:]) for t in out)
+        return out.view(*lead, *out.shape[1:])
+
     def head_argmax(self, h: torch.Tensor, vocab_subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """argmax of head(h) over the vocabulary, [...] int64, without materialising logits where the op set
         has a fused exit head. Bitwise the same choice as head(h).argmax(-1) (ties: lowest id).
         vocab_subset (int64 ids on the model's device): score only those tokens; returns the chosen token id."""
-        fused = getattr(self.ops, "exit_head_argmax", None)
-        if fused is None or type(self.lm_head) is not nn.Linear:
-            if vocab_subset is None:
-                return self.head(h).argmax(-1)
-            w = self.lm_head.weight if type(self.lm_head) is nn.Linear else None
-            if w is None:  # a wrapped head (e.g. an adapter) runs whole; pick among the subset's logits
-                return vocab_subset[self.head(h)[..., vocab_subset].argmax(-1)]
-            logits = self.ops.linear(self.model.norm(h, self.ops), w[vocab_subset].contiguous())
-            return vocab_subset[logits.argmax(-1)]
-        flat = h.reshape(-1, h.shape[-1]).contiguous()
-        n = self.model.norm
-        return fused(flat, n.weight, n.eps, self.lm_head.weight, vocab_subset).view(h.shape[:-1])
+        fused = self.fused_head("exit_head_argmax")
+        if fused is not None:
+            return self.run_fused_head(fused, h, vocab_subset)
+        logits = self.head(h)
+        if vocab_subset is None:
+            return logits.argmax(-1)
+        return vocab_subset[logits[..., vocab_subset].argmax(-1)]
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start: Optional[torch.Tensor] = None,

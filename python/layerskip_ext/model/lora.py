@@ -44,10 +44,6 @@ class LoRALinear(nn.Module):
             a = torch.rand(self.lora_a.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
             self.lora_a.copy_(a)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
     def delta(self) -> torch.Tensor:
         """[out, in] float32: the weight change this adapter makes."""
         return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
