@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Optional
 
+from .commands.common import int_list, setup_threads
 from .errors import LayerSkipError
 
 
@@ -66,22 +67,13 @@ def _choose_strategy(args, model):
     return strategy, E, d
 
 
-def _setup_threads(args) -> None:
-    import torch
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LayerSkipError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-
 def cmd_generate(args) -> int:
     from .generation import generate
     from .model import load_model
 
     if args.max_new_tokens < 0:
         raise LayerSkipError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    _setup_threads(args)
+    setup_threads(args.threads)
     prompt = _read_prompt(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=not args.json,
                                   draft_vocab=args.draft_vocab)
@@ -133,19 +125,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _int_list(text: str, name: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise LayerSkipError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
-
-
 def cmd_check_lossless(args) -> int:
     from .generation.lossless import check_lossless
     from .model import load_model
     from .prompts import humaneval_path, read_prompts
 
-    _setup_threads(args)
+    setup_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True)
     if tokenizer is None:
         raise LayerSkipError(f"{args.model} has no tokenizer")
@@ -155,8 +140,8 @@ def cmd_check_lossless(args) -> int:
     if args.chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     prompts = [tokenizer.encode(t) for t in texts]
-    exits = _int_list(args.exit_layers, "--exit-layers")
-    depths = _int_list(args.num_speculations, "--num-speculations")
+    exits = int_list(args.exit_layers, "--exit-layers")
+    depths = int_list(args.num_speculations, "--num-speculations")
     for E in exits:
         if not 1 <= E <= model.num_layers:
             raise LayerSkipError(f"exit layer {E} is outside [1, {model.num_layers}]")
@@ -233,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_chk.add_argument("--threads", type=int, default=None)
     p_chk.add_argument("--json", default=None, help="also write the report to this file")
     p_chk.set_defaults(func=cmd_check_lossless)
-    from .draft_vocab_cli import add_draft_vocab_args, cmd_draft_vocab
+    from .commands.draft_vocab import add_draft_vocab_args, cmd_draft_vocab
 
     p_dv = sub.add_parser("draft-vocab", help="store a frequency-ranked draft vocabulary with a model "
                                               "(cheaper self-speculative drafts, same output)")

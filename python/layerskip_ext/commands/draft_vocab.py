@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import LayerSkipError
+from ..errors import LayerSkipError
 
 
 def add_draft_vocab_args(p: argparse.ArgumentParser) -> None:
@@ -23,8 +23,8 @@ def add_draft_vocab_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_draft_vocab(args) -> int:
-    from .io import load_checkpoint
-    from .model.draft_vocab import build_draft_vocab, default_draft_vocab_path, save_draft_vocab
+    from ..io import load_checkpoint
+    from ..model.draft_vocab import build_draft_vocab, default_draft_vocab_path, save_draft_vocab
 
     if args.size < 1:
         raise LayerSkipError(f"--size must be >= 1, got {args.size}")
