@@ -216,3 +216,36 @@ def test_packaged_adapter_name_resolves_or_explains(monkeypatch, tmp_path):
     (tmp_path / "smollm2-135m-layerskip").mkdir()
     (tmp_path / "smollm2-135m-layerskip" / "adapter_config.json").write_text("{}")
     assert packaged.resolve_model_path("smollm2-135m-layerskip") == str(tmp_path / "smollm2-135m-layerskip")
+
+
+def test_adapters_disabled_gives_the_base_model():
+    from layerskip_ext.model.lora import adapters_disabled, has_lora
+    model = make_tiny_model()
+    tokens = torch.randint(0, 300, (2, 7))
+    base = model.hidden_states(tokens)[-1]
+    assert not has_lora(model)
+    apply_lora(model, rank=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_b"):
+                m.lora_b.normal_()
+    assert has_lora(model)
+    adapted = model.hidden_states(tokens)[-1]
+    assert (adapted - base).abs().max() > 1e-3
+    with adapters_disabled(model):
+        assert torch.equal(model.hidden_states(tokens)[-1], base)
+    assert torch.equal(model.hidden_states(tokens)[-1], adapted), "switched back on after the block"
+
+
+def test_lora_training_with_anchor(tmp_path, corpus, base_folder):
+    """--anchor: the log records KL(base || final); it starts at 0 (B = 0: the adapted model is the base) and the
+    run needs LoRA."""
+    from layerskip_ext.training.trainer import run_training
+
+    out = tmp_path / "anchored"
+    run_training(lora_cfg(out, corpus, base_folder, anchor=2.0, exclude=["held_out"]))
+    recs = [json.loads(line) for line in open(out / "training" / "log.jsonl")]
+    assert recs[0]["anchor_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert recs[-1]["anchor_kl"] > 0, "the adapters moved the final layer away from the base"
+    with pytest.raises(TrainingError, match="needs --lora-rank"):
+        run_training(lora_cfg(tmp_path / "full", corpus, base_folder, anchor=1.0, lora_rank=0))

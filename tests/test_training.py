@@ -96,21 +96,22 @@ def test_exit_weights_and_curricula():
 # ---------------------------------------------------------------------------------------------------------------
 # early-exit loss
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("distill", [0.0, 0.7])
-def test_chunked_loss_equals_naive(distill):
+@pytest.mark.parametrize("distill,anchor", [(0.0, 0.0), (0.7, 0.0), (0.0, 0.6), (0.7, 1.3)])
+def test_chunked_loss_equals_naive(distill, anchor):
     base = tiny(4)
     tokens = torch.randint(0, 300, (3, 11))
     labels = shift_labels(tokens)
     labels[1, :4] = -100
+    reference = tiny(4, seed=5).hidden_states(tokens)[-1].detach() if anchor else None  # another model's states
 
     def run(naive):
         m = copy.deepcopy(base)
-        fn = prepare_model(m, early_exit_loss=EarlyExitLossConfig(e_scale=0.5, distill=distill, naive=naive,
-                                                                  chunk_tokens=7))
+        fn = prepare_model(m, early_exit_loss=EarlyExitLossConfig(e_scale=0.5, distill=distill, anchor=anchor,
+                                                                  naive=naive, chunk_tokens=7))
         hs = m.hidden_states(tokens)
         for h in hs:
             h.retain_grad()
-        out = fn(hs, labels)
+        out = fn(hs, labels, anchor_hidden=reference)
         out.loss.backward()
         return out, grads(m), [h.grad for h in hs]
 
@@ -119,6 +120,7 @@ def test_chunked_loss_equals_naive(distill):
     assert torch.allclose(a.exit_losses, b.exit_losses, rtol=1e-6)
     assert torch.allclose(a.distill_losses, b.distill_losses, rtol=1e-5, atol=1e-7)
     assert (a.distill_losses[:-1] > 0).all() == (distill > 0)
+    assert (a.distill_losses[-1] > 0) == (anchor > 0)  # the final exit's KL is the anchor's
     assert max_diff(ga, gb) < 1e-6
     assert all(torch.allclose(x, y, atol=1e-7) for x, y in zip(ha, hb))
     # per-exit CE equals a direct computation

@@ -10,6 +10,7 @@ Adapter tensor names are the wrapped linear's HF name plus ``.lora_a`` / ``.lora
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Optional
 
@@ -35,6 +36,7 @@ class LoRALinear(nn.Module):
         out_features, in_features = base.weight.shape
         self.rank, self.alpha = int(rank), float(alpha)
         self.scaling = self.alpha / self.rank
+        self.enabled = True  # False: the layer is its base (adapters_disabled gives the base model for free)
         w = base.weight
         self.lora_a = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=w.device))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=w.device))
@@ -49,7 +51,28 @@ class LoRALinear(nn.Module):
         return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.scaling
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block, every LoRALinear of ``model`` computes its frozen base only: the base model's outputs
+    without a second copy of its weights (the training anchor's teacher)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(layers, before):
+            m.enabled = e
 
 
 def _decoder_linears(model: nn.Module, targets: Iterable[str]):

@@ -79,6 +79,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                     help="candidate exits (1-based layer numbers; default all; the last layer is always one)")
     ls.add_argument("--distill", type=float, default=0.0,
                     help="self-distillation weight: KL(final || exit) added per exit, weighted like its loss")
+    ls.add_argument("--anchor", type=float, default=0.0,
+                    help="with --lora-rank: weight of KL(base final || final), the last layer's loss weight "
+                         "times this, keeping the last layer near the base model (its adapters switched off)")
     ls.add_argument("--loss-chunk", type=int, default=None, help="tokens per logits chunk (default ~8M logits)")
 
     lo = p.add_argument_group("LoRA")
@@ -117,7 +120,7 @@ def train_config_from_args(args):
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, layer_dropout=args.layer_dropout,
         ld_scale=args.ld_scale, ld_time=args.ld_time, early_exit=args.early_exit, ee_scale=args.ee_scale,
         ee_curriculum=args.ee_curriculum, ee_rotation=args.ee_rotation,
-        ee_gradual_fraction=args.ee_gradual_fraction, ee_layers=args.ee_layers, distill=args.distill,
+        ee_gradual_fraction=args.ee_gradual_fraction, ee_layers=args.ee_layers, distill=args.distill, anchor=args.anchor,
         loss_chunk=args.loss_chunk, autocast=args.autocast, init_std=args.init_std, seed=args.seed,
         save_every=args.save_every, stop_at=args.stop_at, dist=args.dist,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile, device=args.device,

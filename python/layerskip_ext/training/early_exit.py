@@ -5,8 +5,11 @@ Per step, the active exits (1-based layer numbers ``E``; the last layer is alway
     raw_E = S(E) * (e_scale if E < L else 1),   w_E = raw_E / sum(raw)     (``normalize=True``, the paper's)
 
 with ``S`` one of sum-l, linear-l, uniform, sqrt-l, inv-l, inv-sqrt-l, and the loss is
-``sum_E w_E * CE_E + distill * sum_{E<L} w_E * KL(final || exit_E)``, each term a mean over the valid tokens
-(labels != -100). The KL term pulls an exit's distribution toward the final layer's detached distribution.
+``sum_E w_E * CE_E + distill * sum_{E<L} w_E * KL(final || exit_E) + anchor * w_L * KL(reference || final)``,
+each term a mean over the valid tokens (labels != -100). The distill term pulls an exit's distribution toward
+the final layer's detached distribution. The anchor term keeps the final layer near a reference model's
+distribution (for LoRA training: the base model, i.e. the adapters switched off), so that teaching the early
+layers to exit does not cost the last layer its quality.
 
 Curricula choose which exits are active at step ``t``:
   * ``none``: every candidate exit, every step;
@@ -44,12 +47,13 @@ class EarlyExitLossConfig:
     gradual_fraction: float = 0.5
     layers: Optional[list[int]] = None   # candidate exits (1-based); None = every layer
     distill: float = 0.0
+    anchor: float = 0.0                  # weight of KL(reference final || final); needs the reference's states
     normalize: bool = True
     chunk_tokens: Optional[int] = None   # None: about 8M logits per chunk (2**23 // vocab tokens)
     naive: bool = False
 
     def __post_init__(self):
-        for name in ("e_scale", "distill", "gradual_fraction"):
+        for name in ("e_scale", "distill", "anchor", "gradual_fraction"):
             try:
                 setattr(self, name, float(getattr(self, name)))
             except (TypeError, ValueError):
@@ -60,6 +64,8 @@ class EarlyExitLossConfig:
             raise TrainingError(f"early-exit e_scale must be >= 0, got {self.e_scale}")
         if self.distill < 0:
             raise TrainingError(f"early-exit distill weight must be >= 0, got {self.distill}")
+        if self.anchor < 0:
+            raise TrainingError(f"early-exit anchor weight must be >= 0, got {self.anchor}")
         if not 0.0 < self.gradual_fraction <= 1.0:
             raise TrainingError(f"early-exit gradual_fraction must be in (0, 1], got {self.gradual_fraction}")
         self.scale = canonical(self.scale, EXIT_LOSS_SCALES, "early-exit loss scale")
@@ -80,7 +86,8 @@ class EarlyExitLossConfig:
 
 def exit_weights(config: EarlyExitLossConfig, num_layers: int, step: int = 0,
                  total_steps: Optional[int] = None) -> tuple[list[int], list[float], list[float]]:
-    """(active exits ascending, CE weights, KL weights) at ``step``; the last exit is always ``num_layers``."""
+    """(active exits ascending, CE weights, KL weights) at ``step``; the last exit is always ``num_layers``.
+    An exit's KL weight is its distillation toward the final layer; the final layer's is the anchor's."""
     L = num_layers
     candidates = [e for e in (config.layers or range(1, L + 1)) if e < L]
     if config.e_scale == 0.0:
@@ -96,7 +103,7 @@ def exit_weights(config: EarlyExitLossConfig, num_layers: int, step: int = 0,
     raw = [exit_scale(config.scale, e) * (config.e_scale if e < L else 1.0) for e in exits]
     total = sum(raw) if config.normalize else 1.0
     ce = [r / total for r in raw]
-    kl = [config.distill * w if e < L else 0.0 for e, w in zip(exits, ce)]
+    kl = [(config.distill if e < L else config.anchor) * w for e, w in zip(exits, ce)]
     return exits, ce, kl
 
 
@@ -116,12 +123,13 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _ExitHeadLoss(torch.autograd.Function):
     """x [E, N, H] normed exit states (the final layer's last), weight [V, H], labels [N].
+    anchor_x [N, H] or None: the reference model's normed final states, the final exit's KL teacher.
 
     ce_w, kl_w: [E] weights already divided by the number of valid tokens. Returns (total loss, per-exit CE
     sums [E], per-exit KL sums [E]); the sums are not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, weight, labels, ce_w, kl_w, kl_on, chunk, compute_dtype, need_x, need_w):
+    def forward(ctx, x, weight, labels, ce_w, kl_w, kl_on, chunk, compute_dtype, need_x, need_w, anchor_x):
         E, N, H = x.shape
         dev = x.device
         with torch.autocast(dev.type, enabled=False):
@@ -132,8 +140,8 @@ class _ExitHeadLoss(torch.autograd.Function):
             kl_sum = torch.zeros(E, dtype=torch.float32, device=dev)
             gx = torch.zeros_like(x) if need_x else None
             gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
-            distill = any(kl_on)
             final = E - 1
+            distill = any(kl_on[:final])
             order = [final] + list(range(E - 1))
             ce_w32, kl_w32 = ce_w.float(), kl_w.float()
             for s in range(0, N, chunk):
@@ -141,21 +149,26 @@ class _ExitHeadLoss(torch.autograd.Function):
                 lab = safe[s:e]
                 v = valid[s:e].view(-1, 1).to(torch.float32)
                 t_p = t_ent = None
+                if kl_on[final]:  # the anchor: the reference's distribution over this chunk
+                    za = (anchor_x[s:e].to(compute_dtype) @ wc.t()).float().softmax(dim=1)
+                    a_ent = torch.special.xlogy(za, za).sum(dim=1, keepdim=True)
                 for j in order:
+                    # the final exit's teacher is the anchor; the others' is the final exit
+                    teacher, teacher_ent = (za, a_ent) if j == final and kl_on[j] else (t_p, t_ent)
                     xj = x[j, s:e].to(compute_dtype)
                     z = (xj @ wc.t()).float()                                # [c, V] logits
                     # every step below is in place on z: one [c, V] buffer per exit (two with a teacher)
                     z.sub_(z.amax(dim=1, keepdim=True))
                     tgt = z.gather(1, lab)
                     if kl_on[j]:
-                        pz = torch.bmm(t_p.unsqueeze(1), z.unsqueeze(2)).view(-1, 1)   # sum_v p_final * z
+                        pz = torch.bmm(teacher.unsqueeze(1), z.unsqueeze(2)).view(-1, 1)  # sum_v p_teacher * z
                     z.exp_()
                     denom = z.sum(dim=1, keepdim=True)
                     lse = denom.log()
                     ce_sum[j] += ((lse - tgt) * v).sum()
                     if kl_on[j]:
                         # KL(p || q) = sum p log p - sum p (z - lse)
-                        kl_sum[j] += ((t_ent - pz + lse) * v).sum()
+                        kl_sum[j] += ((teacher_ent - pz + lse) * v).sum()
                     z.div_(denom)                                             # softmax
                     if j == final and distill:
                         t_p = z.clone()
@@ -166,7 +179,7 @@ class _ExitHeadLoss(torch.autograd.Function):
                     g.mul_(ce_w32[j] + kl_w32[j])
                     g.scatter_add_(1, lab, (-ce_w32[j]).expand(lab.shape[0], 1).contiguous())
                     if kl_on[j]:
-                        g.addcmul_(t_p, kl_w32[j], value=-1.0)
+                        g.addcmul_(teacher, kl_w32[j], value=-1.0)
                     g.mul_(v)
                     gc = g.to(compute_dtype)
                     if need_x:
@@ -199,32 +212,47 @@ class _ExitHeadLoss(torch.autograd.Function):
         if dw is not None and dw.dtype != ctx.w_dtype:
             dw = dw.to(ctx.w_dtype)
         del grads, gx, gw
-        return dx, dw, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None
 
 
 def exit_head_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ce_w: torch.Tensor,
-                   kl_w: torch.Tensor, kl_on: Sequence[bool], chunk: int):
+                   kl_w: torch.Tensor, kl_on: Sequence[bool], chunk: int, anchor_x: Optional[torch.Tensor] = None):
     """Fused, chunked loss of ``E`` exits (see ``_ExitHeadLoss``): (total, CE sums [E], KL sums [E])."""
+    _check_anchor(x, kl_on, anchor_x)
     grad = torch.is_grad_enabled()
     need_x = grad and x.requires_grad
     need_w = grad and weight.requires_grad
     cd = _compute_dtype(x, weight)
     return _ExitHeadLoss.apply(x, weight, labels, ce_w, kl_w, tuple(bool(k) for k in kl_on), int(chunk), cd,
-                               need_x, need_w)
+                               need_x, need_w, None if anchor_x is None else anchor_x.detach())
+
+
+def _check_anchor(x: torch.Tensor, kl_on: Sequence[bool], anchor_x: Optional[torch.Tensor]) -> None:
+    if bool(kl_on[-1]) != (anchor_x is not None):
+        raise TrainingError("the final exit's KL term (the anchor) needs the reference model's final states, and "
+                            "they are only used by it" if anchor_x is None else
+                            "anchor states were given but the anchor weight is 0")
+    if anchor_x is not None and tuple(anchor_x.shape) != tuple(x.shape[1:]):
+        raise TrainingError(f"anchor states {tuple(anchor_x.shape)} do not match the exits' {tuple(x.shape[1:])}")
 
 
 def naive_exit_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ce_w: torch.Tensor,
-                    kl_w: torch.Tensor, kl_on: Sequence[bool]):
+                    kl_w: torch.Tensor, kl_on: Sequence[bool], anchor_x: Optional[torch.Tensor] = None):
     """The same quantity with plain autograd: all exits' [N, V] logits exist (and are saved) at once."""
+    _check_anchor(x, kl_on, anchor_x)
     E = x.shape[0]
     logps = [F.log_softmax(F.linear(x[j], weight).float(), dim=-1) for j in range(E)]
     valid = (labels != IGNORE_INDEX).float()
     safe = labels.clamp(min=0).view(-1, 1)
     teacher = logps[-1].detach()
     ce_sums, kl_sums = [], []
+    if anchor_x is not None:
+        anchor = F.log_softmax(F.linear(anchor_x, weight).float(), dim=-1).detach()
     for j in range(E):
         ce_sums.append(-(logps[j].gather(1, safe).view(-1) * valid).sum())
-        if kl_on[j]:
+        if kl_on[j] and j == E - 1:
+            kl_sums.append(((anchor.exp() * (anchor - logps[j])).sum(-1) * valid).sum())
+        elif kl_on[j]:
             kl_sums.append(((teacher.exp() * (teacher - logps[j])).sum(-1) * valid).sum())
         else:
             kl_sums.append(torch.zeros((), device=x.device))

@@ -122,7 +122,9 @@ class LayerSkipLoss:
         return self.model.model.norm(h)
 
     def __call__(self, hidden_states=None, labels: Optional[torch.Tensor] = None, *,
-                 step: Optional[int] = None) -> LossOutput:
+                 step: Optional[int] = None, anchor_hidden: Optional[torch.Tensor] = None) -> LossOutput:
+        """anchor_hidden [B, T, H]: the reference model's last-layer output (before the final norm), needed when
+        the config's anchor weight is > 0 (``reference_last_hidden`` computes it for a LoRA-adapted model)."""
         if labels is None:
             raise TrainingError("labels are required (labels[b, t] = target of position t; -100 = ignore)")
         got = self._collect(hidden_states)
@@ -141,12 +143,21 @@ class LayerSkipLoss:
         ce_w = torch.tensor(ce, dtype=torch.float32, device=x.device) / n_valid
         kl_w = torch.tensor(kl, dtype=torch.float32, device=x.device) / n_valid
         kl_on = [k > 0 for k in kl]
+        if kl_on[-1] and anchor_hidden is None:
+            raise TrainingError("the loss has an anchor weight but no anchor_hidden (the reference model's "
+                                "last-layer output) was given")
+        anchor_x = None
+        if kl_on[-1]:
+            if tuple(anchor_hidden.shape) != tuple(h_last.shape):
+                raise TrainingError(f"anchor_hidden shape {tuple(anchor_hidden.shape)} does not match the last "
+                                    f"layer's output {tuple(h_last.shape)}")
+            anchor_x = self._norm(anchor_hidden.detach()).reshape(-1, H)
         weight = self.model.lm_head.weight
         if self.config.naive:
-            total, ce_sum, kl_sum = naive_exit_loss(x, weight, labels, ce_w, kl_w, kl_on)
+            total, ce_sum, kl_sum = naive_exit_loss(x, weight, labels, ce_w, kl_w, kl_on, anchor_x)
         else:
             chunk = self.config.chunk_tokens or default_chunk(weight.shape[0])
-            total, ce_sum, kl_sum = exit_head_loss(x, weight, labels, ce_w, kl_w, kl_on, chunk)
+            total, ce_sum, kl_sum = exit_head_loss(x, weight, labels, ce_w, kl_w, kl_on, chunk, anchor_x)
         if self.recorder is not None:
             self.recorder.clear()
         return LossOutput(total, exits, ce_sum / n_valid, kl_sum / n_valid, ce, kl)
@@ -256,6 +267,23 @@ def layer_outputs(model: nn.Module, tokens: torch.Tensor) -> dict[int, torch.Ten
     return got
 
 
+@torch.no_grad()
+def reference_last_hidden(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The base model's last-layer output [B, T, H] for a LoRA-adapted ``model``: the same forward with the
+    adapters switched off, in eval mode (no layer dropout), without gradients."""
+    from ..model.lora import adapters_disabled, has_lora
+    if not has_lora(model):
+        raise TrainingError("the anchor's reference is the base model under LoRA adapters; this model has none "
+                            "(train with --lora-rank, or set the anchor weight to 0)")
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_disabled(model):
+            return layer_outputs(model, tokens)[len(model.model.layers)].detach()
+    finally:
+        model.train(was_training)
+
+
 class TrainingForward(nn.Module):
     """One module whose forward is the whole training computation (layers + early-exit loss), so DDP and FSDP
     see every parameter used inside ``forward``. Returns (loss, per-exit CE [E], per-exit KL [E])."""
@@ -267,6 +295,7 @@ class TrainingForward(nn.Module):
         self.last: Optional[LossOutput] = None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor):
-        out = self.loss_fn(layer_outputs(self.model, tokens), labels)
+        anchor = reference_last_hidden(self.model, tokens) if self.loss_fn.config.anchor > 0 else None
+        out = self.loss_fn(layer_outputs(self.model, tokens), labels, anchor_hidden=anchor)
         object.__setattr__(self, "last", out)
         return out.loss, out.exit_losses, out.distill_losses

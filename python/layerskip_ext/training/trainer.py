@@ -70,6 +70,7 @@ class TrainConfig:
     ee_gradual_fraction: float = 0.5
     ee_layers: Optional[list] = None
     distill: float = 0.0
+    anchor: float = 0.0                    # KL(base final || final) weight; LoRA only (base = adapters off)
     loss_chunk: Optional[int] = None
     autocast: str = "bf16"                 # bf16 | none
     init_std: float = 0.02
@@ -126,6 +127,9 @@ class TrainConfig:
             raise TrainingError(f"--lora-rank must be an integer >= 0, got {self.lora_rank!r}")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise TrainingError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.anchor and not self.lora_rank:
+            raise TrainingError("--anchor keeps the last layer near the base model, which is the LoRA adapters "
+                                "switched off: it needs --lora-rank")
         if self.init_adapter and not self.lora_rank:
             raise TrainingError("--init-adapter needs --lora-rank (the adapter's rank)")
         if self.lora_rank and not self.model:
@@ -146,7 +150,8 @@ class TrainConfig:
     def exit_config(self) -> EarlyExitLossConfig:
         return EarlyExitLossConfig(e_scale=self.early_exit, scale=self.ee_scale, curriculum=self.ee_curriculum,
                                    rotation_interval=self.ee_rotation, gradual_fraction=self.ee_gradual_fraction,
-                                   layers=self.ee_layers, distill=self.distill, chunk_tokens=self.loss_chunk)
+                                   layers=self.ee_layers, distill=self.distill, anchor=self.anchor,
+                                   chunk_tokens=self.loss_chunk)
 
     def base_lr(self) -> float:
         if self.layer_dropout > 0 and self.lr_layer_dropout is not None:
@@ -574,7 +579,10 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
                        "exits": {str(e): round(v, 5) for e, v in last_exits.items()},
                        "tokens": tokens_per_step * (step + 1), "time_s": round(elapsed, 2)}
                 if any(k > 0 for k in kl_w):
-                    rec["distill"] = {str(e): round(v, 5) for e, v in kls.items() if e < model_config.num_hidden_layers}
+                    L = model_config.num_hidden_layers
+                    rec["distill"] = {str(e): round(v, 5) for e, v in kls.items() if e < L}
+                    if cfg.anchor:
+                        rec["anchor_kl"] = round(kls[L], 5)
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
             done = step + 1
