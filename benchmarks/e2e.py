@@ -247,9 +247,9 @@ def llama_cpp_engine(model_name: str, n: int, threads: int):
 # ----------------------------------------------------------------------------------------------------------------
 
 def profile_steps(model, prompts, n: int, spec: tuple[int, int] | None, draft_vocab) -> dict:
-    """Share of decode time outside the native calls of a step (the fused layer ranges, the exit head, the
-    verification), measured by timing those calls; plus cProfile's top functions by own time (a separate run:
-    cProfile's own overhead would inflate the share)."""
+    """Share of decode time outside the native calls of a step (the fused layer ranges, the greedy draft stage,
+    the exit head, the verification), measured by timing those calls; plus cProfile's top functions by own time
+    (a separate run: cProfile's own overhead would inflate the share)."""
     spent = [0.0]
 
     def timed(f):
@@ -268,12 +268,13 @@ def profile_steps(model, prompts, n: int, spec: tuple[int, int] | None, draft_vo
         if not mark:
             mark.append(spent[0])
 
-    saved_ops, saved_lrf = model.ops, ops.layer_range_forward
+    saved_ops, saved_lrf, saved_draft = model.ops, ops.layer_range_forward, ops.draft_greedy
     decode = native_decode = steps = 0.0
     try:
         model.ops = dataclasses.replace(model.ops, exit_head_argmax=timed(model.ops.exit_head_argmax),
                                         verify_greedy=timed(model.ops.verify_greedy))
-        ops.layer_range_forward = timed(saved_lrf)  # model/fused.py calls it through the module
+        ops.layer_range_forward = timed(saved_lrf)  # model/fused.py calls these through the module
+        ops.draft_greedy = timed(saved_draft)
         generate(model, prompts[0], max_new_tokens=8, stop_token_ids=[], **kw)  # warm-up
         for p in prompts:
             spent[0], mark[:] = 0.0, []
@@ -282,7 +283,7 @@ def profile_steps(model, prompts, n: int, spec: tuple[int, int] | None, draft_vo
             native_decode += spent[0] - mark[0]
             steps += r.stats.get("rounds", len(r.sequences[0].tokens) - 1)
     finally:
-        model.ops, ops.layer_range_forward = saved_ops, saved_lrf
+        model.ops, ops.layer_range_forward, ops.draft_greedy = saved_ops, saved_lrf, saved_draft
     outside = max(decode - native_decode, 0.0)
     prof = cProfile.Profile()
     prof.enable()

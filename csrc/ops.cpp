@@ -41,4 +41,12 @@ TORCH_LIBRARY(layerskip, m) {
   // last layer. Bitwise the native ops one by one (model/llama.py with the native op set).
   m.def("layer_range_forward(Tensor h, Tensor[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor start, "
         "Tensor positions, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
+  // The greedy draft stage of a self-speculative round (csrc/draft.cpp; CPU and CUDA): tokens[B] int64 at positions
+  // start[B], embed[V, H]; layer_range_forward's arguments for layers [0, E); exit_head_argmax's; d = num_drafts.
+  // d + 1 steps of h = layer_range_forward(embed[token]) at start + i, token = exit_head_argmax(h) (not after the
+  // last) -> drafts[B, d] int64, hidden[B, d + 1, H] (layer E's output per step). Bitwise those ops one by one.
+  m.def("draft_greedy(Tensor tokens, Tensor embed, Tensor[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor start, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float scale, "
+        "Tensor norm_weight, float norm_eps, Tensor lm_head, Tensor? vocab_subset, int num_drafts) "
+        "-> (Tensor drafts, Tensor hidden)");
 }

@@ -304,6 +304,37 @@ def layer_range_forward_reference(h, weights, k_caches, v_caches, start, positio
                                         cache_attention_fn=cache_attention_reference)
 
 
+def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads: int,
+                          num_kv_heads: int, eps: float, scale: float, norm_weight, norm_eps: float, lm_head,
+                          vocab_subset, num_drafts: int, *, layer_range_fn, head_argmax_fn):
+    """The greedy draft stage from separate layer-range / exit-head functions: d + 1 steps of embedding, layers
+    [0, E) at position start + i, and (but after the last) the exit head's argmax as the next token.
+    -> drafts [B, d] int64, hidden [B, d+1, H] (layer E's output per step)."""
+    B = tokens.shape[0]
+    token, drafts, hidden = tokens, [], []
+    for i in range(num_drafts + 1):
+        pos = start + i
+        h = layer_range_fn(torch.nn.functional.embedding(token.view(B, 1), embed), weights, k_caches, v_caches, pos,
+                           pos.view(B, 1), cos, sin, num_heads, num_kv_heads, eps, scale)
+        hidden.append(h)
+        if i == num_drafts:
+            break
+        token = head_argmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
+        drafts.append(token)
+    drafts = torch.stack(drafts, dim=1) if drafts else tokens.new_empty(B, 0)
+    return drafts, torch.cat(hidden, dim=1)
+
+
+def draft_greedy_reference(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads: int,
+                           num_kv_heads: int, eps: float, scale: float, norm_weight, norm_eps: float, lm_head,
+                           vocab_subset, num_drafts: int):
+    """Plain-PyTorch greedy draft stage (writes the caches of layers < E in place, like the native op)."""
+    return draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads,
+                                 num_kv_heads, eps, scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts,
+                                 layer_range_fn=layer_range_forward_reference,
+                                 head_argmax_fn=exit_head_argmax_reference)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Native ops: torch.ops.layerskip.* (csrc/ops.cpp has the schemas; csrc/cpu, csrc/cuda the kernels)
 #
@@ -342,6 +373,7 @@ if _native.native_available():
     _verify_greedy_op = torch.ops.layerskip.verify_greedy.default
     _verify_sampling_op = torch.ops.layerskip.verify_sampling.default
     _layer_range_forward_op = torch.ops.layerskip.layer_range_forward.default
+    _draft_greedy_op = torch.ops.layerskip.draft_greedy.default
 else:
     _rms_norm_op = _missing("rms_norm")
     _rope_op = _missing("rope")
@@ -354,6 +386,7 @@ else:
     _verify_greedy_op = _missing("verify_greedy")
     _verify_sampling_op = _missing("verify_sampling")
     _layer_range_forward_op = _missing("layer_range_forward")
+    _draft_greedy_op = _missing("draft_greedy")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -427,6 +460,22 @@ def layer_range_forward(h: torch.Tensor, weights: list[torch.Tensor], k_caches: 
     bitwise the native ops one by one. Writes the caches in place; returns the hidden state after the last layer."""
     return _layer_range_forward_op(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
                                    num_kv_heads, eps, scale)
+
+
+def draft_greedy(tokens: torch.Tensor, embed: torch.Tensor, weights: list[torch.Tensor], k_caches: list[torch.Tensor],
+                 v_caches: list[torch.Tensor], start: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, eps: float, scale: float, norm_weight: torch.Tensor,
+                 norm_eps: float, lm_head: torch.Tensor, vocab_subset: torch.Tensor | None,
+                 num_drafts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native :func:`draft_greedy_reference`: the greedy draft stage in one call, bitwise
+    :func:`draft_greedy_native_composed` (the native layer-range and exit-head ops step by step)."""
+    return _draft_greedy_op(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads, num_kv_heads, eps,
+                            scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts)
+
+
+def draft_greedy_native_composed(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft stage step by step with the native ops (what draft_greedy must equal bitwise)."""
+    return draft_greedy_composed(*args, layer_range_fn=layer_range_forward, head_argmax_fn=exit_head_argmax)
 
 
 def layer_range_forward_native_composed(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
@@ -507,6 +556,15 @@ if _native.native_available():
     def _verify_sampling_fake(drafts, q, p, uniforms, positions):
         torch._check(drafts.dim() == 2, lambda: f"verify_sampling: drafts must be 2-D [B, d], got {drafts.dim()}-D")
         return drafts.new_empty(drafts.shape[:1]), drafts.new_empty(drafts.shape[:1])
+
+    @torch.library.register_fake("layerskip::draft_greedy")
+    def _draft_greedy_fake(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads, num_kv_heads, eps,
+                           scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts):
+        torch._check(tokens.dim() == 1, lambda: f"draft_greedy: tokens must be 1-D [B], got {tokens.dim()}-D")
+        torch._check(embed.dim() == 2, lambda: f"draft_greedy: embed must be 2-D [V, H], got {embed.dim()}-D")
+        torch._check(num_drafts >= 0, lambda: f"draft_greedy: num_drafts must be >= 0, got {num_drafts}")
+        B = tokens.shape[0]
+        return tokens.new_empty(B, num_drafts), embed.new_empty(B, num_drafts + 1, embed.shape[1])
 
     @torch.library.register_fake("layerskip::layer_range_forward")
     def _layer_range_forward_fake(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,

@@ -3,7 +3,8 @@
 One round, for every live sequence at once (each at its own position p, the newest token x0 not yet cached):
   1. draft: x0, y1, ..., yd each go through layers < E one at a time (T = 1), writing those layers' KV at
      p .. p+d in place; the shared exit head on layer E's output proposes y1 .. yd. The exit-layer hidden states
-     h_E(x0), h_E(y1) .. h_E(yd) are kept (yd needs no head: it is only verified).
+     h_E(x0), h_E(y1) .. h_E(yd) are kept (yd needs no head: it is only verified). Greedy drafts are one native
+     call (ops.draft_greedy through model.draft_greedy), bitwise these steps; sampling runs them here.
   2. verify: ONE pass of layers >= E over those d+1 hidden states (T = d+1), writing the deep layers' KV at
      p .. p+d. Layers < E are never recomputed.
   3. accept the longest prefix of drafts the full model agrees with, then one token of the full model's own
@@ -30,12 +31,15 @@ from .core import GenerationResult, Timer
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
-def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
-                      draft_vocab=None):
-    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), deep hidden states [n, d+1, H].
-    draft_vocab: ids the greedy draft head scores (None: all)."""
+def _draft(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator, draft_vocab):
+    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), exit-layer hidden states [n, d+1, H].
+    Greedy drafts are one native call where the model has one (model.draft_greedy), else the same steps here."""
     rows, start = batch.rows, batch.positions()
     top = batch.max_position()  # known from the emitted tokens: forward_state reads no tensor back
+    if sampling.greedy:
+        native = model.draft_greedy(batch.last_tokens(), start, top, exit_layer, d, batch.cache, rows, draft_vocab)
+        if native is not None:
+            return native[0], None, native[1]
     token = batch.last_tokens().view(-1, 1)
     hidden, drafts, q = [], [], []
     for i in range(d + 1):
@@ -51,10 +55,18 @@ def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampli
             q.append(probs)
             token = token.view(-1, 1)
         drafts.append(token)
-    st = model.forward_state(start, d + 1, batch.cache, rows, max_start=top)
-    deep = model.forward_layers(torch.cat(hidden, dim=1), exit_layer, model.num_layers, st)
     drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(len(batch.active), 0, dtype=torch.int64)
-    return drafts.cpu(), (torch.stack(q, dim=1) if q else None), deep
+    return drafts, (torch.stack(q, dim=1) if q else None), torch.cat(hidden, dim=1)
+
+
+def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
+                      draft_vocab=None):
+    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), deep hidden states [n, d+1, H].
+    draft_vocab: ids the greedy draft head scores (None: all)."""
+    drafts, q, hidden = _draft(model, batch, exit_layer, d, sampling, generator, draft_vocab)
+    st = model.forward_state(batch.positions(), d + 1, batch.cache, batch.rows, max_start=batch.max_position())
+    deep = model.forward_layers(hidden, exit_layer, model.num_layers, st)
+    return drafts.cpu(), q, deep
 
 
 def _accept(model, positions: torch.Tensor, drafts: torch.Tensor, q, deep: torch.Tensor, sampling: SamplingParams,

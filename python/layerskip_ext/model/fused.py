@@ -124,9 +124,14 @@ class FusedLayers:
 
     def applies(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> bool:
         """Whether forward() runs the fused native op (otherwise it falls back to model.forward_layers)."""
+        return h.dim() == 3 and h.is_contiguous() and self.applies_range(h.dtype, h.device, start_layer, end_layer, st)
+
+    def applies_range(self, dtype: torch.dtype, device: torch.device, start_layer: int, end_layer: int,
+                      st: ForwardState) -> bool:
+        """Whether layers [start_layer, end_layer) can run natively on hidden states of this dtype and device."""
         if end_layer <= start_layer or st.cache is None or getattr(st.ops, "name", None) != "native":
             return False
-        if not ops.native_available() or h.dim() != 3 or not h.is_contiguous():
+        if not ops.native_available():
             return False
         if self._version != _structure_version:  # something somewhere was re-assigned: is it ours?
             if self._unchanged(0, len(self._sources)):
@@ -134,7 +139,7 @@ class FusedLayers:
             else:
                 self.refresh()
         w = self._range(start_layer, end_layer)
-        return w is not None and h.dtype == w[1].dtype and h.device == w[1].device
+        return w is not None and dtype == w[1].dtype and device == w[1].device
 
     def forward(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> torch.Tensor:
         """Decoder layers [start_layer, end_layer) on h [B, T, H]: model.forward_layers' contract and result."""
@@ -149,6 +154,17 @@ class FusedLayers:
                                        self.num_kv_heads, self.eps, self._scale[start_layer])
 
     __call__ = forward
+
+    def draft_greedy(self, tokens: torch.Tensor, embed: torch.Tensor, exit_layer: int, st: ForwardState,
+                     norm: RMSNorm, lm_head: torch.Tensor, vocab_subset: Optional[torch.Tensor],
+                     num_drafts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ops.draft_greedy over layers [0, exit_layer) (the caller checked applies_range): st covers the round's
+        d + 1 positions from st.start."""
+        weights = self._range(0, exit_layer)
+        ks, vs = self._cache_lists(st, 0, exit_layer)
+        return ops.draft_greedy(tokens, embed, weights, ks, vs, st.start, st.cos, st.sin, self.num_heads,
+                                self.num_kv_heads, self.eps, self._scale[0], norm.weight, norm.eps, lm_head,
+                                vocab_subset, num_drafts)
 
 
 # --------------------------------------------------------------------------------------------------------------
