@@ -10,6 +10,7 @@ from layerskip_ext.analysis.cost_measure import measure_agreement, measure_stage
 from layerskip_ext.analysis.cost_model import (StageCosts, ar_step_model_s, expected_acceptance,
                                                expected_tokens_per_round, overhead_from_ar, predict, rank_of,
                                                replay_rounds, round_time_s)
+from layerskip_ext.analysis.cost_model import alpha_needed, speedup_ceiling
 from layerskip_ext.analysis.sweep import Cell, SweepResult, check_grid, default_exit_layers, run_prompts
 from layerskip_ext.errors import LayerSkipError
 from tiny_checkpoints import make_tiny_model
@@ -158,3 +159,25 @@ def test_measure_stage_costs_structure():
     assert all(math.isfinite(v) and v >= 0 for v in values)
     assert c.overhead_s == pytest.approx(overhead_from_ar(c.layer_s[1], c.call_s[1], c.head_s[1], 4, 1e-3))
     assert round_time_s(c, 2, 3) > 0
+
+
+def test_alpha_needed_inverts_the_prediction():
+    c = costs()
+    for E, d, target in ((1, 2, 1.1), (2, 2, 1.05), (3, 2, 0.5), (5, 2, 0.9)):
+        a = alpha_needed(c, E, d, target)
+        assert a is not None and 0.0 <= a <= 1.0
+        if a > 0:
+            assert predict(c, a, E, d).speedup == pytest.approx(target, rel=1e-9)
+            assert predict(c, max(0.0, a - 1e-3), E, d).speedup < target
+    # beyond the ceiling (every draft accepted) no alpha suffices
+    ceiling = speedup_ceiling(c, 2, 2)
+    assert ceiling == pytest.approx(predict(c, 1.0, 2, 2).speedup)
+    assert alpha_needed(c, 2, 2, ceiling * 1.01) is None
+    with pytest.raises(ValueError):
+        alpha_needed(c, 2, 2, 0.0)
+
+
+def test_a_draft_vocabulary_head_makes_rounds_cheaper():
+    full, sub = costs(), costs(draft_head_s=1.0)
+    assert round_time_s(full, 2, 2) - round_time_s(sub, 2, 2) == pytest.approx(2 * (3.0 - 1.0))
+    assert alpha_needed(sub, 2, 2, 1.1) < alpha_needed(full, 2, 2, 1.1)

@@ -42,9 +42,10 @@ def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 @torch.no_grad()
 def measure_stage_costs(model, position: int, depths: Iterable[int], ar_step_s: float,
-                        repeats: int = 5) -> StageCosts:
+                        repeats: int = 5, draft_vocab=None) -> StageCosts:
     """Per-layer, per-call and exit-head seconds for T = 1 (draft) and T = d + 1 (verify) tokens of one sequence
-    whose KV cache holds ``position`` tokens; ``ar_step_s`` (measured by decoding) gives the overhead."""
+    whose KV cache holds ``position`` tokens; ``ar_step_s`` (measured by decoding) gives the overhead.
+    draft_vocab (ids): also time the draft's head over that subset (StageCosts.draft_head_s)."""
     L = model.num_layers
     Ts = sorted({1} | {int(d) + 1 for d in depths})
     context = model.config.max_position_embeddings
@@ -71,7 +72,16 @@ def measure_stage_costs(model, position: int, depths: Iterable[int], ar_step_s: 
 
         head_s[T] = _median_time(head, repeats)
     overhead = overhead_from_ar(layer_s[1], call_s[1], head_s[1], L, ar_step_s)
-    return StageCosts(L, layer_s, call_s, head_s, overhead, ar_step_s)
+    draft_head_s = None
+    if draft_vocab is not None:
+        h1 = torch.randn(1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+
+        def draft_head() -> None:
+            model.head_argmax(h1, draft_vocab)
+            _sync(model)
+
+        draft_head_s = _median_time(draft_head, repeats)
+    return StageCosts(L, layer_s, call_s, head_s, overhead, ar_step_s, draft_head_s)
 
 
 @torch.no_grad()

@@ -33,9 +33,11 @@ class StageCosts:
     head_s: dict[int, float]    # T -> exit head with full-vocabulary argmax on T rows
     overhead_s: float           # per step / round, outside the model calls
     ar_step_s: float            # measured autoregressive seconds per token (decode)
+    draft_head_s: Optional[float] = None  # a draft's exit head on 1 row over a draft vocabulary (None: full head)
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "ar_step_s": self.ar_step_s, "overhead_s": self.overhead_s,
+                "draft_head_s": self.draft_head_s,
                 "layer_s": {str(t): v for t, v in sorted(self.layer_s.items())},
                 "call_s": {str(t): v for t, v in sorted(self.call_s.items())},
                 "head_s": {str(t): v for t, v in sorted(self.head_s.items())}}
@@ -90,7 +92,8 @@ def round_time_s(c: StageCosts, exit_layer: int, d: int) -> float:
     for table, name in ((c.layer_s, "layer_s"), (c.call_s, "call_s"), (c.head_s, "head_s")):
         if 1 not in table or T not in table:
             raise ValueError(f"stage costs lack {name} for T = {T}")
-    draft = T * (c.call_s[1] + E * c.layer_s[1]) + d * c.head_s[1]
+    draft_head = c.head_s[1] if c.draft_head_s is None else c.draft_head_s
+    draft = T * (c.call_s[1] + E * c.layer_s[1]) + d * draft_head
     verify = c.call_s[T] + (L - E) * c.layer_s[T] + c.head_s[T]
     return draft + verify + c.overhead_s
 
@@ -138,6 +141,32 @@ def predict(c: StageCosts, alpha: float, exit_layer: int, d: int,
             out.replay_tokens_per_round = emitted / rounds
             out.replay_speedup = out.replay_tokens_per_round * c.ar_step_s / round_s
     return out
+
+
+def speedup_ceiling(c: StageCosts, exit_layer: int, d: int) -> float:
+    """The speedup of (E, d) if every draft were accepted (alpha = 1): d + 1 tokens per round."""
+    return (d + 1) * c.ar_step_s / round_time_s(c, exit_layer, d)
+
+
+def alpha_needed(c: StageCosts, exit_layer: int, d: int, target: float) -> Optional[float]:
+    """The smallest per-token agreement alpha at which (E, d) reaches ``target`` speedup over autoregressive
+    decoding, or None when even alpha = 1 does not (the round costs more than ``target`` times its d + 1 tokens'
+    autoregressive steps). Tokens per round grow monotonically with alpha, so bisection finds it."""
+    if target <= 0:
+        raise ValueError(f"target speedup must be > 0, got {target}")
+    need = target * round_time_s(c, exit_layer, d) / c.ar_step_s  # tokens per round needed
+    if need > d + 1:
+        return None
+    if need <= 1.0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if expected_tokens_per_round(mid, d) >= need:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def rank_of(target: tuple[int, int], scores: dict[tuple[int, int], float]) -> int:
