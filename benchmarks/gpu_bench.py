@@ -449,6 +449,9 @@ def bench_e2e(rep: Report, label: str, model, prompts: list[list[int]], new_toke
     if early_exit is not None:
         configs.append((f"early_exit E={early_exit}", dict(exit_layer=early_exit)))
     configs += [(f"self_speculative E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E, d in pairs]
+    if model.device.type == "cuda":  # the same rounds replayed as CUDA graphs (generation/cuda_graph.py)
+        configs += [(f"self_speculative E={E} d={d} graph", dict(exit_layer=E, num_speculations=d, cuda_graph=True))
+                    for E, d in pairs]
     ar_tokens, ar_step = None, None
     for name, kw in configs:
         strategy = name.split()[0]

@@ -59,61 +59,61 @@ def _draft(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: Samplin
     return drafts, (torch.stack(q, dim=1) if q else None), torch.cat(hidden, dim=1)
 
 
-def _draft_and_verify(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
-                      draft_vocab=None):
-    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), deep hidden states [n, d+1, H].
-    draft_vocab: ids the greedy draft head scores (None: all)."""
+def _round(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
+           draft_vocab=None) -> torch.Tensor:
+    """One draft-verify round, all on the model's device: -> [n, d + 2] int64 per row: accepted count, the full
+    model's correction / bonus token, the d drafts (one tensor: the host reads a round in one transfer). Advances
+    the batch's positions (by accepted + 1, inside the verification op) and newest tokens in place, so the next
+    round reads them from the same tensors (what lets a CUDA graph replay rounds: generation/cuda_graph.py)."""
     drafts, q, hidden = _draft(model, batch, exit_layer, d, sampling, generator, draft_vocab)
     st = model.forward_state(batch.positions(), d + 1, batch.cache, batch.rows, max_start=batch.max_position())
     deep = model.forward_layers(hidden, exit_layer, model.num_layers, st)
-    return drafts.cpu(), q, deep
-
-
-def _accept(model, positions: torch.Tensor, drafts: torch.Tensor, q, deep: torch.Tensor, sampling: SamplingParams,
-            generator) -> tuple[list[list[int]], list[int], torch.Tensor]:
-    """The verification op: per row, the accepted draft prefix plus the full model's correction/bonus token, and
-    that last token [n] as a tensor. positions (the batch's own, [n]) is advanced in place by accepted + 1."""
-    n, d = drafts.shape
+    n, dev = drafts.shape[0], deep.device
+    drafts = drafts.to(dev)
     if sampling.greedy:
         target = model.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
-        accepted, next_token = model.ops.verify_greedy(drafts.to(target.device), target, positions)
+        accepted, next_token = model.ops.verify_greedy(drafts, target, batch.positions())
     else:
         p = head_probs(model, deep, sampling).contiguous()  # [n, d+1, V]
         if q is None:
             q = p.new_empty(n, 0, p.shape[-1])
         uniforms = torch.rand(n, d + 1, generator=generator, device=p.device)
-        accepted, next_token = model.ops.verify_sampling(drafts.to(p.device), q.contiguous(), p, uniforms,
-                                                         positions)
-    last = next_token
-    accepted, next_token, drafts = accepted.tolist(), next_token.tolist(), drafts.tolist()
-    return [drafts[r][:a] + [next_token[r]] for r, a in enumerate(accepted)], accepted, last
+        accepted, next_token = model.ops.verify_sampling(drafts, q.contiguous(), p, uniforms, batch.positions())
+    batch.last_tokens().copy_(next_token)
+    return torch.cat([accepted.view(n, 1), next_token.view(n, 1), drafts], dim=1)
 
 
 @torch.no_grad()
 def generate_self_speculative(model, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
-                              exit_layer: int, num_speculations: int, draft_vocab=None) -> GenerationResult:
+                              exit_layer: int, num_speculations: int, draft_vocab=None,
+                              cuda_graph: bool = False) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
-    ignored when sampling."""
+    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs."""
     generator = sampling.generator(model.device)
     timer = Timer()
     batch.emit_first(choose_tokens(model, batch.prefill(), sampling, generator))
     result.prefill_s = timer.lap()
     if not sampling.greedy:
         draft_vocab = None  # see the module docstring
+    graphs = None
+    if cuda_graph:
+        from .cuda_graph import RoundGraphs
+        graphs = RoundGraphs(lambda d: _round(model, batch, exit_layer, d, sampling, generator, draft_vocab),
+                             model.device)
 
     drafted = accepted_total = rounds = 0
     while not batch.done():
         # Never draft past the cache or past what any live sequence may still emit.
         remaining = max(batch.rules.max_new_tokens - len(batch.outputs[b].tokens) for b in batch.active)
         d = max(0, min(num_speculations, batch.room(), remaining - 1))
-        drafts, q, deep = _draft_and_verify(model, batch, exit_layer, d, sampling, generator, draft_vocab)
-        # The verification op advances the batch's positions in place; its last token becomes the newest.
-        emitted, accepted, last = _accept(model, batch.positions(), drafts, q, deep, sampling, generator)
-        batch.last_tokens().copy_(last)
-        for row, tokens in enumerate(emitted):
-            batch.emit(row, tokens)
-        drafted += d * len(emitted)
-        accepted_total += sum(accepted)
+        if graphs is not None and d == num_speculations:
+            out = graphs.run(d, len(batch.active))
+        else:
+            out = _round(model, batch, exit_layer, d, sampling, generator, draft_vocab)
+        for row, r in enumerate(out.tolist()):  # the round's only host read
+            batch.emit(row, r[2:2 + r[0]] + [r[1]])
+            accepted_total += r[0]
+        drafted += d * len(batch.active)
         rounds += 1
         batch.drop_finished()
     result.decode_s = timer.lap()

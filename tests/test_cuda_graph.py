@@ -1,0 +1,64 @@
+"""Self-speculative rounds as CUDA graphs: same tokens as eager greedy decoding (CUDA only), and clear errors where
+they do not apply (everywhere)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerskip_ext import ops
+from layerskip_ext.errors import GenerationError
+from layerskip_ext.generation import generate
+from tiny_checkpoints import make_tiny_model
+
+CUDA = torch.cuda.is_available()
+
+
+def test_cuda_graph_argument_errors():
+    model = make_tiny_model(0, torch.float32)
+    with pytest.raises(GenerationError, match="needs the model on a CUDA device"):
+        generate(model, [1, 2, 3], max_new_tokens=4, strategy="self_speculative", exit_layer=1,
+                 num_speculations=2, cuda_graph=True)
+    with pytest.raises(GenerationError, match="greedy self_speculative decoding only"):
+        generate(model, [1, 2, 3], max_new_tokens=4, cuda_graph=True)
+    with pytest.raises(GenerationError, match="greedy self_speculative decoding only"):
+        generate(model, [1, 2, 3], max_new_tokens=4, strategy="self_speculative", exit_layer=1,
+                 num_speculations=2, temperature=0.8, cuda_graph=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("native", [True, False])
+def test_cuda_graph_rounds_equal_eager_and_autoregressive(dtype, native):
+    if native and not ops.native_available():
+        pytest.skip("native extension not built")
+    model = make_tiny_model(6, dtype, num_hidden_layers=4).cuda()
+    model.use_native_ops(native)
+    prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7], [11, 12]]
+    ar = generate(model, prompts, max_new_tokens=40, stop_token_ids=[7])
+    for E, d in ((1, 3), (2, 2), (3, 5)):
+        kw = dict(max_new_tokens=40, stop_token_ids=[7], strategy="self_speculative", exit_layer=E,
+                  num_speculations=d)
+        eager = generate(model, prompts, **kw)
+        graphed = generate(model, prompts, cuda_graph=True, **kw)
+        assert [s.tokens for s in graphed.sequences] == [s.tokens for s in eager.sequences], (E, d)
+        assert [s.tokens for s in graphed.sequences] == [s.tokens for s in ar.sequences], (E, d)
+        assert graphed.stats["rounds"] == eager.stats["rounds"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_round_graphs_replay_after_capture():
+    from layerskip_ext.generation.cuda_graph import RoundGraphs
+    x = torch.zeros(3, device="cuda")
+
+    def round_fn(d):
+        x.add_(d)
+        return x * 2
+
+    g = RoundGraphs(round_fn, torch.device("cuda"))
+    outs = [g.run(1, 3).clone() for _ in range(4)]  # warm-up, capture + replay, replay, replay
+    assert [float(o[0]) for o in outs] == [2.0, 4.0, 6.0, 8.0]
+    assert g.captures == 1 and g.replays == 3
+    with pytest.raises(ValueError, match="CUDA device"):
+        RoundGraphs(round_fn, torch.device("cpu"))
