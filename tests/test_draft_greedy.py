@@ -9,7 +9,7 @@ import torch
 from layerskip_ext import _native, ops
 from layerskip_ext.generation import generate
 from test_fused import DTYPES, caches, clone_all, random_layers
-from test_ops import CUDA, assert_bitwise, rope_tables, seeded
+from test_ops import CUDA, argument_error_test, assert_bitwise, rope_tables, seeded
 from test_ops_exit_head import poisoned_outputs
 from tiny_checkpoints import make_tiny_model
 
@@ -126,15 +126,7 @@ def _err_cases():
     }
 
 
-ERR = _err_cases()
-
-
-@pytest.mark.parametrize("name", sorted(ERR))
-def test_argument_errors(name):
-    fn, message = ERR[name]
-    with pytest.raises(RuntimeError) as info:
-        fn()
-    assert message in str(info.value), f"{name}: got {str(info.value).splitlines()[0]!r}"
+test_argument_errors = argument_error_test(_err_cases())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from torch import nn
 
 from layerskip_ext import ops
 from layerskip_ext.model.fused import FusedLayers
-from test_ops import CUDA, assert_bitwise, restore_threads, rope_tables, seeded  # noqa: F401  (fixture)
+from test_ops import (CUDA, argument_error_test, assert_bitwise, restore_threads, rope_tables,  # noqa: F401
+                      seeded)
 from tiny_checkpoints import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
@@ -271,15 +272,7 @@ def _err_cases():
     }
 
 
-ERR = _err_cases()
-
-
-@pytest.mark.parametrize("name", sorted(ERR))
-def test_argument_errors(name):
-    fn, message = ERR[name]
-    with pytest.raises(RuntimeError) as info:
-        fn()
-    assert message in str(info.value), f"{name}: got {str(info.value).splitlines()[0]!r}"
+test_argument_errors = argument_error_test(_err_cases())
 
 
 # --------------------------------------------------------------------------------------------------------------

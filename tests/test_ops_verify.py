@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerskip_ext import ops
-from test_ops import CUDA, restore_threads, seeded  # noqa: F401  (fixture)
+from test_ops import CUDA, argument_error_test, restore_threads, seeded  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")
@@ -263,15 +263,7 @@ def _err_cases():
     }
 
 
-ERR = _err_cases()
-
-
-@pytest.mark.parametrize("name", sorted(ERR))
-def test_argument_errors(name):
-    fn, message = ERR[name]
-    with pytest.raises(RuntimeError) as info:
-        fn()
-    assert message in str(info.value), f"{name}: got {str(info.value).splitlines()[0]!r}"
+test_argument_errors = argument_error_test(_err_cases())
 
 
 # --------------------------------------------------------------------------------------------------------------
