@@ -18,6 +18,9 @@ exceed 1: that is the point of speculation). Also: acceptance, emitted tokens pe
 --profile: the share of a decode step spent outside the native calls (Python, argument handling, small torch
 ops), for AR and one self-speculative setting, plus the top Python functions by own time (cProfile).
 --kernels: the weight-streaming GB/s of the linear kernels (benchmarks/bench_linear.py's model sweep).
+--prefill N (default 512; 0: off): prompt-processing tokens/s on an N-token prompt (the HumanEval prompts
+concatenated) for our autoregressive rows' dtypes, transformers and llama.cpp (when those rows run): the time
+to the first new token, median of --runs after a warm-up.
 
 CPU machines are shared: --pause-pattern 'PATTERN' sends SIGSTOP to the processes whose command line matches
 (pgrep -f; never this process or its parents, whose command lines hold the pattern too) for the measurement and
@@ -208,15 +211,39 @@ def transformers_engine(model, n: int):
     hf = hf.to(model.dtype).eval()
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
+    def first_token(p):  # the prompt pass and the first token, as generate runs them
+        hf.generate(torch.tensor([p]), max_new_tokens=1, min_new_tokens=1, **kw)
+
     def fn(p):
         ids = torch.tensor([p])
         t0 = time.perf_counter()
-        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        first_token(p)
         t1 = time.perf_counter()
         out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
         t2 = time.perf_counter()
         return out[0, len(p):].tolist(), n - 1, max((t2 - t1) - (t1 - t0), 1e-9), {}
+    fn.first_token = first_token
     return fn, transformers.__version__
+
+
+def prefill_rate(prefill_s, prompt: list[int], runs: int, name: str) -> dict:
+    """prefill_s(prompt) -> seconds to the first new token; -> median tokens/s over `runs` after a warm-up."""
+    log(f"prefill {name}")
+    prefill_s(prompt)
+    rates = [len(prompt) / prefill_s(prompt) for _ in range(runs)]
+    return dict(tokens_per_s=round(statistics.median(rates), 1), runs=[round(r, 1) for r in rates])
+
+
+def ours_prefill_s(model):
+    return lambda p: generate(model, p, max_new_tokens=1, stop_token_ids=[]).prefill_s
+
+
+def timed_s(fn):
+    def run(p):
+        t0 = time.perf_counter()
+        fn(p)
+        return time.perf_counter() - t0
+    return run
 
 
 def llama_cpp_engine(model_name: str, n: int, threads: int):
@@ -230,6 +257,11 @@ def llama_cpp_engine(model_name: str, n: int, threads: int):
         raise RuntimeError(f"llama.cpp needs a GGUF model, got {path}")
     llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
 
+    def first_token(p):
+        llm.reset()
+        for _ in llm.generate(p, temp=0.0, top_k=1, reset=True):
+            break
+
     def fn(p):
         llm.reset()
         times, toks = [], []
@@ -239,6 +271,7 @@ def llama_cpp_engine(model_name: str, n: int, threads: int):
             if len(toks) >= n:
                 break
         return toks, len(toks) - 1, max(times[-1] - times[0], 1e-9), {}
+    fn.first_token = first_token
     return fn, llama_cpp.__version__, os.path.getsize(path)
 
 
@@ -350,6 +383,7 @@ def main():
     ap.add_argument("--llama-cpp", action="store_true", help="add llama-cpp-python (if importable; not installed)")
     ap.add_argument("--profile", action="store_true", help="time outside the native calls per decode step")
     ap.add_argument("--kernels", action="store_true", help="weight-streaming GB/s of the linear kernels")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill rows (0: none)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--pause-pattern", default=None, help="SIGSTOP processes matching this (pgrep -f) while "
                                                           "measuring, SIGCONT after")
@@ -378,6 +412,13 @@ def main():
     tok = models[dtypes[0]][1]
     texts = read_prompts(humaneval_path() if args.prompts == "humaneval" else args.prompts)[: args.limit]
     prompts = [tok.encode(t) for t in texts]
+    long_prompt = []
+    if args.prefill:
+        for t in read_prompts(humaneval_path()):
+            long_prompt += tok.encode(t)
+            if len(long_prompt) >= args.prefill:
+                break
+        long_prompt = long_prompt[:args.prefill]
     main_model = models[dtypes[0]][0]
     dv_arg = args.draft_vocab
     draft_vocab, dv_source = None, None
@@ -389,7 +430,7 @@ def main():
         else:
             print(f"no draft vocabulary stored with {args.model}: rows without it only", file=sys.stderr)
 
-    rows, profile, kernels = [], [], []
+    rows, profile, kernels, prefill = [], [], [], []
     t_stat = _cpu_stat()
     with Paused(args.pause_pattern, args.max_pause) as paused:
         t_measure = time.perf_counter()
@@ -402,6 +443,9 @@ def main():
                 ar_out = m["outs"]  # the reference for every "== AR" below (other dtypes compute other numbers)
             rows.append(dict(engine="ours", strategy="autoregressive", dtype=dt, bytes_per_token=weight_bytes(model),
                              **{k: m[k] for k in ("tokens_per_s", "runs")}))
+            if long_prompt:
+                prefill.append(dict(engine="ours", dtype=dt,
+                                    **prefill_rate(ours_prefill_s(model), long_prompt, args.runs, f"ours {dt}")))
         model, dt = main_model, dtypes[0]
         for E in [int(x) for x in args.early_exit.split(",") if x]:
             m = measure(ours(model, n, strategy="early_exit", exit_layer=E), prompts, args.runs, f"early exit {E}")
@@ -434,6 +478,10 @@ def main():
                 rows.append(dict(engine=f"transformers {version}", strategy="autoregressive", dtype=dt,
                                  bytes_per_token=weight_bytes(model), tokens_per_s=m["tokens_per_s"], runs=m["runs"],
                                  equals_ar=m["outs"] == ar_out))
+                if long_prompt:
+                    prefill.append(dict(engine=f"transformers {version}", dtype=dt,
+                                        **prefill_rate(timed_s(fn.first_token), long_prompt, args.runs,
+                                                       "transformers")))
         if args.llama_cpp:
             try:
                 fn, version, nbytes = llama_cpp_engine(args.model, n, threads)
@@ -444,6 +492,9 @@ def main():
                 rows.append(dict(engine=f"llama.cpp (llama-cpp-python {version})", strategy="autoregressive",
                                  dtype="GGUF as stored", bytes_per_token=nbytes, tokens_per_s=m["tokens_per_s"],
                                  runs=m["runs"], equals_ar=m["outs"] == ar_out))
+                if long_prompt:
+                    prefill.append(dict(engine=f"llama.cpp (llama-cpp-python {version})", dtype="GGUF as stored",
+                                        **prefill_rate(timed_s(fn.first_token), long_prompt, args.runs, "llama.cpp")))
         if args.profile:
             log("profile")
             profile.append(profile_steps(model, prompts, n, None, None))
@@ -475,13 +526,16 @@ def main():
     for p in profile:
         print(f"profile {p['setting']}: {p['step_ms']} ms per step, {p['outside_native_ms']} ms "
               f"({p['outside_native_pct']}%) outside the native calls")
+    for p in prefill:
+        print(f"prefill {p['engine']} {p['dtype']}: {p['tokens_per_s']} tokens/s ({len(long_prompt)}-token prompt)")
     for k in kernels:
         print(f"kernel linear {k['impl']:6s} {k['dtype']:8s} M={k['M']}  {k['GBps']:6.2f} GB/s")
     acceptance = []
     for path in [x for x in args.acceptance_json.split(",") if x]:
         with open(path) as f:
             acceptance.append(json.load(f))
-    result = dict(meta=meta, rows=rows, profile=profile, kernels=kernels, acceptance=acceptance,
+    meta["prefill_prompt_tokens"] = len(long_prompt)
+    result = dict(meta=meta, rows=rows, profile=profile, kernels=kernels, acceptance=acceptance, prefill=prefill,
                   commands=[c.strip() for c in args.commands.split(";") if c.strip()])
     if args.loaded_json:
         with open(args.loaded_json) as f:

@@ -115,10 +115,21 @@ def render(result: dict, json_path: str | None = None) -> str:
             w(f"| {r['exit_layer']} | {r['num_speculations']} | {f['acceptance']:.3f} | {v['acceptance']:.3f} | "
               f"{f['tokens_per_round']:.2f} | {v['tokens_per_round']:.2f} | {f['equals_ar'] and v['equals_ar']} |")
         w("")
+    if result.get("prefill"):
+        w("## Prefill: prompt tokens per second\n")
+        w(f"A {result['meta']['prefill_prompt_tokens']}-token prompt (HumanEval prompts concatenated) through the "
+          "whole model up to the first new token, median of the runs after a warm-up, same run as above. Prefill is "
+          "compute-bound (about 2 x 135M FLOPs per token).\n")
+        w("| engine | dtype | prompt tokens/s | runs |")
+        w("|---|---|---:|---|")
+        for p in result["prefill"]:
+            w(f"| {p['engine']} | {p['dtype']} | {p['tokens_per_s']:.0f} | {', '.join(f'{r:.0f}' for r in p['runs'])} |")
+        w("")
     if result.get("profile"):
         w("## Profile: time outside the native calls\n")
         w("Per decode step (a token for autoregressive, a draft-verify round for self-speculation): the time not "
-          "spent inside the native calls (fused layer ranges, exit head, verification), i.e. Python, argument "
+          "spent inside the native calls (fused layer ranges, the greedy draft stage, exit head, verification), "
+          "i.e. Python, argument "
           "handling and small torch ops. Measured by timing the native calls during ordinary generation; the top "
           "functions by own time come from a separate cProfile run (whose own overhead inflates them).\n")
         w("| setting | steps | ms per step | ms outside native | share |")
