@@ -46,6 +46,7 @@ OP_CASES = [  # L, B, T, H, nH, nKV, D, I, S
     (1, 1, 20, 64, 2, 2, 32, 128, 24),   # prefill-like, no GQA
     (2, 3, 4, 128, 2, 1, 64, 256, 90),   # head dim 64, MQA, keys over several blocks
     (1, 2, 17, 48, 3, 3, 16, 80, 40),    # M = 34 rows: the compute-bound gemm path
+    (1, 1, 205, 32, 2, 1, 16, 80, 210),  # prefill: silu * up in 2 chunks (16400 elements, a scalar tail of 16)
 ]
 
 
