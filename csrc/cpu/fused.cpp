@@ -9,7 +9,7 @@
 //   h = h + linear(a, o_proj)                             float32 add, rounded once (as torch's add)
 //   x = rms_norm(h, post_attention_layernorm)
 //   g, u = linear(x, gate_proj / up_proj)                 one parallel region for the two
-//   h = h + linear(silu(g) * u, down_proj)                silu and * through ATen (torch's own kernels, as the model), silu_mul
+//   h = h + linear(silu(g) * u, down_proj)                silu and * by ATen's kernels, as the model (silu_mul)
 // Scratch buffers live across calls (grown on demand): no allocation per layer, one output tensor per call.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -95,8 +95,15 @@ constexpr int64_t kEltChunk = 16384;
 constexpr int64_t kAtenGrain = 32768;  // at::internal::GRAIN_SIZE (ATen/TensorIterator.h, a heavy header)
 static_assert(kEltChunk % 64 == 0 && kEltChunk < kAtenGrain);
 
+// act_t / gate_t / up_t: the same n elements as tensors, for the one-call case (a decode step: no per-layer wrapping).
 template <typename T>
-void silu_mul(T* act, const T* gate, const T* up, int64_t n, const at::TensorOptions& opts) {
+void silu_mul(T* act, const T* gate, const T* up, int64_t n, const at::TensorOptions& opts, at::Tensor& act_t,
+              const at::Tensor& gate_t, const at::Tensor& up_t) {
+  if (n <= kEltChunk) {
+    at::silu_out(act_t, gate_t);
+    at::mul_out(act_t, act_t, up_t);
+    return;
+  }
   parallel_items((n + kEltChunk - 1) / kEltChunk, [&](int64_t c) {
     const int64_t b = c * kEltChunk, len = std::min(kEltChunk, n - b);
     at::Tensor a = at::from_blob(act + b, {len}, opts);
@@ -125,6 +132,9 @@ void run_layers(const LayerRangeDims& d, T* hp, at::TensorList weights, at::Tens
   T* up = s.up.get(M * I);
   T* act = s.act.get(M * I);
   T* down = s.down.get(M * H);
+  const at::Tensor gate_t = at::from_blob(gate, {M * I}, opts);
+  const at::Tensor up_t = at::from_blob(up, {M * I}, opts);
+  at::Tensor act_t = at::from_blob(act, {M * I}, opts);
   const size_t row_bytes = sizeof(T) * D;
   for (int64_t l = 0; l < d.L; ++l) {
     const at::Tensor* W = weights.data() + l * kLayerWeights;
@@ -155,7 +165,7 @@ void run_layers(const LayerRangeDims& d, T* hp, at::TensorList weights, at::Tens
     build_panel(s.panel, xn, M, H);
     const GemmJob gu[2] = {{&W[6], out_of(gate, I)}, {&W[7], out_of(up, I)}};
     gemm_jobs(s.panel, gu, 2);
-    silu_mul(act, gate, up, M * I, opts);
+    silu_mul(act, gate, up, M * I, opts, act_t, gate_t, up_t);
     build_panel(s.panel, act, M, I);
     const GemmJob dj{&W[8], out_of(down, H)};
     gemm_jobs(s.panel, &dj, 1);
