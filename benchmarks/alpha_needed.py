@@ -19,21 +19,18 @@ import torch
 
 from layerskip_ext.analysis.cost_measure import measure_stage_costs
 from layerskip_ext.analysis.cost_model import alpha_needed, speedup_ceiling
+from layerskip_ext.analysis.sweep import run_prompts
 from layerskip_ext.commands.common import int_list, setup_threads
-from layerskip_ext.generation import generate
 from layerskip_ext.model import load_model
 from layerskip_ext.model.draft_vocab import load_draft_vocab, stored_draft_vocab_path
 
 
 def ar_step_seconds(model, prompt_len: int, new_tokens: int, repeats: int = 3) -> float:
-    """Median autoregressive decode seconds per token (after the prompt's token), after a warm-up."""
+    """Autoregressive decode seconds per token (after the prompt's token) over `repeats` runs, after a warm-up."""
     prompt = [(i * 7919) % (model.config.vocab_size - 100) + 50 for i in range(prompt_len)]
-    generate(model, prompt, max_new_tokens=8, stop_token_ids=[])
-    runs = []
-    for _ in range(repeats):
-        r = generate(model, prompt, max_new_tokens=new_tokens, stop_token_ids=[])
-        runs.append(r.decode_s / max(1, r.new_tokens - 1))
-    return sorted(runs)[len(runs) // 2]
+    run_prompts(model, [prompt], 8, [])
+    ar = run_prompts(model, [prompt] * repeats, new_tokens, [])
+    return ar.decode_s / ar.decode_tokens
 
 
 def main():

@@ -145,7 +145,8 @@ def test_model_draft_greedy_equals_its_own_steps(dtype):
         caches_ab = [model.new_cache(3, 40) for _ in range(2)]
         start = torch.randint(0, 30, (n,), generator=g)
         tokens = torch.randint(0, 300, (n,), generator=g)
-        drafts, hidden = model.draft_greedy(tokens, start, int(start.max()), E, d, caches_ab[0], rows, sub)
+        st = model.forward_state(start, d + 1, caches_ab[0], rows)
+        drafts, hidden = model.draft_greedy(tokens, st, E, d, sub)
         token, want_d, want_h = tokens.view(-1, 1), [], []
         for i in range(d + 1):
             st = model.forward_state(start + i, 1, caches_ab[1], rows)
@@ -160,9 +161,12 @@ def test_model_draft_greedy_equals_its_own_steps(dtype):
             assert_bitwise(a, b, "caches")
     cache = model.new_cache(1, 8)
     with pytest.raises(Exception, match="do not fit the KV cache"):
-        model.draft_greedy(torch.tensor([1]), torch.tensor([5]), 5, 2, 3, cache)
+        model.draft_greedy(torch.tensor([1]), model.forward_state(torch.tensor([5]), 4, cache), 2, 3)
+    with pytest.raises(Exception, match="a draft of 3 tokens needs 4"):
+        model.draft_greedy(torch.tensor([1]), model.forward_state(torch.tensor([0]), 2, cache), 2, 3)
     model.use_native_ops(False)
-    assert model.draft_greedy(torch.tensor([1]), torch.tensor([0]), 0, 2, 1, model.new_cache(1, 8)) is None
+    assert model.draft_greedy(torch.tensor([1]), model.forward_state(torch.tensor([0]), 2, model.new_cache(1, 8)),
+                              2, 1) is None
 
 
 def test_self_speculative_uses_the_native_draft_and_stays_lossless(monkeypatch):

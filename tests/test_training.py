@@ -130,6 +130,20 @@ def test_chunked_loss_equals_naive(distill, anchor):
     assert "L4: ce" in a.report()
 
 
+def test_anchor_states_are_required_exactly_when_the_anchor_is_on():
+    m = tiny(3)
+    tokens = torch.randint(0, 300, (2, 6))
+    hs = m.hidden_states(tokens)
+    on = prepare_model(m, early_exit_loss=EarlyExitLossConfig(anchor=1.0))
+    with pytest.raises(TrainingError, match="no reference final states"):
+        on(hs, shift_labels(tokens))
+    with pytest.raises(TrainingError, match="does not match the last layer's output"):
+        on(hs, shift_labels(tokens), anchor_hidden=hs[-1][:, :3])
+    off = prepare_model(m, early_exit_loss=EarlyExitLossConfig(anchor=0.0))
+    with pytest.raises(TrainingError, match="the anchor weight is 0"):
+        off(hs, shift_labels(tokens), anchor_hidden=hs[-1])
+
+
 def test_chunked_loss_never_keeps_full_logits():
     """Autograd saves no [tokens, vocab] tensor in the fused path (the naive one saves one per exit)."""
     base = tiny(3)

@@ -31,15 +31,17 @@ from .core import GenerationResult, Timer
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
-def _draft(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator, draft_vocab):
+def _draft(model, batch: DecodeBatch, st, exit_layer: int, d: int, sampling: SamplingParams, generator,
+           draft_vocab):
     """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), exit-layer hidden states [n, d+1, H].
-    Greedy drafts are one native call where the model has one (model.draft_greedy), else the same steps here."""
-    rows, start = batch.rows, batch.positions()
-    top = batch.max_position()  # known from the emitted tokens: forward_state reads no tensor back
+    st: the round's forward state (its d + 1 positions). Greedy drafts are one native call where the model has one
+    (model.draft_greedy), else the same steps here."""
     if sampling.greedy:
-        native = model.draft_greedy(batch.last_tokens(), start, top, exit_layer, d, batch.cache, rows, draft_vocab)
+        native = model.draft_greedy(batch.last_tokens(), st, exit_layer, d, draft_vocab)
         if native is not None:
             return native[0], None, native[1]
+    rows, start = batch.rows, batch.positions()
+    top = batch.max_position()  # known from the emitted tokens: forward_state reads no tensor back
     token = batch.last_tokens().view(-1, 1)
     hidden, drafts, q = [], [], []
     for i in range(d + 1):
@@ -55,7 +57,8 @@ def _draft(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: Samplin
             q.append(probs)
             token = token.view(-1, 1)
         drafts.append(token)
-    drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(len(batch.active), 0, dtype=torch.int64)
+    drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(len(batch.active), 0, dtype=torch.int64,
+                                                                 device=model.device)
     return drafts, (torch.stack(q, dim=1) if q else None), torch.cat(hidden, dim=1)
 
 
@@ -65,11 +68,11 @@ def _round(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: Samplin
     model's correction / bonus token, the d drafts (one tensor: the host reads a round in one transfer). Advances
     the batch's positions (by accepted + 1, inside the verification op) and newest tokens in place, so the next
     round reads them from the same tensors (what lets a CUDA graph replay rounds: generation/cuda_graph.py)."""
-    drafts, q, hidden = _draft(model, batch, exit_layer, d, sampling, generator, draft_vocab)
+    # One state for the round's d + 1 positions: the native draft and the verification both run on it.
     st = model.forward_state(batch.positions(), d + 1, batch.cache, batch.rows, max_start=batch.max_position())
+    drafts, q, hidden = _draft(model, batch, st, exit_layer, d, sampling, generator, draft_vocab)
     deep = model.forward_layers(hidden, exit_layer, model.num_layers, st)
-    n, dev = drafts.shape[0], deep.device
-    drafts = drafts.to(dev)
+    n = drafts.shape[0]
     if sampling.greedy:
         target = model.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
         accepted, next_token = model.ops.verify_greedy(drafts, target, batch.positions())

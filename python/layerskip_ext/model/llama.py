@@ -317,20 +317,23 @@ class LlamaForCausalLM(nn.Module):
             return logits.argmax(-1)
         return vocab_subset[logits[..., vocab_subset].argmax(-1)]
 
-    def draft_greedy(self, tokens: torch.Tensor, start: torch.Tensor, max_start: int, exit_layer: int,
-                     num_drafts: int, cache: StaticKVCache, rows: Optional[slice] = None,
+    def draft_greedy(self, tokens: torch.Tensor, st: ForwardState, exit_layer: int, num_drafts: int,
                      vocab_subset: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The greedy draft stage of a self-speculative round in one native call (ops.draft_greedy): tokens [n]
-        (the newest, not yet cached) at positions start [n] go through layers < exit_layer, the exit head's argmax
-        proposes the next, num_drafts times, and the last proposal goes through layers < exit_layer too.
+        (the newest, not yet cached) at positions st.start [n] go through layers < exit_layer, the exit head's
+        argmax proposes the next, num_drafts times, and the last proposal goes through layers < exit_layer too.
+        st: forward_state(start, num_drafts + 1, cache, rows), which has checked the whole round's positions (the
+        round's verification pass reuses it).
         -> (drafts [n, d] int64, layer exit_layer's outputs [n, d + 1, H]), or None where the native path does not
         apply (reference op set, wrapped layers or head): the caller then runs the same steps op by op."""
+        if st.positions.shape[-1] != num_drafts + 1:
+            raise GenerationError(f"the forward state covers {st.positions.shape[-1]} positions; a draft of "
+                                  f"{num_drafts} tokens needs {num_drafts + 1}")
         emb = self.model.embed_tokens
         if self._fused is None or self.fused_head("exit_head_argmax") is None or not 1 <= exit_layer <= self.num_layers:
             return None
         if type(emb) is not nn.Embedding or emb.max_norm is not None:
             return None
-        st = self.forward_state(start, num_drafts + 1, cache, rows, max_start=max_start)  # checks the whole round
         if not self._fused.applies_range(emb.weight.dtype, emb.weight.device, 0, exit_layer, st):
             return None
         return self._fused.draft_greedy(tokens.to(self.device), emb.weight, exit_layer, st, self.model.norm,

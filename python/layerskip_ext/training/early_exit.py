@@ -229,9 +229,9 @@ def exit_head_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
 
 def _check_anchor(x: torch.Tensor, kl_on: Sequence[bool], anchor_x: Optional[torch.Tensor]) -> None:
     if bool(kl_on[-1]) != (anchor_x is not None):
-        raise TrainingError("the final exit's KL term (the anchor) needs the reference model's final states, and "
-                            "they are only used by it" if anchor_x is None else
-                            "anchor states were given but the anchor weight is 0")
+        raise TrainingError("the anchor weight is on but no reference final states (anchor_hidden) were given"
+                            if anchor_x is None else
+                            "reference final states (anchor_hidden) were given but the anchor weight is 0")
     if anchor_x is not None and tuple(anchor_x.shape) != tuple(x.shape[1:]):
         raise TrainingError(f"anchor states {tuple(anchor_x.shape)} do not match the exits' {tuple(x.shape[1:])}")
 

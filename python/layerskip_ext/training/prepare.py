@@ -143,11 +143,8 @@ class LayerSkipLoss:
         ce_w = torch.tensor(ce, dtype=torch.float32, device=x.device) / n_valid
         kl_w = torch.tensor(kl, dtype=torch.float32, device=x.device) / n_valid
         kl_on = [k > 0 for k in kl]
-        if kl_on[-1] and anchor_hidden is None:
-            raise TrainingError("the loss has an anchor weight but no anchor_hidden (the reference model's "
-                                "last-layer output) was given")
-        anchor_x = None
-        if kl_on[-1]:
+        anchor_x = None  # the exit loss checks that it is given exactly when the anchor weight is on
+        if anchor_hidden is not None:
             if tuple(anchor_hidden.shape) != tuple(h_last.shape):
                 raise TrainingError(f"anchor_hidden shape {tuple(anchor_hidden.shape)} does not match the last "
                                     f"layer's output {tuple(h_last.shape)}")
