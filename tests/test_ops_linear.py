@@ -44,14 +44,14 @@ def poisoned(shape, dtype, g, scale=1.0, pad=64):
 
 def check_linear_bound(out, x, w):
     """|out - exact| within the worst-case float32 error of a 16-lane fused-multiply-add sum plus the tree
-    ((K/16 + 5) roundings of a partial sum of |x||w|), plus the final rounding to bfloat16."""
+    ((K/16 + 5) roundings of a partial sum of |x||w|), plus the final rounding to bfloat16 / float16."""
     xd, wd = x.double().reshape(-1, x.shape[-1]), w.double()
     exact = xd @ wd.T
     mag = xd.abs() @ wd.abs().T
     K = x.shape[-1]
     bound = (K // 16 + 6) * EPS32 * mag + 1e-30
-    if out.dtype == torch.bfloat16:
-        bound = bound + 2.0 ** -8 * exact.abs()
+    if out.dtype in (torch.bfloat16, torch.float16):
+        bound = bound + 2.0 ** (-8 if out.dtype == torch.bfloat16 else -11) * exact.abs()
     err = (out.double().reshape(exact.shape) - exact).abs()
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"error {worst:.3f} x the bound"

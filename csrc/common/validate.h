@@ -206,6 +206,10 @@ inline HeadDims validate_exit_head(const char* op, const at::Tensor& h, const at
   check_contiguous(h, op, "h");
   check_contiguous(norm_weight, op, "norm_weight");
   check_contiguous(lm_head, op, "lm_head");
+  // Checked before vocab_subset replaces V: an empty head with a subset would otherwise pass, and the kernels
+  // would have no row to read.
+  TORCH_CHECK(lm_head.size(0) > 0, op, ": lm_head must have at least one row (vocabulary), got shape ",
+              lm_head.sizes());
   int64_t V = lm_head.size(0);
   const bool has_subset = subset.has_value() && subset->defined();
   if (has_subset) {
@@ -217,7 +221,6 @@ inline HeadDims validate_exit_head(const char* op, const at::Tensor& h, const at
     V = s.size(0);
     TORCH_CHECK(V > 0, op, ": vocab_subset must not be empty");
   }
-  TORCH_CHECK(V > 0, op, ": lm_head must have at least one row (vocabulary), got shape ", lm_head.sizes());
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < h.dim(); ++i) M *= h.size(i);
   return {M, H, V, has_subset};

@@ -16,6 +16,7 @@
 #include "common/head_filter.h"
 #include "common/limits.h"
 #include "common/sampling.h"
+#include "cuda/launch.h"
 #include "cuda/launchers.h"
 
 namespace layerskip::cuda {
@@ -42,9 +43,14 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
 
+// Blocks of a 1-D grid over n items (at most LAYERSKIP_GRID_1D_CAP: the emulated tests shrink it so the grid-stride
+// loops that cover the rest run).
+#ifndef LAYERSKIP_GRID_1D_CAP
+#define LAYERSKIP_GRID_1D_CAP (1 << 20)
+#endif
 inline unsigned grid_1d(int64_t n, int threads) {
   int64_t blocks = (n + threads - 1) / threads;
-  const int64_t cap = int64_t(1) << 20;  // grid-stride loops cover the rest
+  const int64_t cap = LAYERSKIP_GRID_1D_CAP;  // grid-stride loops cover the rest
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
@@ -172,8 +178,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     }
     const float sc = warp_sum(part) * scale;
     const float m_new = fmaxf(m, sc);
-    const float corr = expf(m - m_new);  // m = -inf on the first key: 0
-    const float p = expf(sc - m_new);
+    // A key scoring -inf weighs 0 and rescales nothing, also before any finite score (where exp(-inf - -inf)
+    // would be NaN); a NaN score still propagates, as on the CPU.
+    const float corr = m == m_new ? 1.0f : expf(m - m_new);
+    const float p = sc == -INFINITY ? 0.0f : expf(sc - m_new);
     l = l * corr + p;
     const T* vr = V + s * D;
 #pragma unroll
@@ -214,9 +222,8 @@ void attention_dispatch_npl(const void* q, const void* kc, const void* vc, const
   const unsigned rows = static_cast<unsigned>(B * T_ * nH);
   const dim3 block(kAttnWarps * 32);
   auto args = [&](auto kernel) {
-    kernel<<<rows, block, 0, stream>>>(static_cast<const T*>(q), static_cast<const T*>(kc),
-                                       static_cast<const T*>(vc), start, static_cast<T*>(out), T_, nH, nKV, S, D,
-                                       scale);
+    launch(kernel, rows, block, 0, stream, static_cast<const T*>(q), static_cast<const T*>(kc),
+           static_cast<const T*>(vc), start, static_cast<T*>(out), T_, nH, nKV, S, D, scale);
   };
   if (D <= 32)
     args(cache_attention_kernel<T, 1>);
@@ -238,7 +245,8 @@ void dispatch(DType dt, F&& f) {
 }
 
 // ---- linear / exit_head_argmax: one warp per output column, up to kLinRows rows of x per warp -------------------
-// Lane l takes elements k = V*(l + 32 i) + e (V = 4 floats or 8 bfloat16 per 16-byte load; i ascending, then e),
+// Lane l takes elements k = V*(l + 32 i) + e (V = 4 floats or 8 bfloat16 / float16 per 16-byte load; i ascending,
+// then e),
 // accumulating with fmaf in that order into one float per row; the warp then sums its lanes with the fixed
 // butterfly of warp_sum. A column's arithmetic depends only on K: any M, any tile, any launch: the same bits.
 constexpr int kLinRows = 8;     // rows of x per warp
@@ -254,6 +262,11 @@ struct LinVec<float> {
 };
 template <>
 struct LinVec<__nv_bfloat16> {
+  static constexpr int kN = 8;
+  using Load = uint4;
+};
+template <>
+struct LinVec<__half> {
   static constexpr int kN = 8;
   using Load = uint4;
 };
@@ -326,6 +339,20 @@ __global__ void __launch_bounds__(kLinWarps * 32)
   }
 }
 
+// A head column: the dot of the rows of x with w[row]. A vocab_subset entry outside [0, rows_w) is flagged in the
+// device error word (the CPU op raises on it) and scores NaN without reading w. `row` is the same on every lane.
+template <typename T>
+__device__ __forceinline__ bool head_column(const T* __restrict__ x, int rows, const T* __restrict__ w, int64_t row,
+                                            int64_t rows_w, int64_t K, bool vec_ok, float (&acc)[kLinRows],
+                                            int* __restrict__ errors) {
+  if (row >= 0 && row < rows_w) {
+    warp_dot_rows(x, K, rows, w + row * K, K, vec_ok, acc);
+    return true;
+  }
+  if ((threadIdx.x & 31) == 0 && blockIdx.y == 0) atomicOr(errors, kDeviceErrorVocabSubset);
+  return false;
+}
+
 // torch.argmax's order: NaN first (the first one wins), then larger; ties keep the earlier index.
 __device__ __forceinline__ bool takes(float v, float best, int64_t best_idx) {
   return best_idx < 0 || (!isnan(best) && (isnan(v) || v > best));
@@ -336,7 +363,7 @@ template <typename T>
 __global__ void __launch_bounds__(kLinWarps * 32)
     head_argmax_partial_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ subset,
                                int64_t M, int64_t K, int64_t V, int64_t rows_w, float* __restrict__ part_val,
-                               int64_t* __restrict__ part_idx) {
+                               int64_t* __restrict__ part_idx, int* __restrict__ errors) {
   __shared__ float sm_val[kLinWarps][kLinRows];
   __shared__ int64_t sm_idx[kLinWarps][kLinRows];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -355,10 +382,8 @@ __global__ void __launch_bounds__(kLinWarps * 32)
   for (int c = 0; c < kLinCols; ++c) {
     const int64_t n = n0 + c;
     if (n >= V) break;
-    const int64_t row = subset != nullptr ? subset[n] : n;
-    const bool row_ok = row >= 0 && row < rows_w;  // a bad vocab_subset entry scores NaN (wins), never reads out of bounds
     float acc[kLinRows];
-    warp_dot_rows(xt, K, rows, w + (row_ok ? row : 0) * K, K, vec_ok, acc);
+    const bool row_ok = head_column(xt, rows, w, subset != nullptr ? subset[n] : n, rows_w, K, vec_ok, acc, errors);
 #pragma unroll
     for (int m = 0; m < kLinRows; ++m) {
       const float v = row_ok ? to_f32(from_f32<T>(acc[m])) : nan_f32();  // the logit linear() returns, rounded to T
@@ -394,20 +419,19 @@ __global__ void __launch_bounds__(kLinWarps * 32)
 __global__ void head_argmax_final_kernel(const float* __restrict__ part_val, const int64_t* __restrict__ part_idx,
                                          const int64_t* __restrict__ subset, int64_t M, int64_t nblk,
                                          int64_t* __restrict__ out) {
-  const int64_t m = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (m >= M) return;
-  float b = -INFINITY;
-  int64_t bi = -1;
-  for (int64_t j = 0; j < nblk; ++j) {  // blocks in column order
-    const float v = part_val[m * nblk + j];
-    const int64_t i = part_idx[m * nblk + j];
-    if (i >= 0 && takes(v, b, bi)) {
-      b = v;
-      bi = i;
+  for (int64_t m = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
+    float b = -INFINITY;
+    int64_t bi = -1;
+    for (int64_t j = 0; j < nblk; ++j) {  // blocks in column order
+      const float v = part_val[m * nblk + j];
+      const int64_t i = part_idx[m * nblk + j];
+      if (i >= 0 && takes(v, b, bi)) {
+        b = v;
+        bi = i;
+      }
     }
+    out[m] = bi < 0 ? 0 : (subset != nullptr ? subset[bi] : bi);
   }
-  const int64_t id = bi < 0 ? 0 : (subset != nullptr ? subset[bi] : bi);
-  out[m] = id;
 }
 
 // ---- exit_head_sample / exit_head_log_softmax ----------------------------------------------------------------------
@@ -415,7 +439,7 @@ __global__ void head_argmax_final_kernel(const float* __restrict__ part_val, con
 template <typename T>
 __global__ void __launch_bounds__(kLinWarps * 32)
     head_logits_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ subset, int64_t M,
-                       int64_t K, int64_t V, int64_t rows_w, float* __restrict__ out) {
+                       int64_t K, int64_t V, int64_t rows_w, float* __restrict__ out, int* __restrict__ errors) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t m0 = int64_t(blockIdx.y) * kLinRows;
   const int rows = static_cast<int>(M - m0 < kLinRows ? M - m0 : kLinRows);
@@ -425,10 +449,8 @@ __global__ void __launch_bounds__(kLinWarps * 32)
   for (int c = 0; c < kLinCols; ++c) {
     const int64_t n = n0 + c;
     if (n >= V) break;
-    const int64_t row = subset != nullptr ? subset[n] : n;
-    const bool row_ok = row >= 0 && row < rows_w;  // a bad vocab_subset entry: a NaN column, never a bad read
     float acc[kLinRows];
-    warp_dot_rows(xt, K, rows, w + (row_ok ? row : 0) * K, K, vec_ok, acc);
+    const bool row_ok = head_column(xt, rows, w, subset != nullptr ? subset[n] : n, rows_w, K, vec_ok, acc, errors);
     if (lane == 0) {
 #pragma unroll
       for (int m = 0; m < kLinRows; ++m)
@@ -517,7 +539,8 @@ __device__ void row_radix_select(const float* row, int64_t V, bool mass, uint64_
 __global__ void __launch_bounds__(kRowThreads)
     head_sample_rows_kernel(float* __restrict__ probs, const float* __restrict__ uniforms,
                             const int64_t* __restrict__ subset, int64_t V, float temperature, int64_t top_k,
-                            double top_p, double* __restrict__ scratch, int64_t* __restrict__ tokens) {
+                            double top_p, double* __restrict__ scratch, int64_t* __restrict__ tokens,
+                            int* __restrict__ errors) {
   __shared__ SelectShared sh;
   __shared__ float s_red[kRowThreads];
   __shared__ unsigned long long s_ties[kRowThreads];
@@ -582,7 +605,9 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   row_chunked_sum(row, V, S, &s_total);
   if (threadIdx.x == 0) {
-    int64_t j = sample_from_chunks(SampleWeights{row, nullptr}, S, nchunks, V, uniforms[m]);
+    const float u = uniforms[m];
+    if (!(u >= 0.0f && u < 1.0f)) atomicOr(errors, kDeviceErrorUniform);  // the CPU op raises
+    int64_t j = sample_from_chunks(SampleWeights{row, nullptr}, S, nchunks, V, u);
     if (j < 0) j = V - 1;  // no mass (non-finite logits): the last column, as verify_sampling
     tokens[m] = subset != nullptr ? subset[j] : j;
   }
@@ -615,25 +640,17 @@ __global__ void __launch_bounds__(kRowThreads)
     row[i] = __double2float_rn(__dsub_rn(static_cast<double>(row[i]), lse));
 }
 
-template <typename F>
-void dispatch_lin(DType dt, F&& f) {
-  if (dt == DType::kBFloat16)
-    f(__nv_bfloat16{});
-  else
-    f(float{});
-}
-
 // ---- verify_greedy: one thread per sequence -----------------------------------------------------------------------
 __global__ void verify_greedy_kernel(const int64_t* __restrict__ drafts, const int64_t* __restrict__ target,
                                      int64_t* __restrict__ positions, int64_t* __restrict__ accepted,
                                      int64_t* __restrict__ next, int64_t B, int64_t D) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  int64_t a = 0;
-  while (a < D && drafts[b * D + a] == target[b * (D + 1) + a]) ++a;
-  accepted[b] = a;
-  next[b] = target[b * (D + 1) + a];
-  positions[b] += a + 1;
+  for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b += int64_t(gridDim.x) * blockDim.x) {
+    int64_t a = 0;
+    while (a < D && drafts[b * D + a] == target[b * (D + 1) + a]) ++a;
+    accepted[b] = a;
+    next[b] = target[b * (D + 1) + a];
+    positions[b] += a + 1;
+  }
 }
 
 // ---- verify_sampling: one block per sequence; chunk sums in parallel, the rest as common/sampling.h ------------------
@@ -643,7 +660,7 @@ __global__ void __launch_bounds__(kVerifyThreads)
     verify_sampling_kernel(const int64_t* __restrict__ drafts, const float* __restrict__ q,
                            const float* __restrict__ p, const float* __restrict__ uniforms,
                            int64_t* __restrict__ positions, int64_t* __restrict__ accepted, int64_t* __restrict__ next,
-                           int64_t D, int64_t V, double* __restrict__ scratch) {
+                           int64_t D, int64_t V, double* __restrict__ scratch, int* __restrict__ errors) {
   __shared__ int64_t s_j, s_tok;
   const int64_t b = blockIdx.x;
   const float* ub = uniforms + b * (D + 1);
@@ -651,7 +668,10 @@ __global__ void __launch_bounds__(kVerifyThreads)
     int64_t j = 0;
     for (; j < D; ++j) {
       const int64_t y = drafts[b * D + j];
-      if (y < 0 || y >= V) break;  // not validated on the device: an impossible draft is rejected
+      if (y < 0 || y >= V) {  // the CPU op raises: flagged, and the impossible draft is rejected
+        atomicOr(errors, kDeviceErrorDraft);
+        break;
+      }
       const float qy = q[(b * D + j) * V + y], py = p[(b * (D + 1) + j) * V + y];
       if (!(__fmul_rn(ub[j], qy) < py)) break;
     }
@@ -687,11 +707,11 @@ void launch_rms_norm(DType dt, bool w_f32, const void* x, const void* w, void* y
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
     if (w_f32)
-      rms_norm_kernel<T, float><<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const float*>(w), static_cast<T*>(y), H, eps);
+      launch(rms_norm_kernel<T, float>, static_cast<unsigned>(rows), kNormThreads, 0, stream, static_cast<const T*>(x),
+             static_cast<const float*>(w), static_cast<T*>(y), H, eps);
     else
-      rms_norm_kernel<T, T><<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), H, eps);
+      launch(rms_norm_kernel<T, T>, static_cast<unsigned>(rows), kNormThreads, 0, stream, static_cast<const T*>(x),
+             static_cast<const T*>(w), static_cast<T*>(y), H, eps);
   });
 }
 
@@ -701,9 +721,8 @@ void launch_rope(DType dt, const void* x, const int64_t* positions, const float*
   if (n_pairs == 0) return;
   dispatch(dt, [&](auto tag) {
     using Ty = decltype(tag);
-    rope_kernel<Ty><<<grid_1d(n_pairs, 256), 256, 0, stream>>>(static_cast<const Ty*>(x), positions, cos, sin,
-                                                             static_cast<Ty*>(out), n_pairs, T, pos_stride_b, nH,
-                                                             D / 2, P);
+    launch(rope_kernel<Ty>, grid_1d(n_pairs, 256), 256, 0, stream, static_cast<const Ty*>(x), positions, cos, sin,
+           static_cast<Ty*>(out), n_pairs, T, pos_stride_b, nH, D / 2, P);
   });
 }
 
@@ -714,10 +733,8 @@ void launch_kv_cache_write(DType dt, void* k_cache, void* v_cache, const void* k
   if (n == 0) return;
   dispatch(dt, [&](auto tag) {
     using Ty = decltype(tag);
-    kv_cache_write_kernel<Ty><<<grid_1d(n, 256), 256, 0, stream>>>(static_cast<Ty*>(k_cache),
-                                                                  static_cast<Ty*>(v_cache),
-                                                                  static_cast<const Ty*>(k),
-                                                                  static_cast<const Ty*>(v), start, n, T, nKV, S, D);
+    launch(kv_cache_write_kernel<Ty>, grid_1d(n, 256), 256, 0, stream, static_cast<Ty*>(k_cache),
+           static_cast<Ty*>(v_cache), static_cast<const Ty*>(k), static_cast<const Ty*>(v), start, n, T, nKV, S, D);
   });
 }
 
@@ -741,10 +758,10 @@ void launch_linear(DType dt, const void* x, const void* w, void* out, int64_t M,
   const int64_t cols_per_block = int64_t(kLinWarps) * kLinCols;
   const dim3 grid(static_cast<unsigned>((N + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>((M + kLinRows - 1) / kLinRows));
-  dispatch_lin(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag) {
     using Ty = decltype(tag);
-    linear_kernel<Ty><<<grid, kLinWarps * 32, 0, stream>>>(static_cast<const Ty*>(x), static_cast<const Ty*>(w),
-                                                           static_cast<Ty*>(out), M, K, N);
+    launch(linear_kernel<Ty>, grid, kLinWarps * 32, 0, stream, static_cast<const Ty*>(x), static_cast<const Ty*>(w),
+           static_cast<Ty*>(out), M, K, N);
   });
 }
 
@@ -754,16 +771,17 @@ int64_t head_argmax_blocks(int64_t V) {
 }
 
 void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
-                        int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, cudaStream_t stream) {
+                        int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, int* errors,
+                        cudaStream_t stream) {
   if (M == 0) return;
   const int64_t nblk = head_argmax_blocks(V);
   const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>((M + kLinRows - 1) / kLinRows));
-  dispatch_lin(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag) {
     using Ty = decltype(tag);
-    head_argmax_partial_kernel<Ty><<<grid, kLinWarps * 32, 0, stream>>>(
-        static_cast<const Ty*>(normed), static_cast<const Ty*>(w), subset, M, H, V, rows_w, part_val, part_idx);
+    launch(head_argmax_partial_kernel<Ty>, grid, kLinWarps * 32, 0, stream, static_cast<const Ty*>(normed),
+           static_cast<const Ty*>(w), subset, M, H, V, rows_w, part_val, part_idx, errors);
   });
-  head_argmax_final_kernel<<<grid_1d(M, 128), 128, 0, stream>>>(part_val, part_idx, subset, M, nblk, out);
+  launch(head_argmax_final_kernel, grid_1d(M, 128), 128, 0, stream, part_val, part_idx, subset, M, nblk, out);
 }
 
 }  // namespace layerskip::cuda
@@ -771,16 +789,15 @@ void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t row
 namespace layerskip::cuda {
 
 void launch_head_logits(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
-                        int64_t H, int64_t V, float* logits, cudaStream_t stream) {
+                        int64_t H, int64_t V, float* logits, int* errors, cudaStream_t stream) {
   if (M == 0 || V == 0) return;
   const int64_t cols_per_block = int64_t(kLinWarps) * kLinCols;
   const dim3 grid(static_cast<unsigned>((V + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>((M + kLinRows - 1) / kLinRows));
-  dispatch_lin(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag) {
     using Ty = decltype(tag);
-    head_logits_kernel<Ty><<<grid, kLinWarps * 32, 0, stream>>>(static_cast<const Ty*>(normed),
-                                                                static_cast<const Ty*>(w), subset, M, H, V, rows_w,
-                                                                logits);
+    launch(head_logits_kernel<Ty>, grid, kLinWarps * 32, 0, stream, static_cast<const Ty*>(normed),
+           static_cast<const Ty*>(w), subset, M, H, V, rows_w, logits, errors);
   });
 }
 
@@ -788,32 +805,31 @@ int64_t head_rows_scratch(int64_t M, int64_t V) { return M * ((V + kSampleChunk 
 
 void launch_head_sample_rows(float* probs, const float* uniforms, const int64_t* subset, int64_t M, int64_t V,
                              float temperature, int64_t top_k, double top_p, double* scratch, int64_t* tokens,
-                             cudaStream_t stream) {
+                             int* errors, cudaStream_t stream) {
   if (M == 0 || V == 0) return;
-  head_sample_rows_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream>>>(probs, uniforms, subset, V,
-                                                                                temperature, top_k, top_p, scratch,
-                                                                                tokens);
+  launch(head_sample_rows_kernel, static_cast<unsigned>(M), kRowThreads, 0, stream, probs, uniforms, subset, V,
+         temperature, top_k, top_p, scratch, tokens, errors);
 }
 
 void launch_head_log_softmax_rows(float* rows, int64_t M, int64_t V, double* scratch, cudaStream_t stream) {
   if (M == 0 || V == 0) return;
-  head_log_softmax_rows_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream>>>(rows, V, scratch);
+  launch(head_log_softmax_rows_kernel, static_cast<unsigned>(M), kRowThreads, 0, stream, rows, V, scratch);
 }
 
 void launch_verify_greedy(const int64_t* drafts, const int64_t* target, int64_t* positions, int64_t* accepted,
                           int64_t* next, int64_t B, int64_t D, cudaStream_t stream) {
   if (B == 0) return;
-  verify_greedy_kernel<<<grid_1d(B, 128), 128, 0, stream>>>(drafts, target, positions, accepted, next, B, D);
+  launch(verify_greedy_kernel, grid_1d(B, 128), 128, 0, stream, drafts, target, positions, accepted, next, B, D);
 }
 
 int64_t verify_sampling_scratch(int64_t B, int64_t V) { return B * ((V + kSampleChunk - 1) / kSampleChunk); }
 
 void launch_verify_sampling(const int64_t* drafts, const float* q, const float* p, const float* uniforms,
                             int64_t* positions, int64_t* accepted, int64_t* next, int64_t B, int64_t D, int64_t V,
-                            double* scratch, cudaStream_t stream) {
+                            double* scratch, int* errors, cudaStream_t stream) {
   if (B == 0) return;
-  verify_sampling_kernel<<<static_cast<unsigned>(B), kVerifyThreads, 0, stream>>>(drafts, q, p, uniforms, positions,
-                                                                                 accepted, next, D, V, scratch);
+  launch(verify_sampling_kernel, static_cast<unsigned>(B), kVerifyThreads, 0, stream, drafts, q, p, uniforms, positions,
+         accepted, next, D, V, scratch, errors);
 }
 
 }  // namespace layerskip::cuda

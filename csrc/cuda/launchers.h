@@ -11,6 +11,13 @@ namespace layerskip::cuda {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Bits of the device error word: an int on the device that kernels OR into when they meet a value the CPU op would
+// reject but the host cannot read without synchronising (ops_cuda.cpp's take_device_errors reads and clears it).
+// The kernels stay memory-safe whatever the values.
+constexpr int kDeviceErrorVocabSubset = 1;  // a vocab_subset entry outside [0, lm_head rows): its column is NaN
+constexpr int kDeviceErrorUniform = 2;      // a sampling uniform outside [0, 1) (or NaN)
+constexpr int kDeviceErrorDraft = 4;        // a draft token outside [0, V): rejected
+
 // x, y [rows, H] of dt; w [H] of dt, or float32 when w_f32.
 void launch_rms_norm(DType dt, bool w_f32, const void* x, const void* w, void* y, int64_t rows, int64_t H,
                      float eps, cudaStream_t stream);
@@ -32,7 +39,7 @@ void launch_cache_attention(DType dt, const void* q, const void* k_cache, const 
                             const int64_t* start, void* out, int64_t B, int64_t T, int64_t nH, int64_t nKV,
                             int64_t S, int64_t D, float scale, cudaStream_t stream);
 
-// x [M, K], w [N, K], out [M, N]; dt float32 or bfloat16 only. Fixed per-column summation order (kernels.cu).
+// x [M, K], w [N, K], out [M, N], all of dt. Fixed per-column summation order (kernels.cu).
 void launch_linear(DType dt, const void* x, const void* w, void* out, int64_t M, int64_t K, int64_t N,
                    cudaStream_t stream);
 
@@ -40,25 +47,27 @@ void launch_linear(DType dt, const void* x, const void* w, void* out, int64_t M,
 int64_t head_argmax_blocks(int64_t V);
 
 // out[m] = argmax_j linear(normed, w[subset])[m, j] mapped through subset (subset may be null: all V rows of w);
-// normed [M, H] (already rms-normed, dtype dt: float32 or bfloat16), w [rows_w, H]; V = subset's length (or rows_w);
-// ties -> lowest j, NaN first. A subset entry outside [0, rows_w) scores NaN (so it wins): never an out-of-bounds read.
+// normed [M, H] (already rms-normed, of dt), w [rows_w, H]; V = subset's length (or rows_w); ties -> lowest j, NaN
+// first. A subset entry outside [0, rows_w) scores NaN (so it wins) and sets kDeviceErrorVocabSubset in *errors.
 void launch_head_argmax(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
-                        int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, cudaStream_t stream);
+                        int64_t H, int64_t V, float* part_val, int64_t* part_idx, int64_t* out, int* errors,
+                        cudaStream_t stream);
 
 // logits[M, V] float32 = linear(normed, w[subset]) as the linear kernel computes each column, rounded to dt (the
-// linear op's output) and widened; normed [M, H] (dt: float32 or bfloat16), w [rows_w, H], subset [V] or null. A
-// subset entry outside [0, rows_w) gives a NaN column (never an out-of-bounds read).
+// linear op's output) and widened; normed [M, H] (of dt), w [rows_w, H], subset [V] or null. A subset entry outside
+// [0, rows_w) gives a NaN column and sets kDeviceErrorVocabSubset.
 void launch_head_logits(DType dt, const void* normed, const void* w, int64_t rows_w, const int64_t* subset, int64_t M,
-                        int64_t H, int64_t V, float* logits, cudaStream_t stream);
+                        int64_t H, int64_t V, float* logits, int* errors, cudaStream_t stream);
 
 // float64 scratch elements launch_head_sample_rows / launch_head_log_softmax_rows need for M rows of V.
 int64_t head_rows_scratch(int64_t M, int64_t V);
 
 // In place over probs [M, V] (the logits in, the filtered distribution out: common/head_filter.h), tokens [M] drawn
 // with uniforms [M] (common/sampling.h; mapped through subset [V] when not null; V - 1 when there is no mass).
+// A uniform outside [0, 1) sets kDeviceErrorUniform.
 void launch_head_sample_rows(float* probs, const float* uniforms, const int64_t* subset, int64_t M, int64_t V,
                              float temperature, int64_t top_k, double top_p, double* scratch, int64_t* tokens,
-                             cudaStream_t stream);
+                             int* errors, cudaStream_t stream);
 
 // In place over rows [M, V]: the logits in, their log_softmax out (float64 arithmetic, rounded once).
 void launch_head_log_softmax_rows(float* rows, int64_t M, int64_t V, double* scratch, cudaStream_t stream);
@@ -70,9 +79,10 @@ void launch_verify_greedy(const int64_t* drafts, const int64_t* target, int64_t*
 // float64 scratch elements launch_verify_sampling needs.
 int64_t verify_sampling_scratch(int64_t B, int64_t V);
 
-// q [B, D, V], p [B, D+1, V], uniforms [B, D+1] float32; drafts outside [0, V) are rejected (not validated here).
+// q [B, D, V], p [B, D+1, V], uniforms [B, D+1] float32; a draft outside [0, V) is rejected and sets
+// kDeviceErrorDraft.
 void launch_verify_sampling(const int64_t* drafts, const float* q, const float* p, const float* uniforms,
                             int64_t* positions, int64_t* accepted, int64_t* next, int64_t B, int64_t D, int64_t V,
-                            double* scratch, cudaStream_t stream);
+                            double* scratch, int* errors, cudaStream_t stream);
 
 }  // namespace layerskip::cuda

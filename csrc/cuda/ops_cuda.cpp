@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -38,6 +40,28 @@ void check_grid(int64_t blocks, const char* op) {
 }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+// The device error word of t's device (launchers.h kDeviceError*): one int per device, made on first use and kept
+// for the process (CUDA graphs capture its address).
+at::Tensor& error_word(const at::Tensor& t) {
+  static std::mutex mu;
+  static std::vector<at::Tensor> words;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto i = static_cast<size_t>(t.get_device());
+  if (words.size() <= i) words.resize(i + 1);
+  if (!words[i].defined()) words[i] = at::zeros({1}, t.options().dtype(at::kInt));
+  return words[i];
+}
+int* errors_of(const at::Tensor& t) { return error_word(t).mutable_data_ptr<int>(); }
+
+int64_t take_device_errors_cuda(const at::Tensor& like) {
+  check_device_type(like, c10::DeviceType::CUDA, "take_device_errors", "like");
+  const c10::cuda::CUDAGuard guard(like.device());
+  at::Tensor& w = error_word(like);
+  const int64_t bits = w.item<int>();  // synchronises with the stream
+  if (bits != 0) w.zero_();
+  return bits;
+}
 
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const auto d = validate_rms_norm(x, weight);
@@ -128,7 +152,7 @@ at::Tensor exit_head_argmax_cuda(const at::Tensor& h, const at::Tensor& norm_wei
   launch_head_argmax(dt, normed.const_data_ptr(), lm_head.const_data_ptr(), lm_head.size(0),
                      d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr, d.M, d.H, d.V,
                      part_val.mutable_data_ptr<float>(), part_idx.mutable_data_ptr<int64_t>(),
-                     out.mutable_data_ptr<int64_t>(), stream);
+                     out.mutable_data_ptr<int64_t>(), errors_of(h), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -146,7 +170,7 @@ void head_logits_cuda(const char* op, const HeadDims& d, const at::Tensor& h, co
                   normed.mutable_data_ptr(), d.M, d.H, static_cast<float>(eps), stream);
   launch_head_logits(dt, normed.const_data_ptr(), lm_head.const_data_ptr(), lm_head.size(0),
                      d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr, d.M, d.H, d.V,
-                     out.mutable_data_ptr<float>(), stream);
+                     out.mutable_data_ptr<float>(), errors_of(h), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }  // normed may be freed now: the caching allocator reuses it only in stream order, after these kernels
 
@@ -180,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_sample_cuda(const at::Tensor& h, co
   launch_head_sample_rows(probs.mutable_data_ptr<float>(), uniforms.const_data_ptr<float>(),
                           d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr, d.M, d.V,
                           static_cast<float>(temperature), top_k, top_p, scratch.mutable_data_ptr<double>(),
-                          tokens.mutable_data_ptr<int64_t>(), stream_of(h));
+                          tokens.mutable_data_ptr<int64_t>(), errors_of(h), stream_of(h));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {tokens, probs};
 }
@@ -233,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling_cuda(const at::Tensor& drafts
   launch_verify_sampling(drafts.const_data_ptr<int64_t>(), q.const_data_ptr<float>(), p.const_data_ptr<float>(),
                          uniforms.const_data_ptr<float>(), positions.mutable_data_ptr<int64_t>(),
                          accepted.mutable_data_ptr<int64_t>(), next.mutable_data_ptr<int64_t>(), d.B, d.d, d.V,
-                         scratch.mutable_data_ptr<double>(), stream_of(drafts));
+                         scratch.mutable_data_ptr<double>(), errors_of(drafts), stream_of(drafts));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {accepted, next};
 }
@@ -315,6 +339,7 @@ TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
   m.impl("verify_greedy", &verify_greedy_cuda);
   m.impl("verify_sampling", &verify_sampling_cuda);
   m.impl("layer_range_forward", &layer_range_forward_cuda);
+  m.impl("take_device_errors", &take_device_errors_cuda);
 }
 
 }  // namespace layerskip::cuda

@@ -374,6 +374,7 @@ if _native.native_available():
     _verify_sampling_op = torch.ops.layerskip.verify_sampling.default
     _layer_range_forward_op = torch.ops.layerskip.layer_range_forward.default
     _draft_greedy_op = torch.ops.layerskip.draft_greedy.default
+    _take_device_errors_op = torch.ops.layerskip.take_device_errors.default
 else:
     _rms_norm_op = _missing("rms_norm")
     _rope_op = _missing("rope")
@@ -387,6 +388,7 @@ else:
     _verify_sampling_op = _missing("verify_sampling")
     _layer_range_forward_op = _missing("layer_range_forward")
     _draft_greedy_op = _missing("draft_greedy")
+    _take_device_errors_op = _missing("take_device_errors")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -448,8 +450,30 @@ def verify_greedy(drafts: torch.Tensor, target: torch.Tensor,
 def verify_sampling(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, uniforms: torch.Tensor,
                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Native :func:`verify_sampling_reference`, bitwise the same decisions (positions updated in place). On CUDA
-    the draft ids are not range-checked on the host; an out-of-range draft is rejected."""
+    the draft ids are not range-checked on the host; an out-of-range draft is rejected and flagged
+    (:func:`check_device_errors`)."""
     return _verify_sampling_op(drafts, q, p, uniforms, positions)
+
+
+# Bits of the device error word (csrc/cuda/launchers.h kDeviceError*): values the CPU ops reject at once, which the
+# CUDA kernels can only flag (reading them on the host would synchronise every call).
+DEVICE_ERRORS = {
+    1: "a vocab_subset entry outside [0, lm_head.size(0)) (its logit was NaN)",
+    2: "a sampling uniform outside [0, 1)",
+    4: "a draft token outside [0, V) (it was rejected)",
+}
+
+
+def check_device_errors(device: torch.device | str) -> None:
+    """Raise ValueError if the CUDA kernels on this device met bad values since the last check (see
+    DEVICE_ERRORS); clears them. Synchronises with the device; a no-op on the CPU, whose ops raise at once."""
+    device = torch.device(device)
+    if device.type != "cuda" or not native_available():
+        return
+    bits = int(_take_device_errors_op(torch.empty(0, device=device)))
+    if bits:
+        found = [msg for bit, msg in DEVICE_ERRORS.items() if bits & bit]
+        raise ValueError("layerskip CUDA kernels met bad values: " + "; ".join(found))
 
 
 def layer_range_forward(h: torch.Tensor, weights: list[torch.Tensor], k_caches: list[torch.Tensor],

@@ -5,6 +5,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .. import ops
 from ..errors import GenerationError
 from .autoregressive import generate_autoregressive
 from .batch import DecodeBatch
@@ -74,12 +75,14 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
         return result
     batch = DecodeBatch(model, rules, capacity)
     if strategy == "self_speculative":
-        return generate_self_speculative(model, batch, sampling, result, exit_layer, num_speculations, subset,
-                                         cuda_graph)
-    result = generate_autoregressive(model, batch, sampling, result,
-                                     exit_layer=exit_layer if strategy == "early_exit" else None)
-    if strategy == "early_exit":
-        result.stats["exit_layer"] = exit_layer
+        result = generate_self_speculative(model, batch, sampling, result, exit_layer, num_speculations, subset,
+                                           cuda_graph)
+    else:
+        result = generate_autoregressive(model, batch, sampling, result,
+                                         exit_layer=exit_layer if strategy == "early_exit" else None)
+        if strategy == "early_exit":
+            result.stats["exit_layer"] = exit_layer
+    ops.check_device_errors(model.device)  # what the CUDA kernels could only flag (a no-op on the CPU)
     return result
 
 
