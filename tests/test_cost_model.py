@@ -129,7 +129,8 @@ def damped_model():
             if i >= 1:
                 layer.self_attn.o_proj.weight.mul_(0.4)
                 layer.mlp.down_proj.weight.mul_(0.4)
-    return model.use_native_ops(True)
+    model.build_decoder("native")
+    return model
 
 
 @needs_native

@@ -6,7 +6,7 @@ from layerskip_ext import ops
 from layerskip_ext.errors import GenerationError
 from layerskip_ext.generation import SamplingParams, generate
 from layerskip_ext.generation.sampling import filtered_probs
-from test_model import tiny_model
+from helpers import tiny_model
 
 
 def naive_greedy(model, prompt, n, exit_layer=None):
@@ -125,8 +125,8 @@ def test_bad_prompts():
 
 @pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
 def test_native_greedy_equals_reference_greedy():
-    ref = tiny_model()
-    nat = tiny_model().use_native_ops()
+    ref = tiny_model(backend="reference")
+    nat = tiny_model(backend="native")
     prompt = torch.randint(0, 300, (12,)).tolist()
     kw = dict(max_new_tokens=24, stop_token_ids=[])
     assert generate(nat, prompt, **kw).sequences[0].tokens == generate(ref, prompt, **kw).sequences[0].tokens

@@ -46,27 +46,6 @@ def _read_prompt(args) -> str:
         raise LayerSkipError(f"cannot read prompt file {args.prompt_file!r}: {e.strerror}") from None
 
 
-def _choose_strategy(args, model):
-    """-> (strategy, E, d): what the user said, with the model's tuned (E, d) filling the gaps."""
-    from .generation.defaults import default_speculation
-
-    tuned = default_speculation(model, f"{args.model} {getattr(model, 'source', '')}")
-    strategy = args.strategy
-    if strategy == "auto":
-        # a setting whose measured speedup (layerskip sweep --write-default) is not above 1 is kept for
-        # `layerskip demo` and explicit use, but auto decodes autoregressively: it is the faster of the two there
-        block = getattr(model.config, "layerskip", None) or {}
-        slower = isinstance(block.get("speedup"), (int, float)) and block["speedup"] <= 1.0
-        strategy = "self_speculative" if (tuned and not slower) or args.exit_layer else "autoregressive"
-    E, d = args.exit_layer, args.num_speculations
-    if strategy == "self_speculative" and tuned:
-        E = tuned[0] if E is None else E
-        d = tuned[1] if d is None else d
-    if strategy == "self_speculative" and d is None:
-        d = 4
-    return strategy, E, d
-
-
 def cmd_generate(args) -> int:
     from .generation import generate
     from .model import load_model
@@ -95,10 +74,9 @@ def cmd_generate(args) -> int:
                 sys.stdout.write(stream.push(token))
                 sys.stdout.flush()
 
-    strategy, exit_layer, num_speculations = _choose_strategy(args, model)
-    result = generate(model, [prompt_ids], strategy=strategy, max_new_tokens=args.max_new_tokens,
+    result = generate(model, [prompt_ids], strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      stop_token_ids=stop_ids, exit_layer=exit_layer, num_speculations=num_speculations,
+                      stop_token_ids=stop_ids, exit_layer=args.exit_layer, num_speculations=args.num_speculations,
                       on_token=on_token)
     seq = result.sequences[0]
     if args.json:
@@ -114,7 +92,7 @@ def cmd_generate(args) -> int:
             "finish_reason": seq.finish_reason,
             "model": args.model,
             "dtype": args.dtype,
-            "backend": model.ops.name,
+            "backend": model.decoder.name,
             **result.stats,
         }
         print(json.dumps(out))

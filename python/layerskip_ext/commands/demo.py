@@ -104,7 +104,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {name} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model(name, dtype=args.dtype, backend=args.backend, progress=True)
-    print(f"loaded in {time.perf_counter() - t0:.1f}s ({model.num_layers} layers, {model.ops.name} kernels)",
+    print(f"loaded in {time.perf_counter() - t0:.1f}s ({model.num_layers} layers, {model.decoder.name} kernels)",
           file=sys.stderr)
     if tokenizer is None:
         raise LayerSkipError(f"{name} has no tokenizer; the demo needs one")
@@ -155,7 +155,7 @@ def cmd_demo(args) -> int:
                                      rounds=rounds, tokens_per_round=round(tokens_per_round, 3)),
             "autoregressive": part(ar, ar_tokens),
             "identical": diff is None, "first_difference": diff, "speedup": round(speedup, 3),
-            "dtype": args.dtype, "backend": model.ops.name}))
+            "dtype": args.dtype, "backend": model.decoder.name}))
         return 0
     print("\n=== summary ===")
     same = "yes" if diff is None else f"NO (first difference at new token {diff})"

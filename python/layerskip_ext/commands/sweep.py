@@ -78,7 +78,7 @@ def cmd_sweep(args) -> int:
     check_grid(model.num_layers, exits, depths)
     prompts = [tokenizer.encode(t) for t in texts]
     stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
-    settings = {"model": args.model, "dtype": args.dtype, "backend": model.ops.name,
+    settings = {"model": args.model, "dtype": args.dtype, "backend": model.decoder.name,
                 "threads": torch.get_num_threads(), "prompts": args.prompts, "num_prompts": len(prompts),
                 "max_new_tokens": args.max_new_tokens, "load_average_1m": round(os.getloadavg()[0], 2)}
     print(f"sweeping {len(exits)} exit layers x {len(depths)} depths over {len(prompts)} prompts"

@@ -18,14 +18,14 @@ from .core import StopRules, to_tensor
 
 
 class DecodeBatch:
-    def __init__(self, model, rules: StopRules, capacity: int):
-        self.model = model
+    def __init__(self, decoder, rules: StopRules, capacity: int):
+        self.decoder = decoder
         self.rules = rules
         self.outputs = rules.outputs
-        self.cache = model.new_cache(len(self.outputs), capacity)
+        self.cache = decoder.new_cache(len(self.outputs), capacity)
         self.capacity = capacity
         self.active = list(range(len(self.outputs)))
-        dev = model.device
+        dev = decoder.device
         self.pos = torch.tensor([len(o.prompt_tokens) - 1 for o in self.outputs], dtype=torch.int64, device=dev)
         self.last = torch.tensor([o.prompt_tokens[-1] for o in self.outputs], dtype=torch.int64, device=dev)
 
@@ -39,8 +39,7 @@ class DecodeBatch:
         last = []
         for b in self.active:
             tokens = to_tensor(self.outputs[b].prompt_tokens).view(1, -1)
-            h = self.model.forward_hidden(tokens, start=to_tensor([0]), cache=self.cache, exit_layer=exit_layer,
-                                          rows=slice(b, b + 1))
+            h = self.decoder.forward_hidden(tokens, None, self.cache, exit_layer, slice(b, b + 1))
             last.append(h[0, -1])
         return torch.stack(last)
 
@@ -61,13 +60,12 @@ class DecodeBatch:
         """How many positions past the newest token every live sequence still has in the cache."""
         return self.capacity - 1 - self.max_position()
 
-    def emit(self, row: int, tokens) -> int:
-        """Emit tokens for the sequence in cache row `row` until it finishes. -> how many were emitted."""
+    def emit(self, row: int, tokens) -> None:
+        """Emit tokens for the sequence in cache row `row`, stopping where it finishes."""
         b = self.active[row]
-        for n, t in enumerate(tokens, 1):
+        for t in tokens:
             if not self.rules.emit(b, int(t)):
-                return n
-        return len(tokens)
+                return
 
     def emit_first(self, first: torch.Tensor) -> None:
         """The prompt pass's token of every sequence: emitted, and the newest token at position len(prompt)."""

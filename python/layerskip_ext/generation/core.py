@@ -73,9 +73,6 @@ class StopRules:
     def done(self, b: int) -> bool:
         return self.outputs[b].finish_reason is not None
 
-    def all_done(self) -> bool:
-        return all(self.done(b) for b in range(len(self.outputs)))
-
     def emit(self, b: int, token: int) -> bool:
         """Append a token to sequence b; returns False once the sequence is finished (the token is still kept)."""
         out = self.outputs[b]

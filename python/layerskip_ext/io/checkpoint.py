@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError
-from ..model.config import LlamaConfig
+from ..config import LlamaConfig
 from .packaged import resolve_model_path
 from .tokenizer import Tokenizer
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..model.config import LlamaConfig
+from ..config import LlamaConfig
 from .checkpoint import Checkpoint, check_dtype, dtype_name, finalize_state_dict
 from .tokenizer import Tokenizer
 

@@ -38,7 +38,7 @@ def _reset_peak() -> bool:
 def child(args) -> dict:
     import torch
 
-    from ..model.config import LlamaConfig
+    from ..config import LlamaConfig
     from ..model.llama import LlamaForCausalLM
     from .early_exit import EarlyExitLossConfig
     from .prepare import LayerSkipLoss, TrainingForward, prepare_model

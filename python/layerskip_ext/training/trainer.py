@@ -35,7 +35,7 @@ from .layer_dropout import LayerDropoutConfig
 from .prepare import TrainingForward, prepare_model
 
 if TYPE_CHECKING:
-    from ..model.config import LlamaConfig
+    from ..config import LlamaConfig
 
 
 @dataclasses.dataclass
@@ -211,7 +211,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def read_init_config(path: str, tokenizer) -> "LlamaConfig":
-    from ..model.config import LlamaConfig
+    from ..config import LlamaConfig
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -402,7 +402,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    model.use_native_ops(False)
     model.train()
     if tokenizer.vocab_size > model_config.vocab_size:
         raise TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
