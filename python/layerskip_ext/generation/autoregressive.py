@@ -18,11 +18,11 @@ def generate_autoregressive(decoder, batch: DecodeBatch, sampling: SamplingParam
     batch.emit_first(choose_tokens(decoder, batch.prefill(exit_layer), sampling, generator))
     result.prefill_s = timer.lap()
 
-    while not batch.done():
+    while batch.active:
         # The step's inputs are the batch's own tensors (tokens the model chose, positions the loop advanced):
         # already valid, so the state reads nothing back from them (max_start from the emitted tokens).
-        tokens, start = batch.last_tokens(), batch.positions()
-        st = decoder.state(start, 1, batch.cache, batch.rows, max_start=batch.max_position())
+        tokens, start = batch.last_tokens, batch.positions
+        st = decoder.state(start, 1, batch.cache, batch.rows, max_start=batch.top)
         hidden = decoder.layers(decoder.embed(tokens.view(-1, 1)), 0, end_layer, st)[:, -1]
         next_tokens = choose_tokens(decoder, hidden, sampling, generator)
         tokens.copy_(next_tokens)

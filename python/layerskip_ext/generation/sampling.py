@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -16,6 +16,7 @@ class SamplingParams:
     top_k: int = 0            # 0 = off
     top_p: float = 1.0        # 1 = off
     seed: Optional[int] = None
+    greedy: bool = field(init=False, repr=False)  # temperature == 0
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -24,10 +25,8 @@ class SamplingParams:
             raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "greedy", self.temperature == 0)  # a plain attribute: read on every step
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
     def generator(self, device: torch.device | str = "cpu") -> Optional[torch.Generator]:
         if self.greedy:

@@ -36,8 +36,8 @@ from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_pro
 def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sampling: SamplingParams, generator):
     """The sampling draft: -> drafts [n, d], their draft distributions q [n, d, V], layer exit_layer's outputs
     [n, d + 1, H]. (The greedy draft is one decoder call: decoder.draft_greedy.) st: the round's state."""
-    rows, start, top = batch.rows, batch.positions(), batch.max_position()
-    token = batch.last_tokens().view(-1, 1)
+    rows, start, top = batch.rows, batch.positions, batch.top
+    token = batch.last_tokens.view(-1, 1)
     hidden, drafts, q = [], [], []
     for i in range(d + 1):
         step = st if d == 0 else decoder.state(start + i, 1, batch.cache, rows, max_start=top + i)
@@ -62,32 +62,29 @@ def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: Sampl
     op) and newest tokens in place, so the next round reads them from the same tensors (what lets a CUDA graph
     replay rounds: generation/cuda_graph.py)."""
     # One state for the round's d + 1 positions: the draft and the verification both run on it.
-    st = decoder.state(batch.positions(), d + 1, batch.cache, batch.rows, max_start=batch.max_position())
+    st = decoder.state(batch.positions, d + 1, batch.cache, batch.rows, max_start=batch.top)
     if sampling.greedy:
-        drafts, hidden = decoder.draft_greedy(batch.last_tokens(), st, exit_layer, d, draft_vocab)
+        drafts, hidden = decoder.draft_greedy(batch.last_tokens, st, exit_layer, d, draft_vocab)
     else:
         drafts, q, hidden = _draft_sampled(decoder, batch, st, exit_layer, d, sampling, generator)
     deep = decoder.layers(hidden, exit_layer, decoder.num_layers, st)
     n = drafts.shape[0]
     if sampling.greedy:
         target = decoder.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
-        accepted, next_token = decoder.verify_greedy(drafts, target, batch.positions())
+        accepted, next_token = decoder.verify_greedy(drafts, target, batch.positions)
     else:
         p = head_probs(decoder, deep, sampling)  # [n, d+1, V]
         uniforms = torch.rand(n, d + 1, generator=generator, device=p.device)
-        accepted, next_token = decoder.verify_sampling(drafts, q, p, uniforms, batch.positions())
-    batch.last_tokens().copy_(next_token)
+        accepted, next_token = decoder.verify_sampling(drafts, q, p, uniforms, batch.positions)
+    batch.last_tokens.copy_(next_token)
     return torch.cat([accepted.view(n, 1), next_token.view(n, 1), drafts], dim=1)
 
 
 class RoundRow(NamedTuple):
-    """One sequence's round, read from _round's [n, d + 2] result."""
+    """One sequence's round, read from _round's [n, d + 2] result; it emits drafts[:accepted] + [next_token]."""
     accepted: int       # how many drafts the full model agreed with
     next_token: int     # its own token after them: the correction, or the bonus when all d were accepted
     drafts: list[int]   # the d drafted tokens
-
-    def emitted(self) -> list[int]:
-        return self.drafts[:self.accepted] + [self.next_token]
 
 
 @torch.no_grad()
@@ -109,17 +106,18 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
                              decoder.device)
 
     drafted = accepted_total = rounds = 0
-    while not batch.done():
+    longest = batch.rules.max_new_tokens
+    while batch.active:
         # Never draft past the cache or past what any live sequence may still emit.
-        remaining = max(batch.rules.max_new_tokens - len(batch.outputs[b].tokens) for b in batch.active)
-        d = max(0, min(num_speculations, batch.room(), remaining - 1))
+        remaining = longest - min([len(batch.outputs[b].tokens) for b in batch.active])
+        d = max(0, min(num_speculations, batch.capacity - 1 - batch.top, remaining - 1))
         if graphs is not None and d == num_speculations:
             out = graphs.run(d, len(batch.active))
         else:
             out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab)
-        for row, r in enumerate(out.tolist()):  # the round's only host read
-            r = RoundRow(r[0], r[1], r[2:])
-            batch.emit(row, r.emitted())
+        for row, (accepted, next_token, *drafts) in enumerate(out.tolist()):  # the round's only host read
+            r = RoundRow(accepted, next_token, drafts)
+            batch.emit(row, r.drafts[:r.accepted] + [r.next_token])
             accepted_total += r.accepted
         drafted += d * len(batch.active)
         rounds += 1

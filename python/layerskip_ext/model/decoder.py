@@ -170,7 +170,7 @@ class Decoder:
         self.device, self.dtype = self.embed_weight.device, self.embed_weight.dtype
         self._ranges: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._offsets: dict[int, torch.Tensor] = {}
-        self._packed_from = self._sources(model)
+        self._packed_from = list(map(id, self._sources(model)))
         # Acceptance: the kernels themselves (no Python in between).
         self.verify_greedy = kernels.verify_greedy
         self.verify_sampling = kernels.verify_sampling
@@ -187,9 +187,8 @@ class Decoder:
     def check_current(self, model) -> None:
         """Raise if model's modules or parameters were replaced since this decoder was built (O(modules): once per
         generate() call, not per step)."""
-        now = self._sources(model)
-        if model is not self.model or len(now) != len(self._packed_from) or any(
-                a is not b for a, b in zip(now, self._packed_from)):
+        # (the objects are alive: the decoder holds the model, so their ids cannot have been reused)
+        if model is not self.model or list(map(id, self._sources(model))) != self._packed_from:
             raise DecoderError("the model's modules or parameters changed after its decoder was built: call "
                                "model.build_decoder() again")
 
@@ -239,8 +238,8 @@ class Decoder:
 
     def layers(self, h: torch.Tensor, start_layer: int, end_layer: int, st: ForwardState) -> torch.Tensor:
         """Decoder layers [start_layer, end_layer) on h [B, T, H] at st's positions, writing their KV in place."""
-        w = self.weights(start_layer, end_layer)
-        ks, vs = st.caches(start_layer, end_layer)
+        w = self._ranges.get((start_layer, end_layer)) or self.weights(start_layer, end_layer)
+        ks, vs = st.cache.layer_views(start_layer, end_layer, st.rows)
         return self.kernels.layer_range_forward(h, w, ks, vs, st.start, st.positions, st.cos, st.sin, self.num_heads,
                                                 self.num_kv_heads, self.eps, self.scale)
 
@@ -253,8 +252,8 @@ class Decoder:
         if st.positions.shape[1] != num_drafts + 1:
             raise GenerationError(f"the state covers {st.positions.shape[1]} positions; a draft of {num_drafts} "
                                   f"tokens needs {num_drafts + 1}")
-        w = self.weights(0, exit_layer)
-        ks, vs = st.caches(0, exit_layer)
+        w = self._ranges.get((0, exit_layer)) or self.weights(0, exit_layer)
+        ks, vs = st.cache.layer_views(0, exit_layer, st.rows)
         return self.kernels.draft_greedy(tokens, self.embed_weight, w, ks, vs, st.start,
                                          st.cos, st.sin, self.num_heads, self.num_kv_heads, self.eps, self.scale,
                                          self.norm_weight, self.norm_eps, self.lm_head, vocab_subset, num_drafts)
