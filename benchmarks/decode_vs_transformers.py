@@ -19,7 +19,6 @@ import torch
 
 from layerskip_ext.generation import generate
 from layerskip_ext.model import load_model
-from layerskip_ext.model.loading import parse_dtype
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 

@@ -10,7 +10,6 @@ which the CPU ops run. The harness does what ops_cuda.cpp does around each launc
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 

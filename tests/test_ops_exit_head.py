@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from layerskip_ext import _native, ops
+from layerskip_ext import ops
 from layerskip_ext.generation import generate
 from layerskip_ext.generation.sampling import SamplingParams, choose_tokens, filtered_probs, head_probs, sample_with_probs
 from helpers import CUDA, assert_bitwise, gemm_isa, gemm_isas, poisoned_outputs, randn, seeded, tiny_model

@@ -2,7 +2,6 @@
 reads confined to the tensors (NaN-poisoned memory around them), opcheck, argument errors, CUDA twins."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest

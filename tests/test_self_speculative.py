@@ -1,11 +1,9 @@
 """Self-speculative decoding: greedy output identical to autoregressive; sampling follows the full model."""
-import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from layerskip_ext import ops
 from layerskip_ext.errors import GenerationError
 from layerskip_ext.generation import SamplingParams, generate
 from layerskip_ext.generation.sampling import filtered_probs

@@ -356,7 +356,7 @@ def train_cfg(out, corpus, init_config, **kw):
 def test_train_from_scratch_output_reloads_and_analyzes(tmp_path, corpus, init_config, capsys, monkeypatch):
     from layerskip_ext.generation import generate
     from layerskip_ext.model import load_model
-    from layerskip_ext.training.cli_commands import add_analyze_args, cmd_analyze
+    from layerskip_ext.commands import analyze
     from layerskip_ext.training.trainer import run_training
 
     out = tmp_path / "run"
@@ -375,19 +375,19 @@ def test_train_from_scratch_output_reloads_and_analyzes(tmp_path, corpus, init_c
 
     import argparse
     p = argparse.ArgumentParser()
-    add_analyze_args(p)
+    analyze.add_args(p)
     png = tmp_path / "layers.png"
     args = p.parse_args(["--model", str(out), "--data", corpus, "--seq-len", "32", "--max-tokens", "256",
                          "--plot", str(png)])
     pytest.importorskip("matplotlib")
-    assert cmd_analyze(args) == 0
+    assert analyze.run(args) == 0
     text = capsys.readouterr().out
     assert "layer  accuracy" in text and len([ln for ln in text.splitlines() if ln.strip()[:1].isdigit()]) == 3
     assert png.stat().st_size > 1000
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # the [plot] extra missing: say so, no PNG
     png.unlink()
     args.json = True
-    assert cmd_analyze(args) == 0
+    assert analyze.run(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["plot"] is None and "matplotlib is not installed" in res["plot_note"] and not png.exists()
     assert [r["layer"] for r in res["layers"]] == [1, 2, 3] and res["layers"][2]["agreement"] == 1.0
@@ -469,7 +469,7 @@ save_state({{"version": 1, "step": 99, "model": {{"w": torch.zeros(1000)}}, "slo
 
 def test_bad_inputs(tmp_path, corpus, init_config, capsys):
     from layerskip_ext.cli import main
-    from layerskip_ext.training.data import read_corpus
+    from layerskip_ext.corpus import read_corpus
     from layerskip_ext.training.trainer import run_training
 
     empty = tmp_path / "empty"
@@ -508,7 +508,7 @@ def test_bad_inputs(tmp_path, corpus, init_config, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
     # the same through a fresh interpreter: exit status 2 and exactly one line on stderr
-    proc = subprocess.run([sys.executable, "-m", "layerskip_ext.training"] + base + ["--layer-dropout", "2"],
+    proc = subprocess.run([sys.executable, "-m", "layerskip_ext.cli"] + base + ["--layer-dropout", "2"],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=PYTHON_DIR))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: layer-dropout p_max must be in [0, 1], got 2.0"]

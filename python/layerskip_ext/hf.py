@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
+from .config import LlamaConfig
 from .errors import LayerSkipError
 from .generation import generate as _generate
-from .config import LlamaConfig
 from .model.llama import LlamaForCausalLM
 
 _ENGINE_ATTR = "_layerskip_engine"

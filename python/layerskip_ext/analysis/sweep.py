@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Optional, Sequence
 
+from tqdm import tqdm
+
 from ..errors import LayerSkipError
 from ..generation import generate
+from .cost_measure import measure_agreement, measure_stage_costs
 from .cost_model import Prediction, StageCosts, predict, rank_of
 
 
@@ -132,7 +135,6 @@ def warm_up(model, prompt: Sequence[int], exit_layer: int, d: int, stop_ids: Ite
 
 def predict_grid(model, prompts, ar: RunStats, exit_layers, depths, max_new_tokens: int, repeats: int = 5):
     """-> (alpha, stage costs, {(E, d): Prediction}) from one teacher-forced pass per prompt + microbenchmarks."""
-    from .cost_measure import measure_agreement, measure_stage_costs
 
     alpha, agreements = measure_agreement(model, prompts, ar.outputs, exit_layers)
     ar_step_s = ar.decode_s / ar.decode_tokens if ar.decode_tokens else 0.0
@@ -167,7 +169,6 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
         measured = {}
         keys = list(cells)
         if progress:
-            from tqdm import tqdm
             keys = tqdm(keys, desc="sweeping (E, d)", unit="cell")
         for E, d in keys:
             measured[(E, d)] = run_prompts(model, prompts, max_new_tokens, stop_ids, E, d)

@@ -14,7 +14,14 @@ import sys
 import time
 
 from ..errors import LayerSkipError
+from ..generation import generate
+from ..generation.defaults import default_speculation
+from ..io import packaged
+from ..model import load_model
 from .common import prompt_texts, setup_threads
+
+NAME = "demo"
+HELP = "self-speculative vs autoregressive on one prompt: outputs, speed, acceptance"
 
 DEFAULT_MODEL = "smollm2-135m-layerskip"
 FALLBACK_MODEL = "smollm2-135m"
@@ -22,7 +29,7 @@ DEFAULT_SPECULATIONS = 4  # what `layerskip generate --strategy self_speculative
 WARMUP_TOKENS = 4
 
 
-def add_demo_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Decode one prompt with self-speculation and autoregressively; show both completions, "
                      "whether they are token-identical, both speeds, the speedup and the acceptance rate.")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -44,8 +51,6 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_demo_model(name: str) -> tuple[str, str | None]:
     """-> (model to load, note or None): the packaged adapter falls back to its base when it is not installed."""
-    from ..io import packaged
-
     key = name.lower()
     if key in packaged.PACKAGED_ADAPTERS and not os.path.exists(os.path.expanduser(name)):
         folder = os.path.join(packaged.MODELS_DIR, packaged.PACKAGED_ADAPTERS[key])
@@ -57,8 +62,6 @@ def resolve_demo_model(name: str) -> tuple[str, str | None]:
 
 def choose_setting(model, source: str, exit_layer, num_speculations) -> tuple[int, int, str]:
     """-> (E, d, where they came from): the flags, else the model's tuned setting, else the fallbacks."""
-    from ..generation.defaults import default_speculation
-
     tuned = default_speculation(model, source)
     origin = "flags" if exit_layer is not None and num_speculations is not None else (
         "the model's tuned setting" if tuned else "defaults")
@@ -90,10 +93,7 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def cmd_demo(args) -> int:
-    from ..generation import generate
-    from ..model import load_model
-
+def run(args) -> int:
     if args.max_new_tokens < 1:
         raise LayerSkipError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     setup_threads(args.threads)

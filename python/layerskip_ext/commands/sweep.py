@@ -10,11 +10,20 @@ import argparse
 import os
 import sys
 
+import torch
+
+from ..analysis.sweep import check_grid, default_exit_layers, run_sweep
+from ..analysis.sweep_report import format_markdown, write_reports
 from ..errors import LayerSkipError
+from ..io.layerskip_block import layerskip_config_path, write_layerskip_block
+from ..model import load_model
 from .common import int_list, prompt_texts, setup_threads
 
+NAME = "sweep"
+HELP = "acceptance and speedup over a grid of exit layers and depths, cost model"
 
-def add_sweep_args(p: argparse.ArgumentParser) -> None:
+
+def add_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Measure self-speculative decoding (acceptance rate, tokens/s, speedup over autoregressive "
                      "decoding measured in the same run) over a grid of exit layers E and speculation depths d, "
                      "with the cost model's prediction for every cell. Writes DIR/sweep.json, DIR/sweep.md and "
@@ -57,18 +66,11 @@ def _check_args(args) -> tuple[list[int] | None, list[int]]:
     return exits, depths
 
 
-def cmd_sweep(args) -> int:
-    import torch
-
-    from ..analysis.sweep import check_grid, default_exit_layers, run_sweep
-    from ..analysis.sweep_report import format_markdown, write_reports
-    from ..model import load_model
-
+def run(args) -> int:
     exits, depths = _check_args(args)
     setup_threads(args.threads)
     texts = prompt_texts(args.prompts)[:args.num_prompts]  # before loading: a bad prompts file fails fast
     if args.write_default:
-        from ..io.layerskip_block import layerskip_config_path
 
         layerskip_config_path(args.model)  # a GGUF has nowhere to store it: say so before the long run
     model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True)
@@ -102,8 +104,6 @@ def cmd_sweep(args) -> int:
 
 
 def _write_default(model: str, best, speedup: float, predicted: bool) -> None:
-    from ..io.layerskip_block import write_layerskip_block
-
     extra = {"speedup": round(speedup, 3), "source": "layerskip sweep" + (" --predict" if predicted else "")}
     if not predicted:
         extra["acceptance"] = round(best.acceptance, 4)

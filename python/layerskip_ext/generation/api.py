@@ -7,9 +7,9 @@ import torch
 
 from .. import ops
 from ..errors import GenerationError
+from ..model.draft_vocab import DraftVocabError, check_draft_vocab
 from .autoregressive import generate_autoregressive
 from .batch import DecodeBatch
-from ..model.draft_vocab import DraftVocabError, check_draft_vocab
 from .core import GenerationResult, SequenceOutput, StopRules, TokenCallback, check_prompts
 from .defaults import resolve_strategy
 from .sampling import SamplingParams

@@ -30,6 +30,7 @@ import torch
 
 from .batch import DecodeBatch
 from .core import GenerationResult, Timer
+from .cuda_graph import RoundGraphs
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
@@ -101,7 +102,6 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
         draft_vocab = None  # see the module docstring
     graphs = None
     if cuda_graph:
-        from .cuda_graph import RoundGraphs
         graphs = RoundGraphs(lambda d: _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab),
                              decoder.device)
 

@@ -123,12 +123,14 @@ def pack_layer(layer: nn.Module, index: int, eps: float) -> LayerWeights:
     for name in ("input_layernorm", "post_attention_layernorm"):
         norm = _plain(getattr(layer, name), RMSNorm, f"{where}.{name}")
         if float(norm.eps) != eps:
-            raise DecoderError(f"{where}.{name} has eps {norm.eps}, the model's layers {eps}: one eps per model")
-    w = LayerWeights(layer.input_layernorm.weight, _linear(attn.q_proj, f"{where}.self_attn.q_proj"),
-                     _linear(attn.k_proj, f"{where}.self_attn.k_proj"), _linear(attn.v_proj, f"{where}.self_attn.v_proj"),
-                     _linear(attn.o_proj, f"{where}.self_attn.o_proj"), layer.post_attention_layernorm.weight,
-                     _linear(mlp.gate_proj, f"{where}.mlp.gate_proj"), _linear(mlp.up_proj, f"{where}.mlp.up_proj"),
-                     _linear(mlp.down_proj, f"{where}.mlp.down_proj"))
+            raise DecoderError(f"{where}.{name} has eps {norm.eps}, the model's layers {eps}: one eps per "
+                               f"model")
+    a, m = f"{where}.self_attn", f"{where}.mlp"
+    w = LayerWeights(layer.input_layernorm.weight, _linear(attn.q_proj, f"{a}.q_proj"),
+                     _linear(attn.k_proj, f"{a}.k_proj"), _linear(attn.v_proj, f"{a}.v_proj"),
+                     _linear(attn.o_proj, f"{a}.o_proj"), layer.post_attention_layernorm.weight,
+                     _linear(mlp.gate_proj, f"{m}.gate_proj"), _linear(mlp.up_proj, f"{m}.up_proj"),
+                     _linear(mlp.down_proj, f"{m}.down_proj"))
     for name, t in zip(LayerWeights._fields, w):
         if not t.is_contiguous():
             raise DecoderError(f"{where} {name} weight is not contiguous")
@@ -261,23 +263,23 @@ class Decoder:
     def head_argmax(self, h: torch.Tensor, vocab_subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """argmax of the shared exit head's logits at h [..., H] -> [...] int64 (over vocab_subset's ids when
         given), without materialising the logits (ties: the lowest id)."""
-        out = self.kernels.exit_head_argmax(h.reshape(-1, h.shape[-1]).contiguous(), self.norm_weight, self.norm_eps,
-                                            self.lm_head, vocab_subset)
+        flat = h.reshape(-1, h.shape[-1]).contiguous()
+        out = self.kernels.exit_head_argmax(flat, self.norm_weight, self.norm_eps, self.lm_head, vocab_subset)
         return out.view(h.shape[:-1])
 
     def head_sample(self, h: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float,
                     vocab_subset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample from the exit head at h [..., H] with one uniform per row -> (tokens [...], the filtered
         distribution they were drawn from [..., V] float32)."""
-        tokens, probs = self.kernels.exit_head_sample(h.reshape(-1, h.shape[-1]).contiguous(), self.norm_weight, self.norm_eps,
-                                                      self.lm_head, uniforms.reshape(-1), temperature, top_k, top_p,
-                                                      vocab_subset)
+        flat = h.reshape(-1, h.shape[-1]).contiguous()
+        tokens, probs = self.kernels.exit_head_sample(flat, self.norm_weight, self.norm_eps, self.lm_head,
+                                                      uniforms.reshape(-1), temperature, top_k, top_p, vocab_subset)
         return tokens.view(h.shape[:-1]), probs.view(*h.shape[:-1], probs.shape[-1])
 
     def head_log_softmax(self, h: torch.Tensor, vocab_subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """log_softmax of the exit head's logits at h [..., H] -> [..., V] float32."""
-        out = self.kernels.exit_head_log_softmax(h.reshape(-1, h.shape[-1]).contiguous(), self.norm_weight, self.norm_eps,
-                                                 self.lm_head, vocab_subset)
+        flat = h.reshape(-1, h.shape[-1]).contiguous()
+        out = self.kernels.exit_head_log_softmax(flat, self.norm_weight, self.norm_eps, self.lm_head, vocab_subset)
         return out.view(*h.shape[:-1], out.shape[-1])
 
     # ----------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, GenerationError
 from ..config import LlamaConfig
+from ..errors import CheckpointError, GenerationError
 from .decoder import Decoder, check_exit, check_tokens, kernels_for
 from .kv_cache import StaticKVCache
 from .layers import DecoderLayer, ForwardState, RMSNorm

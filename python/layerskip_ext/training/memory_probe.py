@@ -36,6 +36,7 @@ def _reset_peak() -> bool:
 
 
 def child(args) -> dict:
+    # Imported here, in the measuring child, so its baseline resident memory is taken before torch is loaded.
     import torch
 
     from ..config import LlamaConfig

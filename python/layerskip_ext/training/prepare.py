@@ -20,15 +20,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import TrainingError
-from .early_exit import IGNORE_INDEX, EarlyExitLossConfig, default_chunk, exit_head_loss, exit_weights, \
-    naive_exit_loss
+from ..errors import TrainingError
+from ..model.llama import LlamaForCausalLM
+from ..model.lora import adapters_disabled, has_lora
+from .early_exit import IGNORE_INDEX, EarlyExitLossConfig, default_chunk, exit_head_loss, exit_weights, naive_exit_loss
 from .layer_dropout import LayerDropout, LayerDropoutConfig, LayerSkipLayer
 
 
 def model_kind(model: nn.Module) -> str:
     """'layerskip' (ours), 'hf' (a transformers Llama-style causal LM), else TrainingError."""
-    from ..model.llama import LlamaForCausalLM
 
     if isinstance(model, LlamaForCausalLM):
         return "layerskip"
@@ -268,7 +268,6 @@ def layer_outputs(model: nn.Module, tokens: torch.Tensor) -> dict[int, torch.Ten
 def reference_last_hidden(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The base model's last-layer output [B, T, H] for a LoRA-adapted ``model``: the same forward with the
     adapters switched off, in eval mode (no layer dropout), without gradients."""
-    from ..model.lora import adapters_disabled, has_lora
     if not has_lora(model):
         raise TrainingError("the anchor's reference is the base model under LoRA adapters; this model has none "
                             "(train with --lora-rank, or set the anchor weight to 0)")

@@ -25,14 +25,30 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from ..errors import CheckpointError, LayerSkipError
+from ..config import LlamaConfig
+from ..corpus import read_corpus, tokenize_corpus
+from ..errors import CheckpointError, LayerSkipError, TrainingError
+from ..io import Tokenizer, load_checkpoint, save_hf_folder
+from ..io.adapter import read_adapter, save_adapter
+from ..model.llama import LlamaForCausalLM
+from ..model.lora import ALL_LINEARS, adapter_state_dict, apply_lora, load_adapter_state_
 from .checkpoint import STATE_VERSION, clean_stale, load_state, save_state
-from .common import TrainingError, fsync_dir
-from .data import BatchOrder, PackedSequences, read_corpus, stream_fingerprint, tokenize_corpus
+from .common import fsync_dir
+from .data import BatchOrder, PackedSequences, stream_fingerprint
 from .early_exit import EarlyExitLossConfig
 from .layer_dropout import LayerDropoutConfig
 from .prepare import TrainingForward, prepare_model
+from .tokenizer_train import MIN_VOCAB, train_bpe_tokenizer
 
 if TYPE_CHECKING:
     from ..config import LlamaConfig
@@ -97,7 +113,6 @@ class TrainConfig:
             raise TrainingError("a model from --init-config needs a tokenizer: --train-tokenizer VOCAB_SIZE or "
                                 "--tokenizer FOLDER")
         if self.train_tokenizer is not None:
-            from .tokenizer_train import MIN_VOCAB
             if not isinstance(self.train_tokenizer, int) or self.train_tokenizer < MIN_VOCAB:
                 raise TrainingError(f"--train-tokenizer vocabulary size must be an integer >= {MIN_VOCAB} "
                                     f"(256 bytes + special tokens), got {self.train_tokenizer!r}")
@@ -181,7 +196,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 def setup_distributed() -> tuple[int, int, int, bool]:
     """(rank, world size, local rank, created): initialises the process group under torchrun."""
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     created = False
@@ -211,7 +225,6 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def read_init_config(path: str, tokenizer) -> "LlamaConfig":
-    from ..config import LlamaConfig
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -293,7 +306,6 @@ def check_resume(state: dict, cfg: TrainConfig, model_config: dict, fingerprint:
 
 def export_hf(out: str, config, state_dict: dict, tokenizer) -> None:
     """Write the HF folder into ``out`` file by file via a temp folder + os.replace (never half-written)."""
-    from ..io import save_hf_folder
 
     tmp = os.path.join(out, f".export.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -315,9 +327,6 @@ def export_hf(out: str, config, state_dict: dict, tokenizer) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     """Train as configured; returns a summary dict (rank 0's view)."""
-    import torch.distributed as dist
-    from ..io import Tokenizer, load_checkpoint
-    from ..model.llama import LlamaForCausalLM
 
     cfg.validate()
     if cfg.threads:
@@ -358,7 +367,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     if state is not None and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         tokenizer = Tokenizer.from_hf_folder(tok_dir)
     elif cfg.train_tokenizer is not None:
-        from .tokenizer_train import train_bpe_tokenizer
         if is_main:
             say(f"training a {cfg.train_tokenizer}-token byte-level BPE tokenizer on {len(docs)} documents")
             tokenizer = train_bpe_tokenizer(docs, cfg.train_tokenizer)
@@ -387,12 +395,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
         init_weights(model, cfg.init_std, cfg.seed)
     lora_alpha = None
     if cfg.lora_rank:
-        from ..model.lora import ALL_LINEARS, apply_lora
         lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank)
         apply_lora(model, cfg.lora_rank, lora_alpha, ALL_LINEARS, seed=cfg.seed)
         if cfg.init_adapter and state is None:
-            from ..io.adapter import read_adapter
-            from ..model.lora import load_adapter_state_
             meta, tensors = read_adapter(os.path.expanduser(cfg.init_adapter))
             if meta["rank"] != cfg.lora_rank or float(meta["alpha"]) != lora_alpha:
                 raise TrainingError(f"--init-adapter has rank {meta['rank']} / alpha {meta['alpha']}; this run "
@@ -423,7 +428,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
                             activation_checkpointing=cfg.activation_checkpointing)
     fwd = TrainingForward(model, loss_fn).to(device)
     if state is not None and cfg.lora_rank:
-        from ..model.lora import load_adapter_state_
         load_adapter_state_(model, state["model"])
     elif state is not None:
         try:
@@ -437,7 +441,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     fsdp = False
     if distributed:
         if cfg.dist == "fsdp":
-            try:
+            try:  # FSDP2: torch >= 2.6, and only where torch.distributed is built
                 from torch.distributed.fsdp import fully_shard
             except ImportError:
                 raise TrainingError("--dist fsdp needs torch.distributed.fsdp.fully_shard (FSDP2; torch >= 2.6)") \
@@ -451,7 +455,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
                     from None
             fsdp = True
         else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             runner = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         # compile each decoder layer in place (parameter names unchanged); dynamic shapes because the number of
@@ -468,7 +471,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     order = BatchOrder(data, cfg.seed)
     if state is not None:
         if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(fwd, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
             opt.load_state_dict(state["optimizer"])
@@ -491,7 +493,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
         torch.autocast(device.type, dtype=torch.bfloat16)
     params = trainable
     log_path = os.path.join(tdir, "log.jsonl")
-    from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     tokens_per_step = global_micro * cfg.grad_accum * cfg.seq_len
@@ -500,14 +501,11 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
 
     def save(step: int) -> dict:
         if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-                get_optimizer_state_dict
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             msd = get_model_state_dict(fwd, options=opts)
             msd = {k[len("model."):]: v for k, v in msd.items() if k.startswith("model.")}
             osd = get_optimizer_state_dict(fwd, opt, options=opts)
         elif cfg.lora_rank:
-            from ..model.lora import adapter_state_dict
             msd = adapter_state_dict(model)     # the resumable state holds the adapters only: small
             osd = opt.state_dict()
         else:
@@ -593,8 +591,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
     if start_step < end_step or not os.path.isfile(exported):
         msd = save(end_step)
         if is_main and cfg.lora_rank:
-            from ..io.adapter import save_adapter
-            from ..model.lora import ALL_LINEARS
             base = cfg.model if not os.path.exists(os.path.expanduser(cfg.model)) else \
                 os.path.abspath(os.path.expanduser(cfg.model))
             save_adapter(out, msd, base_model=base, rank=cfg.lora_rank, alpha=lora_alpha, targets=ALL_LINEARS,
