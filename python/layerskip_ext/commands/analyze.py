@@ -10,7 +10,7 @@ from ..corpus import read_corpus, tokenize_corpus
 from ..errors import TrainingError
 from ..model import load_model
 from ..training.data import evaluation_sequences
-from .common import layer_list, setup_threads, str_list
+from .common import add_runtime_args, layer_list, setup_threads, str_list
 
 NAME = "analyze"
 HELP = "per-layer next-token accuracy, perplexity, agreement with the last layer"
@@ -32,10 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=layer_list, default=None, help="1-based layers to report (default all)")
     p.add_argument("--plot", default="layerskip_analyze.png", help="PNG path (default layerskip_analyze.png)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"),
-                   help="native kernels or the plain PyTorch reference (auto: native when built)")
-    p.add_argument("--threads", type=int, default=None)
+    add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -44,7 +41,7 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     setup_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, device=args.device)
     if tokenizer is None:
         raise TrainingError(f"{args.model} has no tokenizer; analysis needs one to read the corpus")
     if args.seq_len > model.config.max_position_embeddings:

@@ -10,7 +10,7 @@ from ..errors import LayerSkipError
 from ..generation.lossless import check_lossless
 from ..model import load_model
 from ..prompts import humaneval_path, read_prompts
-from .common import add_device_arg, int_list, setup_threads
+from .common import add_runtime_args, int_list, setup_threads
 
 NAME = "check-lossless"
 HELP = "self-speculative greedy vs autoregressive greedy, token for token"
@@ -25,10 +25,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layers", default="4,8,15,24")
     p.add_argument("--num-speculations", default="1,3,6")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"))
-    add_device_arg(p)
-    p.add_argument("--threads", type=int, default=None)
+    add_runtime_args(p)
     p.add_argument("--json", default=None, help="also write the report to this file")
 
 

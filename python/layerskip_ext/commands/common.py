@@ -24,9 +24,14 @@ def int_list(text: str, flag: str) -> list[int]:
         raise LayerSkipError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
 
 
-def add_device_arg(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """--dtype, --backend, --device, --threads: how load_model builds the model and where it runs."""
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (weights and activations)")
+    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"),
+                   help="native kernels or the plain PyTorch reference (auto: native when built)")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda[:i], or auto (CUDA when present); the model's weights and kernels run there")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 
 def layer_list(text: str) -> list[int]:

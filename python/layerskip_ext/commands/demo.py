@@ -18,7 +18,7 @@ from ..generation import generate
 from ..generation.defaults import default_speculation
 from ..io import packaged
 from ..model import load_model
-from .common import prompt_texts, setup_threads
+from .common import add_runtime_args, prompt_texts, setup_threads
 
 NAME = "demo"
 HELP = "self-speculative vs autoregressive on one prompt: outputs, speed, acceptance"
@@ -43,9 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="E (default: the model's tuned setting, else a quarter of its depth)")
     p.add_argument("--num-speculations", type=int, default=None,
                    help=f"d (default: the model's tuned setting, else {DEFAULT_SPECULATIONS})")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -103,7 +101,7 @@ def run(args) -> int:
         print(note, file=sys.stderr)
     t0 = time.perf_counter()
     print(f"loading {name} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(name, dtype=args.dtype, backend=args.backend, progress=True)
+    model, tokenizer = load_model(name, dtype=args.dtype, backend=args.backend, progress=True, device=args.device)
     print(f"loaded in {time.perf_counter() - t0:.1f}s ({model.num_layers} layers, {model.decoder.name} kernels)",
           file=sys.stderr)
     if tokenizer is None:

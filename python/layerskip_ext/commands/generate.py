@@ -8,7 +8,7 @@ import sys
 from ..errors import LayerSkipError
 from ..generation import generate
 from ..model import load_model
-from .common import add_device_arg, setup_threads
+from .common import add_runtime_args, setup_threads
 
 NAME = "generate"
 HELP = "generate text from a prompt"
@@ -25,16 +25,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (weights and activations)")
     p.add_argument("--strategy", default="auto",
                    help="autoregressive | early_exit | self_speculative | auto (default: self_speculative with "
                         "the model's tuned setting when it has one, else autoregressive)")
     p.add_argument("--exit-layer", type=int, default=None, help="E: run layers < E, then the shared exit head")
     p.add_argument("--num-speculations", type=int, default=None, help="d: draft tokens per self-speculative round")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"),
-                   help="native kernels or the plain PyTorch reference (auto: native when built)")
-    add_device_arg(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_runtime_args(p)
     p.add_argument("--draft-vocab", default="auto",
                    help="self-speculative greedy drafts score only these tokens: a draft_vocab.json file, 'none' "
                         "(the whole vocabulary), or 'auto' (default: the model's stored one, if any); lossless")

@@ -17,7 +17,7 @@ from ..analysis.sweep_report import format_markdown, write_reports
 from ..errors import LayerSkipError
 from ..io.layerskip_block import layerskip_config_path, write_layerskip_block
 from ..model import load_model
-from .common import int_list, prompt_texts, setup_threads
+from .common import add_runtime_args, int_list, prompt_texts, setup_threads
 
 NAME = "sweep"
 HELP = "acceptance and speedup over a grid of exit layers and depths, cost model"
@@ -38,9 +38,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "separated by blank lines")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_runtime_args(p)
     p.add_argument("--out", default="layerskip_sweep", help="output folder (default layerskip_sweep)")
     p.add_argument("--predict", action="store_true",
                    help="only the cost model: predicted table and best (E, d) without decoding the full grid")
@@ -73,7 +71,8 @@ def run(args) -> int:
     if args.write_default:
 
         layerskip_config_path(args.model)  # a GGUF has nowhere to store it: say so before the long run
-    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True,
+                                  device=args.device)
     if tokenizer is None:
         raise LayerSkipError(f"{args.model} has no tokenizer")
     exits = exits if exits is not None else default_exit_layers(model.num_layers)

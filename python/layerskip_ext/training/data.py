@@ -3,7 +3,7 @@ in a seeded order that a checkpoint can resume exactly (the position is one inte
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -90,7 +90,3 @@ def evaluation_sequences(stream: np.ndarray, seq_len: int, max_sequences: Option
     idx = np.unique(np.linspace(0, len(data) - 1, n).round().astype(np.int64))
     return data.get([int(i) for i in idx])
 
-
-def iter_batches(seqs: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for s in range(0, seqs.shape[0], batch_size):
-        yield seqs[s:s + batch_size]
