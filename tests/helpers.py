@@ -196,15 +196,21 @@ def _rowwise_argmax(h, norm_weight, eps, lm_head, vocab_subset):
     return ops.exit_head_argmax_composed(h, norm_weight, eps, lm_head, vocab_subset, _row_norm, _row_linear)
 
 
+def _rowwise_log_softmax(h, norm_weight, eps, lm_head, vocab_subset):
+    return ops.exit_head_log_softmax_composed(h, norm_weight, eps, lm_head, vocab_subset, _row_norm, _row_linear)
+
+
 def _rowwise_draft(*args):
-    return ops.draft_greedy_composed(*args, layer_range_fn=_rowwise_layers, head_argmax_fn=_rowwise_argmax)
+    return ops.draft_greedy_composed(*args, layer_range_fn=_rowwise_layers, head_argmax_fn=_rowwise_argmax,
+                                     head_log_softmax_fn=_rowwise_log_softmax)
 
 
 def rowwise_kernels():
     from layerskip_ext.model.decoder import REFERENCE
     import dataclasses
     return dataclasses.replace(REFERENCE, name="rowwise", layer_range_forward=_rowwise_layers,
-                               draft_greedy=_rowwise_draft, exit_head_argmax=_rowwise_argmax)
+                               draft_greedy=_rowwise_draft, exit_head_argmax=_rowwise_argmax,
+                               exit_head_log_softmax=_rowwise_log_softmax)
 
 
 def decoders():

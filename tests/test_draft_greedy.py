@@ -67,6 +67,34 @@ def test_draft_greedy_equals_ops_step_by_step(case, dtype):
         assert bool(torch.isin(drafts, args[15]).all()), "a draft outside the vocabulary subset"
 
 
+@pytest.mark.parametrize("stop_below", [0.02, 0.2, 0.6, 1.0])
+@pytest.mark.parametrize("case", [c for c in CASES if c[9] >= 3])
+def test_dynamic_draft_equals_ops_step_by_step(case, stop_below):
+    """stop_below > 0: a row's proposals end (-1) at its first below-threshold top probability, the stage at the
+    step where no row proposes; bitwise the composed native ops, caches included, and each kept draft is the top
+    column of the exit head's log-softmax, confident."""
+    args = case_args(case, torch.float32, tag="dynamic")
+    mine, theirs = with_fresh_caches(args), with_fresh_caches(args)
+    with poisoned_outputs():
+        drafts, hidden = ops.draft_greedy(*mine, stop_below)
+    want_drafts, want_hidden = ops.draft_greedy_native_composed(*theirs, stop_below)
+    d, B, H = case[9], case[1], case[2]
+    n = drafts.shape[1]
+    assert n <= d and hidden.shape == (B, n + 1, H)
+    assert torch.equal(drafts, want_drafts)
+    assert_bitwise(hidden, want_hidden, "hidden")
+    for a, b in zip(mine[3] + mine[4], theirs[3] + theirs[4]):
+        assert_bitwise(a, b, "caches")
+    if stop_below == 1.0:
+        assert n == 0  # nothing is ever that sure: a round then verifies just the newest token
+    if n:
+        assert (drafts[:, -1] >= 0).any(), "the last column has a proposal"
+        stopped = (drafts < 0).cumsum(1) > 0
+        assert torch.equal(drafts < 0, stopped), "once a row stops it proposes nothing more"
+    ref_drafts, _ = ops.draft_greedy_reference(*with_fresh_caches(args), stop_below)
+    assert ref_drafts.shape[1] >= 0  # the reference runs the same steps (its logits differ in their last bits)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_draft_greedy_close_to_reference(dtype):
     """Against the plain-PyTorch stage: the same drafts (random logits have no near-ties at this size) and layer
@@ -171,7 +199,7 @@ def test_self_speculative_uses_the_native_draft_and_stays_lossless():
     model = tiny_model(5, torch.float32, num_hidden_layers=4, backend="native")
     calls = []
     real = native_kernels().draft_greedy
-    model.build_decoder(dataclasses.replace(native_kernels(), draft_greedy=lambda *a: calls.append(a[-1]) or real(*a)))
+    model.build_decoder(dataclasses.replace(native_kernels(), draft_greedy=lambda *a: calls.append(a[-2]) or real(*a)))
     prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7]]
     ar = generate(model, prompts, max_new_tokens=20, stop_token_ids=[], strategy="autoregressive")
     for E, d in ((1, 3), (2, 1), (3, 5)):

@@ -121,3 +121,27 @@ def test_num_speculations_defaults_to_the_tuned_setting_or_4():
         assert generate(model, [1, 2], max_new_tokens=3).strategy == "autoregressive"  # measured not to pay
     finally:
         model.config.layerskip = None
+
+
+@pytest.mark.parametrize("backend", list(decoders()))
+def test_dynamic_drafting_is_lossless_and_drafts_less(backend):
+    """draft_stop: greedy output identical to autoregressive for every threshold; a higher threshold drafts less
+    (never more than num_speculations per round)."""
+    model = make_model(backend)
+    prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7]]
+    kw = dict(max_new_tokens=24, stop_token_ids=[])
+    ar = [s.tokens for s in generate(model, prompts, strategy="autoregressive", **kw).sequences]
+    drafted = []
+    for stop in (0.0, 0.05, 0.3, 0.9):
+        r = generate(model, prompts, strategy="self_speculative", exit_layer=2, num_speculations=5, draft_stop=stop,
+                     **kw)
+        assert [s.tokens for s in r.sequences] == ar, stop
+        assert r.stats["draft_stop"] == stop and r.stats["accepted_tokens"] <= r.stats["draft_tokens"]
+        drafted.append(r.stats["draft_tokens"] / r.stats["rounds"])
+    assert drafted[0] == 5 * 2 or drafted[0] <= 10  # the last rounds draft fewer
+    assert drafted == sorted(drafted, reverse=True) and drafted[-1] < drafted[0]
+    with pytest.raises(GenerationError, match="greedy self_speculative"):
+        generate(model, [1, 2], strategy="self_speculative", exit_layer=2, num_speculations=2, draft_stop=0.5,
+                 temperature=0.8)
+    with pytest.raises(GenerationError, match="probability"):
+        generate(model, [1, 2], strategy="self_speculative", exit_layer=2, num_speculations=2, draft_stop=1.5)

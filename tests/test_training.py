@@ -560,3 +560,28 @@ def test_two_ranks_ddp_equal_gradients_and_single_process_loss(tmp_path, corpus,
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     log = [json.loads(x) for x in (tmp_path / "ddp" / "training" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_autocast_auto_picks_what_this_machine_runs_faster(monkeypatch):
+    from layerskip_ext.training import machine
+
+    rates = {}
+    monkeypatch.setattr(machine, "matmul_gflops", lambda dtype, device, shape=None: rates[dtype])
+    cpu = torch.device("cpu")
+    rates.update({torch.float32: 150.0, torch.bfloat16: 3.0})  # AVX2: no native bf16
+    a = machine.choose_autocast("auto", cpu)
+    assert a.choice == "none" and "fp32 is faster" in a.reason
+    rates.update({torch.float32: 150.0, torch.bfloat16: 390.0})  # AVX-512-BF16
+    assert machine.choose_autocast("auto", cpu).choice == "bf16"
+    assert machine.choose_autocast("none", cpu).choice == "none" and machine.choose_autocast("bf16", cpu).choice == "bf16"
+
+
+def test_train_flops_per_token_counts_layers_attention_and_exit_heads():
+    from layerskip_ext.config import LlamaConfig
+    from layerskip_ext.training.machine import train_flops_per_token
+
+    c = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1)
+    per_layer = 2 * (8 * 8 * 2 + 8 * 4 * 2 + 3 * 8 * 16) + 4 * (3 + 1) / 2 * 8
+    assert train_flops_per_token(c, 3, exits_per_step=1) == 3 * (2 * per_layer + 2 * 100 * 8)
+    assert train_flops_per_token(c, 3, 2, kept_layer_fraction=0.5) == 3 * (per_layer + 2 * 2 * 100 * 8)

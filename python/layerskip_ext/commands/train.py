@@ -46,7 +46,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    opt.add_argument("--autocast", default="bf16", choices=("bf16", "none"), help="bf16 autocast (default) or fp32")
+    opt.add_argument("--autocast", default="auto", choices=("auto", "bf16", "none"),
+                     help="bf16 autocast, or fp32 (none); auto (default): bf16 where this machine runs it faster")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--init-std", type=float, default=0.02, help="weight init std for --init-config")
 
@@ -124,5 +125,10 @@ def run(args) -> int:
         exits = " ".join(f"L{e} {v:.3f}" for e, v in summary["exit_losses"].items())
         print(f"trained {summary['step']}/{summary['steps']} steps ({summary['tokens_seen']} tokens, "
               f"{summary['time_s']:.0f}s); last loss {summary['loss']:.4f}; per exit: {exits}")
+        perf = summary["throughput"]
+        if "tokens_per_s" in perf:
+            print(f"{perf['tokens_per_s']:.0f} tokens/s, {perf['achieved_gflops']:.0f} GFLOP/s = "
+                  f"{perf['fraction_of_matmul_rate']:.0%} of this machine's {perf['autocast']} matmul rate; exit loss "
+                  f"{perf['exit_loss_share']:.0%} of the time (autocast {perf['autocast']}: {perf['reason']})")
         print(f"model: {summary['out']}")
     return 0

@@ -23,7 +23,7 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
              seed: Optional[int] = None, stop_token_ids: Optional[Iterable[int]] = None,
              exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
              on_token: Optional[TokenCallback] = None, draft_vocab="auto",
-             cuda_graph: bool = False) -> GenerationResult:
+             cuda_graph: bool = False, draft_stop: Optional[float] = None) -> GenerationResult:
     """Generate continuations of token-id prompts (one list, or a batch of lists of any lengths).
 
     strategy: "autoregressive" (all layers, one token per pass), "early_exit" (layers < exit_layer, then the
@@ -41,6 +41,10 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
 
     cuda_graph (self_speculative, greedy, model on a CUDA device): replay each full-length round as a CUDA graph
     (generation/cuda_graph.py). Same output; fewer launches and no Python between them.
+
+    draft_stop (self_speculative, greedy): dynamic drafting: a round drafts up to num_speculations tokens, stopping
+    where the exit head's top probability falls below draft_stop (None: the model's tuned setting, else 0 = off).
+    Same output; it saves the drafts (and their verification) that would likely be rejected.
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # a single prompt
@@ -54,7 +58,11 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     if strategy not in STRATEGIES:
         raise GenerationError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    strategy, exit_layer, num_speculations = resolve_strategy(model, strategy, exit_layer, num_speculations)
+    asked_stop = draft_stop
+    strategy, exit_layer, num_speculations, draft_stop = resolve_strategy(model, strategy, exit_layer,
+                                                                          num_speculations, draft_stop)
+    if asked_stop is None and not sampling.greedy:
+        draft_stop = 0.0  # a tuned dynamic-drafting threshold is for greedy decoding
     if strategy == "autoregressive" and exit_layer not in (None, model.num_layers):
         raise GenerationError("exit_layer applies to the early_exit and self_speculative strategies")
     if strategy != "autoregressive":
@@ -67,9 +75,15 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
             raise GenerationError(f"num_speculations={num_speculations} does not fit the remaining context: the "
                                   f"longest prompt leaves {room} of {config.max_position_embeddings} positions")
 
+    if not (isinstance(draft_stop, (int, float)) and 0.0 <= draft_stop <= 1.0):
+        raise GenerationError(f"draft_stop must be a probability in [0, 1], got {draft_stop!r}")
+    if draft_stop and (strategy != "self_speculative" or not sampling.greedy):
+        raise GenerationError("draft_stop (dynamic drafting) applies to greedy self_speculative decoding only")
     if cuda_graph:
         if strategy != "self_speculative" or not sampling.greedy:
             raise GenerationError("cuda_graph applies to greedy self_speculative decoding only")
+        if draft_stop:
+            raise GenerationError("cuda_graph replays fixed-length rounds: it does not combine with draft_stop")
         if model.device.type != "cuda":
             raise GenerationError(f"cuda_graph needs the model on a CUDA device; it is on {model.device}")
     subset = resolve_draft_vocab(model, draft_vocab) if strategy == "self_speculative" else None
@@ -83,7 +97,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     batch = DecodeBatch(decoder, rules, capacity)
     if strategy == "self_speculative":
         result = generate_self_speculative(decoder, batch, sampling, result, exit_layer, num_speculations, subset,
-                                           cuda_graph)
+                                           cuda_graph, draft_stop)
+        result.stats["draft_stop"] = draft_stop
     else:
         result = generate_autoregressive(decoder, batch, sampling, result,
                                          exit_layer=exit_layer if strategy == "early_exit" else None)

@@ -25,13 +25,15 @@ def default_speculation(model, source: str = "") -> Optional[tuple[int, int]]:
 
 
 def resolve_strategy(model, strategy: str, exit_layer: Optional[int], num_speculations: Optional[int],
-                     source: str = "") -> tuple[str, Optional[int], Optional[int]]:
-    """-> (strategy, E, d): "auto" self-speculates with the model's tuned (E, d) (or when the caller gave an exit
-    layer), unless the model's recorded speedup (``layerskip sweep --write-default``) is not above 1, and decodes
-    autoregressively otherwise; self-speculation fills the E and d the caller left out from the tuned setting."""
+                     draft_stop: Optional[float] = None,
+                     source: str = "") -> tuple[str, Optional[int], Optional[int], float]:
+    """-> (strategy, E, d, draft_stop): "auto" self-speculates with the model's tuned (E, d) (or when the caller
+    gave an exit layer), unless the model's recorded speedup (``layerskip sweep --write-default``) is not above 1,
+    and decodes autoregressively otherwise; self-speculation fills the E, d and draft_stop the caller left out from
+    the tuned setting (draft_stop: 0 when it has none)."""
     tuned = default_speculation(model, source)
+    block = getattr(model.config, "layerskip", None) or {}
     if strategy == "auto":
-        block = getattr(model.config, "layerskip", None) or {}
         slower = isinstance(block.get("speedup"), (int, float)) and block["speedup"] <= 1.0
         strategy = "self_speculative" if (tuned and not slower) or exit_layer is not None else "autoregressive"
     if strategy == "self_speculative":
@@ -40,4 +42,6 @@ def resolve_strategy(model, strategy: str, exit_layer: Optional[int], num_specul
             num_speculations = tuned[1] if num_speculations is None else num_speculations
         if num_speculations is None:
             num_speculations = DEFAULT_SPECULATIONS
-    return strategy, exit_layer, num_speculations
+        if draft_stop is None and tuned and exit_layer == tuned[0]:
+            draft_stop = float(block.get("draft_stop", 0.0))
+    return strategy, exit_layer, num_speculations, float(draft_stop or 0.0)

@@ -24,6 +24,7 @@ lossless under the acceptance rule, but the native sampling path takes full-voca
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -57,7 +58,7 @@ def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sam
 
 
 def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
-           draft_vocab=None) -> torch.Tensor:
+           draft_vocab=None, draft_stop: float = 0.0) -> torch.Tensor:
     """One draft-verify round, all on the model's device: -> [n, d + 2] int64 (see RoundRow: one tensor, so the
     host reads a round in one transfer). Advances the batch's positions (by accepted + 1, inside the verification
     op) and newest tokens in place, so the next round reads them from the same tensors (what lets a CUDA graph
@@ -65,7 +66,9 @@ def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: Sampl
     # One state for the round's d + 1 positions: the draft and the verification both run on it.
     st = decoder.state(batch.positions, d + 1, batch.cache, batch.rows, max_start=batch.top)
     if sampling.greedy:
-        drafts, hidden = decoder.draft_greedy(batch.last_tokens, st, exit_layer, d, draft_vocab)
+        drafts, hidden = decoder.draft_greedy(batch.last_tokens, st, exit_layer, d, draft_vocab, draft_stop)
+        if drafts.shape[1] < d:  # dynamic drafting stopped early: verify the positions drafted
+            st = dataclasses.replace(st, positions=st.positions[:, :drafts.shape[1] + 1].contiguous())
     else:
         drafts, q, hidden = _draft_sampled(decoder, batch, st, exit_layer, d, sampling, generator)
     deep = decoder.layers(hidden, exit_layer, decoder.num_layers, st)
@@ -85,15 +88,17 @@ class RoundRow(NamedTuple):
     """One sequence's round, read from _round's [n, d + 2] result; it emits drafts[:accepted] + [next_token]."""
     accepted: int       # how many drafts the full model agreed with
     next_token: int     # its own token after them: the correction, or the bonus when all d were accepted
-    drafts: list[int]   # the d drafted tokens
+    drafts: list[int]   # the d drafted tokens (-1: not proposed, dynamic drafting)
 
 
 @torch.no_grad()
 def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
                               exit_layer: int, num_speculations: int, draft_vocab=None,
-                              cuda_graph: bool = False) -> GenerationResult:
+                              cuda_graph: bool = False, draft_stop: float = 0.0) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
-    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs."""
+    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. draft_stop (greedy):
+    dynamic drafting, a round drafts up to num_speculations tokens while the exit head's top probability stays
+    >= draft_stop (0: always num_speculations)."""
     generator = sampling.generator(decoder.device)
     timer = Timer()
     batch.emit_first(choose_tokens(decoder, batch.prefill(), sampling, generator))
@@ -111,15 +116,15 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
         # Never draft past the cache or past what any live sequence may still emit.
         remaining = longest - min([len(batch.outputs[b].tokens) for b in batch.active])
         d = max(0, min(num_speculations, batch.capacity - 1 - batch.top, remaining - 1))
-        if graphs is not None and d == num_speculations:
+        if graphs is not None and d == num_speculations:  # (a graph needs fixed shapes: not with draft_stop)
             out = graphs.run(d, len(batch.active))
         else:
-            out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab)
+            out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab, draft_stop)
         for row, (accepted, next_token, *drafts) in enumerate(out.tolist()):  # the round's only host read
             r = RoundRow(accepted, next_token, drafts)
             batch.emit(row, r.drafts[:r.accepted] + [r.next_token])
             accepted_total += r.accepted
-        drafted += d * len(batch.active)
+            drafted += len(r.drafts) if not draft_stop else sum(t >= 0 for t in r.drafts)
         rounds += 1
         batch.drop_finished()
     result.decode_s = timer.lap()

@@ -15,6 +15,7 @@ calls, so it is not used.)
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Optional
 
 import torch
@@ -289,9 +290,13 @@ class TrainingForward(nn.Module):
         self.model = model
         object.__setattr__(self, "loss_fn", loss_fn)
         self.last: Optional[LossOutput] = None
+        self.loss_s = 0.0  # wall time in the early-exit loss (its fused heads compute their gradients there too)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor):
         anchor = reference_last_hidden(self.model, tokens) if self.loss_fn.config.anchor > 0 else None
-        out = self.loss_fn(layer_outputs(self.model, tokens), labels, anchor_hidden=anchor)
+        hidden = layer_outputs(self.model, tokens)
+        t = time.perf_counter()
+        out = self.loss_fn(hidden, labels, anchor_hidden=anchor)
+        self.loss_s += time.perf_counter() - t
         object.__setattr__(self, "last", out)
         return out.loss, out.exit_losses, out.distill_losses
