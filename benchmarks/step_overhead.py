@@ -23,6 +23,7 @@ import sys
 import torch
 
 import layerskip_ext
+from layerskip_ext.analysis.step_profile import timed_decode
 from layerskip_ext.config import LlamaConfig
 from layerskip_ext.generation import generate
 from layerskip_ext.model import LlamaForCausalLM, load_model
@@ -42,27 +43,6 @@ def random_model(layers: int, hidden: int, heads: int, kv_heads: int, inter: int
     model = LlamaForCausalLM.from_state_dict(cfg, sd)
     model.build_decoder("native")
     return model
-
-
-def timed_run(model, prompt, n: int, **kw) -> dict:
-    plain = model.decoder
-    spent = [0.0]
-    mark = []
-
-    def on_token(_seq, _tok):  # the first token ends the prompt pass: kernel time from here on is decode
-        if not mark:
-            mark.append(spent[0])
-
-    model.build_decoder(plain.kernels.timed(spent))
-    try:
-        r = generate(model, prompt, max_new_tokens=n, stop_token_ids=[], on_token=on_token, **kw)
-    finally:
-        model.build_decoder(plain.kernels)
-    steps = r.stats.get("rounds", len(r.sequences[0].tokens) - 1)
-    inside = spent[0] - mark[0]
-    return dict(step_ms=1e3 * r.decode_s / steps, kernels_ms=1e3 * inside / steps,
-                outside_ms=1e3 * (r.decode_s - inside) / steps, outside_pct=100 * (1 - inside / r.decode_s),
-                tokens_per_step=(len(r.sequences[0].tokens) - 1) / steps)
 
 
 def calls_per_round(model, prompt, n: int, E: int, d: int) -> tuple[float, list]:
@@ -112,7 +92,7 @@ def main() -> int:
     for name, kw in (("autoregressive", dict(strategy="autoregressive")),
                      (f"self-speculative E={E} d={d}",
                       dict(strategy="self_speculative", exit_layer=E, num_speculations=d))):
-        runs = [timed_run(model, prompt, args.new_tokens, **kw) for _ in range(args.runs)]
+        runs = [timed_decode(model, prompt, args.new_tokens, **kw) for _ in range(args.runs)]
         out["runs"][name] = runs
         step = [r["step_ms"] for r in runs]
         pct = [r["outside_pct"] for r in runs]

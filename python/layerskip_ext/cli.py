@@ -5,10 +5,10 @@ import argparse
 import sys
 from typing import Optional
 
-from .commands import analyze, check_lossless, demo, draft_vocab, generate, info, sweep, train
+from .commands import analyze, check_lossless, demo, draft_vocab, generate, info, reproduce, sweep, train
 from .errors import LayerSkipError
 
-COMMANDS = (info, generate, check_lossless, demo, sweep, draft_vocab, train, analyze)
+COMMANDS = (info, generate, check_lossless, demo, sweep, draft_vocab, train, analyze, reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:
