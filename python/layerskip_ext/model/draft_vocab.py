@@ -169,6 +169,8 @@ def default_draft_vocab_path(path_or_name: str) -> str:
     path = os.path.expanduser(raw)
     if not os.path.exists(path) and raw.lower() in PACKAGED_MODELS:
         return os.path.join(PACKAGE_MODELS_DIR, raw.lower(), FILE_NAME)
+    if not os.path.exists(path) and raw.lower() in packaged.PACKAGED_FOLDERS:
+        return os.path.join(PACKAGE_MODELS_DIR, packaged.PACKAGED_FOLDERS[raw.lower()], FILE_NAME)
     if os.path.isdir(path):
         return os.path.join(path, FILE_NAME)
     return os.path.splitext(path)[0] + "." + FILE_NAME
