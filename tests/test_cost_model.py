@@ -203,6 +203,21 @@ def test_sweep_dynamic_cells_are_lossless_and_draft_less():
         run_sweep(model, prompts, [2], [4], 16, [], draft_stops=[1.0])
 
 
+@needs_native
+def test_sweep_dynamic_cells_only_at_the_fastest_exits():
+    """dynamic_exits=1: dynamic cells at one exit layer only, the one whose static cells were fastest."""
+    model = damped_model()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (6, 9)]
+    res = run_sweep(model, prompts, [1, 2, 3], [2], 12, [], with_prediction=False, draft_stops=[0.5],
+                    dynamic_depths=[3], dynamic_exits=1)
+    fastest = max(res.cells, key=lambda c: c.tokens_per_s).exit_layer
+    assert [(c.exit_layer, c.num_speculations) for c in res.dynamic] == [(fastest, 3)]
+    assert all(c.equal_to_ar for c in res.cells + res.dynamic)
+    with pytest.raises(LayerSkipError, match="dynamic_exits"):
+        run_sweep(model, prompts, [1], [2], 12, [], with_prediction=False, draft_stops=[0.5], dynamic_exits=0)
+
+
 def test_static_sweep_cells_ignore_a_tuned_draft_stop():
     """A model whose config carries a tuned draft_stop still gets static cells measured statically."""
     model = damped_model() if ops.native_available() else make_tiny_model(num_hidden_layers=4)

@@ -44,7 +44,7 @@ def finished(tmp_path_factory, corpus):
 def test_every_stage_runs_and_reports(finished):
     out, report = finished
     for stage in ("data", "plan", "train_baseline", "train_layerskip", "export_baseline", "export_layerskip",
-                  "evaluate_baseline", "evaluate_layerskip"):
+                  "evaluate_baseline", "evaluate_layerskip", "confirm_baseline", "confirm_layerskip"):
         assert (out / "stages" / f"{stage}.json").is_file(), stage
     with open(report["json"]) as f:
         rep = json.load(f)
@@ -68,8 +68,17 @@ def test_every_stage_runs_and_reports(finished):
     folder = rep["exports"]["layerskip"]["folder"]
     with open(os.path.join(folder, "config.json")) as f:
         block = json.load(f)["layerskip"]
-    tuned = ev["layerskip"]["tuned"]
+    # the shipped setting is the confirmation's best, re-measured against autoregressive decoding and lossless
+    conf = ev["layerskip"]["confirm"]
+    tuned = conf["tuned"]
     assert (block["exit_layer"], block["num_speculations"]) == (tuned["exit_layer"], tuned["num_speculations"])
+    assert block["draft_stop"] == tuned["draft_stop"]
+    kinds = [s["kind"] for s in conf["settings"]]
+    assert kinds == sorted(kinds, key=["static", "dynamic"].index) and set(kinds) == {"static", "dynamic"}
+    assert "dynamic_gain" in conf and conf["best"]["speedup"] == max(s["speedup"] for s in conf["settings"])
+    for st in conf["settings"]:
+        assert len(st["speedups"]) == conf["repeats"] and st["equal_to_ar"]
+    assert "## The best settings, measured again" in md
     assert os.path.isfile(os.path.join(folder, "README.md"))
     from safetensors import safe_open
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:

@@ -179,10 +179,11 @@ def check_draft_stops(draft_stops: Sequence[float]) -> None:
 def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int], depths: Sequence[int],
               max_new_tokens: int, stop_ids: Iterable[int], *, measure: bool = True, with_prediction: bool = True,
               progress: bool = False, settings: Optional[dict] = None, draft_stops: Sequence[float] = (),
-              dynamic_depths: Optional[Sequence[int]] = None) -> SweepResult:
+              dynamic_depths: Optional[Sequence[int]] = None, dynamic_exits: Optional[int] = None) -> SweepResult:
     """The autoregressive baseline, then (with_prediction) the cost model, then (measure) every grid cell, then
     (draft_stops) the dynamic cells: every exit layer x dynamic_depths (default: the grid's deepest d) x
-    threshold."""
+    threshold; with dynamic_exits = k, only the k exit layers whose best grid cell was fastest get dynamic cells
+    (a dynamic cell drafts at most as far as its d, so it only pays where static drafting already does)."""
     exit_layers, depths = sorted(set(exit_layers)), sorted(set(depths))
     check_grid(model.num_layers, exit_layers, depths)
     draft_stops = sorted(set(float(s) for s in draft_stops))
@@ -203,13 +204,29 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
         alpha, costs, preds = predict_grid(model, prompts, ar, exit_layers, depths, max_new_tokens)
         for key, pred in preds.items():
             cells[key].predicted = pred
-    dynamic = [Cell(E, d, s) for E in exit_layers for d in dynamic_depths for s in draft_stops] if measure else []
+    if dynamic_exits is not None and dynamic_exits < 1:
+        raise LayerSkipError(f"dynamic_exits must be >= 1, got {dynamic_exits}")
+    dynamic = []
     if measure:
-        todo = list(cells.values()) + dynamic
-        if progress:
-            todo = tqdm(todo, desc="sweeping (E, d)", unit="cell")
-        measured = [(c, run_prompts(model, prompts, max_new_tokens, stop_ids, c.exit_layer, c.num_speculations,
-                                    c.draft_stop)) for c in todo]
+        bar = tqdm(total=len(cells) + len(exit_layers if dynamic_exits is None else exit_layers[:dynamic_exits])
+                   * len(dynamic_depths) * len(draft_stops), desc="sweeping (E, d)", unit="cell", disable=not progress)
+
+        def measure_cells(todo):
+            out = []
+            for c in todo:
+                out.append((c, run_prompts(model, prompts, max_new_tokens, stop_ids, c.exit_layer,
+                                           c.num_speculations, c.draft_stop)))
+                bar.update()
+            return out
+
+        measured = measure_cells(cells.values())
+        dyn_exits = exit_layers
+        if dynamic_exits is not None and draft_stops:
+            best = {E: max(st.tokens_per_s for c, st in measured if c.exit_layer == E) for E in exit_layers}
+            dyn_exits = sorted(sorted(exit_layers, key=lambda E: -best[E])[:dynamic_exits])
+        dynamic = [Cell(E, d, s) for E in dyn_exits for d in dynamic_depths for s in draft_stops]
+        measured += measure_cells(dynamic)
+        bar.close()
         runs.append(run_prompts(model, prompts, max_new_tokens, stop_ids).tokens_per_s)
         base = sum(runs) / len(runs)
         for c, st in measured:

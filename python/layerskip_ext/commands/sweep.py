@@ -39,6 +39,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "drafting where the exit head's top probability falls below one; default none)")
     p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
                    help="the most drafts a dynamic round may make (default: the deepest --num-speculations)")
+    p.add_argument("--dynamic-exits", type=int, default=None, metavar="K",
+                   help="dynamic cells only at the K exit layers whose static cells were fastest (default: all)")
     p.add_argument("--prompts", default="humaneval",
                    help="'humaneval' (default), a JSONL(.gz) with a 'prompt' field, or a text file of prompts "
                         "separated by blank lines")
@@ -104,7 +106,7 @@ def run(args) -> int:
           + (" (cost model only)" if args.predict else ""), file=sys.stderr)
     res = run_sweep(model, prompts, exits, depths, args.max_new_tokens, stop_ids, measure=not args.predict,
                     with_prediction=True, progress=True, settings=settings, draft_stops=args.draft_stops,
-                    dynamic_depths=args.dynamic_depths)
+                    dynamic_depths=args.dynamic_depths, dynamic_exits=args.dynamic_exits)
     title = f"{args.model} ({args.dtype}, {settings['threads']} threads)"
     print(format_markdown(res, title))
     paths, note = write_reports(res, args.out, title)
