@@ -25,8 +25,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = Path(os.environ.get("LAYERSKIP_EMU_CSRC", ROOT / "csrc"))  # another csrc/: tests/kernel_mutations.py
-KERNELS = [CSRC / "cuda" / "kernels.cu", Path(__file__).with_name("cuda_emulator_selftest.cu")]  # with __shared__
-SOURCES = KERNELS + [CSRC / "cuda" / "emulator" / "emulator.cpp", CSRC / "cuda" / "emulator" / "c_api.cpp"]
+# the translation units with kernels (their __shared__ variables are moved into SHARED_SECTION), then plain C++
+KERNELS = sorted((CSRC / "cuda").glob("*.cu")) + [Path(__file__).with_name("cuda_emulator_selftest.cu")]
+SOURCES = KERNELS + sorted((CSRC / "cuda").glob("*_host.cpp")) + [CSRC / "cuda" / "emulator" / "emulator.cpp",
+                                                                   CSRC / "cuda" / "emulator" / "c_api.cpp"]
 # nvcc's rules (--fmad=false, no fast-math) on the host; -O1 keeps the sanitizer build quick to compile.
 CXXFLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-fno-omit-frame-pointer", "-ffp-contract=off",
             "-fno-strict-aliasing", "-fno-fast-math", "-DLAYERSKIP_CUDA_EMULATOR",
@@ -191,6 +193,8 @@ SIGNATURES = {
     "ls_emu_selftest_over_read": [_P, _INT, _P],
     "ls_emu_selftest_shared_over_read": [_P, _INT],
     "ls_emu_set_order": [_INT, ctypes.c_uint64],
+    "ls_emu_set_dry_run": [_INT],
+    "ls_emu_dry_run_record": [ctypes.c_uint64, _P],
     "ls_emu_set_report_dir": [ctypes.c_char_p],
     "ls_emu_take_error": [ctypes.c_char_p, ctypes.c_size_t],
     "ls_emu_poison": [_P, ctypes.c_size_t],
@@ -198,12 +202,20 @@ SIGNATURES = {
 }
 RESTYPES = {"ls_emu_take_error": ctypes.c_size_t, "ls_emu_head_argmax_blocks": _I, "ls_emu_head_rows_scratch": _I,
             "ls_emu_verify_sampling_scratch": _I, "ls_emu_switches": ctypes.c_uint64,
-            "ls_emu_launches": ctypes.c_uint64, "ls_emu_sanitized": _INT}
+            "ls_emu_launches": ctypes.c_uint64, "ls_emu_sanitized": _INT,
+            "ls_emu_dry_run_count": ctypes.c_uint64}
+
+
+def library(sanitize: bool | None = None) -> ctypes.CDLL:
+    """The emulated kernels, loaded (once per build kind); sanitize: None = $LAYERSKIP_EMU_SANITIZE (default on)."""
+    if sanitize is None:
+        sanitize = os.environ.get("LAYERSKIP_EMU_SANITIZE", "1") != "0"
+    return _library(sanitize)
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    path = build(sanitize=os.environ.get("LAYERSKIP_EMU_SANITIZE", "1") != "0")
+def _library(sanitize: bool) -> ctypes.CDLL:
+    path = build(sanitize=sanitize)
     reports = tempfile.mkdtemp(prefix="ls_emu_reports_")
     os.environ["LS_EMU_REPORT_DIR"] = reports  # UBSan reads its log path from here when the library loads
     lib = ctypes.CDLL(str(path))
@@ -423,3 +435,36 @@ class Emulated:
         L.run("ls_emu_verify_sampling", L.ptr(dr), L.ptr(qi), L.ptr(pi), L.ptr(u), L.ptr(pos), L.ptr(accepted), L.ptr(nxt), B, D,
               V, L.ptr(scratch), L.ptr(self.errors))
         return accepted.clone(), nxt.clone(), pos.clone()
+
+
+# ---- dry runs: what a launcher would launch --------------------------------------------------------------------
+
+def dry_run(lib: ctypes.CDLL, call) -> list[dict]:
+    """The launches call() makes through the emulated launchers, recorded instead of run (any shape, null
+    pointers): [{kernel: demangled name, grid: (x, y, z), block: (x, y, z), smem: dynamic bytes}] in order."""
+    lib.ls_emu_set_dry_run(1)
+    try:
+        call()
+    finally:
+        lib.ls_emu_set_dry_run(0)
+    take_error(lib)
+    names = kernel_symbols(lib._name)
+    out = []
+    rec = (ctypes.c_uint64 * 8)()
+    for i in range(lib.ls_emu_dry_run_count()):
+        lib.ls_emu_dry_run_record(i, rec)
+        v = list(rec)
+        out.append(dict(kernel=names.get(v[0], f"?{v[0]:#x}"), grid=tuple(v[1:4]), block=tuple(v[4:7]), smem=v[7]))
+    return out
+
+
+@functools.cache
+def kernel_symbols(lib_path: str) -> dict[int, str]:
+    """Address (relative to the load address) -> demangled name of every function defined in the library."""
+    text = _run(["nm", "--defined-only", "-C", lib_path], "nm")
+    syms = {}
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[1] in "tTwW":
+            syms.setdefault(int(parts[0], 16), parts[2])
+    return syms
