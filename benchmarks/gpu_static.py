@@ -15,7 +15,9 @@
    bytes in flight per SM = resident warps (occupancy, or the grid spread over the SMs if smaller) x HBM bytes in
    flight per warp, and achievable bandwidth = min(peak, SMs x bytes in flight / loaded latency).
    Which loads stream from HBM: those marked cache-streaming (__ldcs -> LDG...EF: the weight of a GEMV); in a hot
-   loop without such loads, every global load (the KV tiles of attention, the old kernels' loads).
+   loop without such loads, every global load (the KV tiles of attention, the old kernels' loads). Loads in flight are
+   counted along the code as it runs (conditional forward branches falling through) up to the first use of a
+   loaded register.
    Not modelled: the ramp up and tail of each launch, launch gaps, L2 hits, DRAM page effects, instruction issue
    limits. It is a design check (are there enough bytes in flight?), not a measurement:
    benchmarks/gpu_check.sh measures on a GPU.
@@ -172,64 +174,71 @@ def _op(text: str) -> tuple[str, str]:
     return parts[1], parts[2] if len(parts) > 2 else ""
 
 
-def in_flight(segment: list) -> tuple[int, int, int]:
-    """Loads of a straight-line piece of code issued before the first instruction that reads a loaded register:
-    (count, bytes per lane, bytes per lane of cache-streaming .EF loads)."""
+def in_flight(instrs: list, start: int, index: dict) -> tuple[int, int, int]:
+    """Loads issued from instruction `start` on before the first instruction that reads a loaded register, walking
+    the code as it runs when every conditional forward branch falls through (branch conditions that do not read a
+    load's result do not stop its data from being in flight) and unconditional ones jump; a backward branch (the end
+    of a loop iteration), a barrier or an exit ends the walk. (count, bytes per lane, bytes of .EF loads)."""
     loaded: set[int] = set()
     n = nbytes = ef = 0
-    for t in segment:
+    i, steps = start, 0
+    while i < len(instrs) and steps < 4000:
+        steps += 1
+        addr, t = instrs[i]
         op, operands = _op(t)
         regs = [int(r) for r in REG.findall(operands)]
         srcs = regs if op.startswith(("ST", "RED", "ATOM")) else regs[1:]
-        if any(r in loaded for r in srcs):
+        if any(r in loaded for r in srcs) or op.startswith(("BAR", "EXIT", "RET", "WARPSYNC")):
             break
         b = load_bytes(op)
         if b:
             n, nbytes, ef = n + 1, nbytes + b, ef + (b if ".EF" in op else 0)
             loaded.update(range(regs[0], regs[0] + max(1, b // 4)) if regs else ())
+        if op.startswith("BRA"):
+            m = re.search(r"(0x[0-9a-f]+)\s*$", operands)
+            target = int(m.group(1), 16) if m else None
+            if target is None or target <= addr:
+                break
+            if not t.startswith("@"):
+                i = index[target]
+                continue
+        i += 1
     return n, nbytes, ef
 
 
 def hot_loop(instrs: list) -> dict:
-    """The innermost loop (a backward branch's range) with the most global-load bytes, and what one iteration
-    loads: LDG.E.128 count and bytes per lane over the loop body; in its straight-line piece with the most bytes in
-    flight (pieces split at branches and branch targets), the loads issued before the first use of a loaded
-    register (independent loads in flight) and their HBM bytes per warp (cache-streaming .EF loads if there are
-    any, else all of them); and the CAS spin loops of the kernel."""
+    """What the kernel keeps in flight. The hot loop: the innermost loop (a backward branch's range) with the most
+    global-load bytes; per iteration its LDG.E.128 count and load bytes per lane. Loads in flight: the most bytes
+    loaded before the first use of a loaded register, walking from the kernel's start or any branch target (the
+    hot loop's body, or a prefetch outside any loop: see in_flight); of those, the HBM-streaming ones (cache-streaming
+    .EF loads if the walk has any, else all) give the HBM bytes in flight per warp. And the CAS
+    spin loops (ATOMS.CAST.SPIN: a 64-bit shared atomic) of the kernel."""
     branches = []
     for a, text in instrs:
         m = re.search(r"\bBRA\s+(?:\S+\s+)?(0x[0-9a-f]+)", text)
         if m:
             branches.append((a, int(m.group(1), 16)))
+    targets = {t for _, t in branches}
     loops = [(t, a) for a, t in branches if t <= a]
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
     cas = sum("CAS" in t for _, t in instrs)
     best = None
     for lo, hi in inner:
-        body = [(a, t) for a, t in instrs if lo <= a <= hi]
-        lbytes = sum(load_bytes(_op(t)[0]) for _, t in body)
-        if best is None or lbytes > best[0]:
+        body = [t for a, t in instrs if lo <= a <= hi]
+        lbytes = sum(load_bytes(_op(t)[0]) for t in body)
+        if lbytes and (best is None or lbytes > best[0]):
             best = (lbytes, lo, hi, body)
-    if best is None or best[0] == 0:
-        return dict(loop=None, ldg128=0, load_bytes=0, independent=0, hbm_bytes_per_warp=0, cas=cas)
-    _, lo, hi, body = best
-    targets = {t for _, t in branches}
-    pieces, cur = [], []
-    for a, t in body:
-        if a in targets and cur:
-            pieces.append(cur)
-            cur = []
-        cur.append(t)
-        if "BRA" in _op(t)[0]:
-            pieces.append(cur)
-            cur = []
-    pieces.append(cur)
-    flights = [in_flight(p) for p in pieces]
-    n, nbytes, ef = max(flights, key=lambda f: (f[2] or f[1], f[1]))
-    return dict(loop=(hex(lo), hex(hi)), ldg128=sum(_op(t)[0].startswith("LDG") and ".128" in _op(t)[0]
-                                                      for _, t in body),
-                load_bytes=sum(load_bytes(_op(t)[0]) for _, t in body), independent=n,
-                hbm_bytes_per_warp=(ef or nbytes) * 32, cas=cas)
+    index = {a: i for i, (a, _) in enumerate(instrs)}
+    starts = sorted({0} | {index[t] for t in targets if t in index} | {i + 1 for i, (_, t) in enumerate(instrs)
+                                                                        if "BRA" in _op(t)[0] and i + 1 < len(instrs)})
+    flights = [in_flight(instrs, st, index) for st in starts]
+    n, nbytes, ef = max(flights, key=lambda f: (f[2] or f[1], f[1])) if flights else (0, 0, 0)
+    out = dict(loop=None, ldg128=0, load_bytes=0, independent=n, hbm_bytes_per_warp=(ef or nbytes) * 32, cas=cas)
+    if best is not None:
+        _, lo, hi, body = best
+        out.update(loop=(hex(lo), hex(hi)), load_bytes=best[0],
+                   ldg128=sum(_op(t)[0].startswith("LDG") and ".128" in _op(t)[0] for t in body))
+    return out
 
 
 def occupancy(regs: int, smem: int, threads: int) -> dict:
@@ -294,29 +303,42 @@ def analyse(csrc: Path, arch: str, jobs: int) -> dict:
 # ---- decode ops: real launch configurations from the emulator's dry run --------------------------------------
 
 def decode_ops(lib, m: dict) -> list:
-    """(label, [launches], HBM bytes the op must move) for batch-1 decode (T = 1) and a verification (T = 4)."""
+    """(label, [launches], HBM bytes the op must move) for batch-1 decode (T = 1) and a verification (T = 4): the
+    standalone ops and the decoder's fused launches (launch_decoder_layers)."""
+    import ctypes
+
     import emulated_cuda as E
 
     H, nH, nKV, D, I, V = (m[k] for k in ("H", "nH", "nKV", "D", "I", "V"))
     ops = []
 
     def add(label, call, nbytes):
-        ops.append((label, E.dry_run(lib, call), nbytes))
+        try:
+            ops.append((label, E.dry_run(lib, call), nbytes))
+        except AttributeError:  # a launcher this tree does not have (an older tree: the fused decoder launches)
+            pass
+
+    def multi(T, Ns, K):
+        n = len(Ns)
+        lib.ls_emu_linear_multi(BF16, None, T, K, (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(),
+                                (ctypes.c_int64 * n)(*Ns), n)
 
     for T in (1, VERIFY_T):
         for what, N, K in (("q/o proj", H, H), ("k/v proj", nKV * D, H), ("gate/up proj", I, H), ("down proj", H, I)):
             add(f"linear {what} M={T} [{N}x{K}]", lambda N=N, K=K, T=T: lib.ls_emu_linear(BF16, None, None, None, T, K, N),
                 N * K * ELEM)
+        add(f"decoder q+k+v M={T} [{nH * D + 2 * nKV * D}x{H}]",
+            lambda T=T: multi(T, [nH * D, nKV * D, nKV * D], H), (nH + 2 * nKV) * D * H * ELEM)
+        add(f"decoder gate+up M={T} [{2 * I}x{H}]", lambda T=T: multi(T, [I, I], H), 2 * I * H * ELEM)
+        add(f"decoder down+residual M={T} [{H}x{I}]",
+            lambda T=T: lib.ls_emu_linear_residual(BF16, None, None, None, None, T, I, H), H * I * ELEM)
         for S in CONTEXTS:
-            add(f"cache_attention T={T} ctx={S}", lambda S=S, T=T: call_attention(lib, T, nH, nKV, S, D),
-                2 * S * nKV * D * ELEM)
+            add(f"cache_attention T={T} ctx={S}", lambda S=S, T=T: lib.ls_emu_cache_attention(
+                BF16, None, None, None, None, None, 1, T, nH, nKV, S, D, D ** -0.5,
+                *([None] * (len(lib.ls_emu_cache_attention.argtypes) - 13))), 2 * S * nKV * D * ELEM)
         add(f"exit_head_argmax M={T} [{V}x{H}]", lambda T=T: lib.ls_emu_head_argmax(
             BF16, None, None, V, None, T, H, V, None, None, None, None), V * H * ELEM)
     return ops
-
-
-def call_attention(lib, T, nH, nKV, S, D):
-    lib.ls_emu_cache_attention(BF16, None, None, None, None, None, 1, T, nH, nKV, S, D, D ** -0.5)
 
 
 def estimate(kernels: dict, ops: list) -> list:

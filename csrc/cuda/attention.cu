@@ -43,11 +43,11 @@ constexpr int kCombineWarps = kCombineThreads / 32;
 
 // Per padded head dim DP (32, 64, 128, 256): keys per tile, keys per chunk, rows per block (shared memory < 48 KB).
 template <int DP>
-constexpr int attn_tile_keys() { return DP == 256 ? 16 : 32; }
+__host__ __device__ constexpr int attn_tile_keys() { return DP == 256 ? 16 : 32; }
 template <int DP>
-constexpr int attn_chunk() { return kAttnTiles * attn_tile_keys<DP>(); }
+__host__ __device__ constexpr int attn_chunk() { return kAttnTiles * attn_tile_keys<DP>(); }
 template <int DP>
-constexpr int attn_rows() { return DP == 256 ? 8 : 16; }
+__host__ __device__ constexpr int attn_rows() { return DP == 256 ? 8 : 16; }
 
 template <typename F>
 void dispatch_head_dim(int64_t D, F&& f) {
@@ -164,19 +164,36 @@ __global__ void __launch_bounds__(kAttnThreads) attention_split_kernel(AttnParam
     s_l[tid] = 0.0f;
   }
 
-  // 3. both tiles' K and V loads issued before either is used.
+  // 3. both tiles' K and V loads issued before either is used: whole 16-byte vectors when the rows are aligned
+  // (predicated, no branches: all of them in flight together), else element by element with zeros past D.
   const bool vec_ok = vec_aligned(p.k_cache, D) && vec_aligned(p.v_cache, D);
   uint4 rk[kAttnTiles][kLoads], rv[kAttnTiles][kLoads];
+  auto slot_of = [&](int tile, int i) { return lo + tile * KT + (tid + i * kAttnThreads) / kVecsPerKey; };
+  auto dim_of = [&](int i) { return int64_t((tid + i * kAttnThreads) % kVecsPerKey) * kN; };
+  auto live = [&](int tile, int i) {
+    const int64_t slot = slot_of(tile, i);
+    return tid + i * kAttnThreads < KT * kVecsPerKey && slot <= max_pos && slot < S;
+  };
+  if (vec_ok) {
 #pragma unroll
-  for (int tile = 0; tile < kAttnTiles; ++tile) {
+    for (int tile = 0; tile < kAttnTiles; ++tile)
 #pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int idx = tid + i * kAttnThreads;
-      const int64_t slot = lo + tile * KT + idx / kVecsPerKey, d = int64_t(idx % kVecsPerKey) * kN;
-      const bool live = idx < KT * kVecsPerKey && slot <= max_pos && slot < S;
-      rk[tile][i] = load_raw<T, Load::kCoherent>(live ? K + slot * D : nullptr, vec_ok, d, D);
-      rv[tile][i] = load_raw<T, Load::kCoherent>(live ? V + slot * D : nullptr, vec_ok, d, D);
-    }
+      for (int i = 0; i < kLoads; ++i) {
+        rk[tile][i] = rv[tile][i] = make_uint4(0, 0, 0, 0);
+        if (live(tile, i) && dim_of(i) < D) {
+          rk[tile][i] = *reinterpret_cast<const uint4*>(K + slot_of(tile, i) * D + dim_of(i));
+          rv[tile][i] = *reinterpret_cast<const uint4*>(V + slot_of(tile, i) * D + dim_of(i));
+        }
+      }
+  } else {
+#pragma unroll
+    for (int tile = 0; tile < kAttnTiles; ++tile)
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const bool ok = live(tile, i);
+        rk[tile][i] = load_raw<T, Load::kCoherent>(ok ? K + slot_of(tile, i) * D : nullptr, false, dim_of(i), D);
+        rv[tile][i] = load_raw<T, Load::kCoherent>(ok ? V + slot_of(tile, i) * D : nullptr, false, dim_of(i), D);
+      }
   }
 
   float4 acc[kItems];

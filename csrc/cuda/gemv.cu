@@ -33,8 +33,9 @@ constexpr int kGemvMaxRows = 16;  // rows per tile at most
 enum GemvMode : int {
   kGemvStore = 0,     // y -> out[i] of the matrix the column belongs to (up to kMaxTargets side by side)
   kGemvResidual = 1,  // h[m, n] = T(h[m, n] + T(y)) in place (the decoder's residual adds, as torch's add)
-  kGemvLogits = 2,    // head: out[m, n] = float(T(y)) (NaN for a bad vocab_subset entry)
-  kGemvArgmax = 3,    // head: the partial argmax of T(y) over the block's columns
+  kGemvGated = 2,     // kGemvResidual over the rows T(x * x2) (the MLP's silu(gate) * up, as torch's mul)
+  kGemvLogits = 3,    // head: out[m, n] = float(T(y)) (NaN for a bad vocab_subset entry)
+  kGemvArgmax = 4,    // head: the partial argmax of T(y) over the block's columns
 };
 
 constexpr int kMaxTargets = 3;
@@ -42,7 +43,7 @@ constexpr int kMaxTargets = 3;
 template <typename T>
 struct GemvParams {
   const T* x;   // [M, K]
-  const T* x2;  // null, or [M, K]: then the rows are T(x * x2), as torch's mul (the MLP's silu(gate) * up)
+  const T* x2;  // kGemvGated: [M, K], the rows are T(x * x2)
   int64_t M, K;
   // kGemvStore / kGemvResidual: the weight matrices side by side; column n of the launch is column n - n_begin[i]
   // of matrix i (n_begin[i] <= n < n_begin[i + 1]); out[i] is [M, N_i].
@@ -69,8 +70,53 @@ __device__ __forceinline__ bool takes(float v, float best, int64_t best_idx) {
   return best_idx < 0 || (!isnan(best) && (isnan(v) || v > best));
 }
 
+// x's vector (row m, elements [k, k + kN)) as floats: x itself, or T(x * x2) (kGemvGated). kWhole: a whole
+// in-bounds aligned vector (the fast path: one load, no tail checks).
+template <typename T, int MODE, bool kWhole>
+__device__ __forceinline__ void x_vector(const GemvParams<T>& p, int64_t row, int64_t k, bool vec_ok,
+                                         float (&xf)[Vec<T>::kN]) {
+  constexpr int kN = Vec<T>::kN;
+  const T* xr = p.x + row * p.K;
+  if constexpr (kWhole)
+    widen<T>(__ldg(reinterpret_cast<const uint4*>(xr + k)), xf);
+  else
+    load_vec(xr, vec_ok, xf, k, p.K);
+  if constexpr (MODE == kGemvGated) {
+    const T* x2r = p.x2 + row * p.K;
+    float x2f[kN];
+    if constexpr (kWhole)
+      widen<T>(__ldg(reinterpret_cast<const uint4*>(x2r + k)), x2f);
+    else
+      load_vec(x2r, vec_ok, x2f, k, p.K);
+#pragma unroll
+    for (int e = 0; e < kN; ++e) xf[e] = round_to<T>(__fmul_rn(xf[e], x2f[e]));
+  }
+}
+
+// acc[m][c] += x[m, k .. k + kN) . W[c][k .. k + kN), elements in order.
+template <typename T, int ROWS, int MODE, bool kWhole>
+__device__ __forceinline__ void fma_vectors(const GemvParams<T>& p, int64_t m0, int rows,
+                                            const uint4 (&wr)[kGemvCols], int64_t k, bool vec_ok,
+                                            float (&acc)[ROWS][kGemvCols]) {
+  constexpr int kN = Vec<T>::kN;
+#pragma unroll
+  for (int m = 0; m < ROWS; ++m) {
+    if (m < rows) {
+      float xf[kN];
+      x_vector<T, MODE, kWhole>(p, m0 + m, k, vec_ok, xf);
+#pragma unroll
+      for (int c = 0; c < kGemvCols; ++c) {
+        float wf[kN];
+        widen<T>(wr[c], wf);
+#pragma unroll
+        for (int e = 0; e < kN; ++e) acc[m][c] = fmaf(xf[e], wf[e], acc[m][c]);
+      }
+    }
+  }
+}
+
 template <typename T, int ROWS, int MODE>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams<T> p) {
+__global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemvParams<T> p) {
   constexpr int C = kGemvCols, U = kGemvUnroll, kN = Vec<T>::kN;
   constexpr int64_t kChunkVecs = 32 * U;
   constexpr bool kHead = MODE == kGemvLogits || MODE == kGemvArgmax;
@@ -86,7 +132,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams<T> p) {
   // The block's columns: their weight rows (null: read nothing, the column is invalid) and whether they exist.
   const T* wrow[C];
   bool valid[C];
-  bool fast = vec_aligned(p.x, K) && (p.x2 == nullptr || vec_aligned(p.x2, K));
+  bool fast = vec_aligned(p.x, K) && (MODE != kGemvGated || vec_aligned(p.x2, K));
 #pragma unroll
   for (int c = 0; c < C; ++c) {
     const int64_t n = n0 + c;
@@ -111,36 +157,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams<T> p) {
 #pragma unroll
     for (int c = 0; c < C; ++c) acc[m][c] = 0.0f;
 
-  // x's vector (of row m at element k) as floats: x itself, or T(x * x2).
-  auto x_vec = [&](int m, int64_t k, bool vec_ok, float (&xf)[kN]) {
-    load_vec(p.x + (m0 + m) * K, vec_ok, xf, k, K);
-    if (p.x2 != nullptr) {
-      float x2f[kN];
-      load_vec(p.x2 + (m0 + m) * K, vec_ok, x2f, k, K);
-#pragma unroll
-      for (int e = 0; e < kN; ++e) xf[e] = round_to<T>(__fmul_rn(xf[e], x2f[e]));
-    }
-  };
-  auto fma_vectors = [&](const uint4 (&wr)[C], int64_t k, bool vec_ok) {
-    float wf[C][kN];
-#pragma unroll
-    for (int c = 0; c < C; ++c) widen<T>(wr[c], wf[c]);
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-      if (m < rows) {
-        float xf[kN];
-        x_vec(m, k, vec_ok, xf);
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int e = 0; e < kN; ++e) acc[m][c] = fmaf(xf[e], wf[c][e], acc[m][c]);
-      }
-    }
-  };
-
   // Whole chunks on the fast path (every load a 16-byte vector: all of W's loads of a chunk issued first), the rest
   // (the chunk that ends past K, or everything when a pointer is misaligned or a column invalid) element-safe. Both
   // visit a lane's vectors in the same order, so the result is the same bits.
+  const bool x_ok = vec_aligned(p.x, K) && (MODE != kGemvGated || vec_aligned(p.x2, K));
   const int64_t nchunks = ((K + kN - 1) / kN + kChunkVecs - 1) / kChunkVecs;
   const int64_t full = fast ? K / (kChunkVecs * kN) : 0;
   for (int64_t j = warp; j < full; j += kGemvWarps) {
@@ -151,7 +171,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams<T> p) {
 #pragma unroll
       for (int c = 0; c < C; ++c) wr[u][c] = __ldcs(reinterpret_cast<const uint4*>(wrow[c] + k0 + u * 32 * kN));
 #pragma unroll
-    for (int u = 0; u < U; ++u) fma_vectors(wr[u], k0 + u * 32 * kN, true);
+    for (int u = 0; u < U; ++u) fma_vectors<T, ROWS, MODE, true>(p, m0, rows, wr[u], k0 + u * 32 * kN, true, acc);
   }
   for (int64_t j = full + ((warp - full) % kGemvWarps + kGemvWarps) % kGemvWarps; j < nchunks; j += kGemvWarps) {
 #pragma unroll
@@ -159,8 +179,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams<T> p) {
       const int64_t k = (j * kChunkVecs + u * 32 + lane) * kN;
       uint4 wr[C];
 #pragma unroll
-      for (int c = 0; c < C; ++c) wr[c] = load_raw<T, Load::kStreaming>(wrow[c], wrow[c] != nullptr && vec_aligned(wrow[c], K), k, K);
-      fma_vectors(wr, k, vec_aligned(p.x, K) && (p.x2 == nullptr || vec_aligned(p.x2, K)));
+      for (int c = 0; c < C; ++c)
+        wr[c] = load_raw<T, Load::kStreaming>(wrow[c], wrow[c] != nullptr && vec_aligned(wrow[c], K), k, K);
+      fma_vectors<T, ROWS, MODE, false>(p, m0, rows, wr, k, x_ok, acc);
     }
   }
 
@@ -213,7 +234,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams<T> p) {
         int i = 0;
         while (i + 1 < p.targets && n >= p.n_begin[i + 1]) ++i;
         T* o = p.out[i] + (m0 + m) * (p.n_begin[i + 1] - p.n_begin[i]) + (n - p.n_begin[i]);
-        if constexpr (MODE == kGemvResidual)
+        if constexpr (MODE == kGemvResidual || MODE == kGemvGated)
           *o = from_f32<T>(to_f32(*o) + round_to<T>(s));
         else
           *o = from_f32<T>(s);
@@ -300,7 +321,10 @@ void launch_linear_residual(DType dt, const void* x, const void* x2, const void*
   const LinearTarget t{w, h, N};
   auto go = [&](auto tag) {
     using Ty = decltype(tag);
-    launch_gemv<Ty, kGemvResidual>(dense_params<Ty>(x, x2, M, K, &t, 1), stream);
+    if (x2 != nullptr)
+      launch_gemv<Ty, kGemvGated>(dense_params<Ty>(x, x2, M, K, &t, 1), stream);
+    else
+      launch_gemv<Ty, kGemvResidual>(dense_params<Ty>(x, nullptr, M, K, &t, 1), stream);
   };
   if (dt == DType::kFloat32) go(float{});
   if (dt == DType::kBFloat16) go(__nv_bfloat16{});  // the decoder takes float32 / bfloat16 (validate_layer_range)

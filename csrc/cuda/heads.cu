@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kRowThreads)
 __global__ void __launch_bounds__(kRowThreads)
     head_log_softmax_rows_kernel(float* __restrict__ rows, int64_t V, double* __restrict__ scratch) {
   __shared__ float s_red[kRowThreads];
-  __shared__ double s_total;
+  __shared__ double s_lse;
   const int64_t nchunks = (V + kSampleChunk - 1) / kSampleChunk;
   float* row = rows + int64_t(blockIdx.x) * V;
   double* S = scratch + int64_t(blockIdx.x) * nchunks;
@@ -260,18 +260,19 @@ __global__ void __launch_bounds__(kRowThreads)
   const double dmx = static_cast<double>(mx);
   for (int64_t c = threadIdx.x; c < nchunks; c += blockDim.x) {
     double s = 0.0;
-    const int64_t end = (c + 1) * kSampleChunk < V ? (c + 1) * kSampleChunk : V;
-    for (int64_t i = c * kSampleChunk; i < end; ++i) s = __dadd_rn(s, exp(__dsub_rn(static_cast<double>(row[i]), dmx)));
+    const float* rc = row + c * kSampleChunk;
+    const int n = static_cast<int>(V - c * kSampleChunk < kSampleChunk ? V - c * kSampleChunk : kSampleChunk);
+    for (int i = 0; i < n; ++i) s = __dadd_rn(s, exp(__dsub_rn(static_cast<double>(rc[i]), dmx)));
     S[c] = s;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     double t = 0.0;
     for (int64_t c = 0; c < nchunks; ++c) t += S[c];
-    s_total = t;
+    s_lse = __dadd_rn(dmx, log(t));  // one thread: the log's slow path (a call) stays out of the other threads
   }
   __syncthreads();
-  const double lse = __dadd_rn(dmx, log(s_total));
+  const double lse = s_lse;
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
     row[i] = __double2float_rn(__dsub_rn(static_cast<double>(row[i]), lse));
 }
