@@ -341,6 +341,30 @@ def decode_ops(lib, m: dict) -> list:
     return ops
 
 
+def decoder_launches(lib, m: dict) -> dict | None:
+    """Launches of launch_decoder_layers per layer (the dry run's kernels plus the torch silu it calls back), from
+    two layer counts; None for a tree without it."""
+    import ctypes
+
+    import emulated_cuda as E
+
+    if not hasattr(lib, "ls_emu_decoder_layers"):
+        return None
+    H, nH, nKV, D, I = (m[k] for k in ("H", "nH", "nKV", "D", "I"))
+    counts = {}
+    for L in (1, 2):
+        silu_calls = []
+        cb = E.SILU_FN(lambda ctx, ptr, n: silu_calls.append(n))
+        dims = (ctypes.c_int64 * 10)(1, 1, H, nH, nKV, D, I, 8192, 8192, 1)
+        nulls = lambda n: (ctypes.c_void_p * n)()  # noqa: E731
+        rec = E.dry_run(lib, lambda: lib.ls_emu_decoder_layers(
+            BF16, None, nulls(9 * L), (ctypes.c_int * (2 * L))(), nulls(L), nulls(L), L, dims, None, None, None, None,
+            1e-5, D ** -0.5, nulls(8), cb, None))
+        counts[L] = (len(rec), len(silu_calls), [short(r["kernel"]).split("<")[0] for r in rec[:len(rec) // L]])
+    kernels = counts[2][0] - counts[1][0]
+    return dict(kernels_per_layer=kernels, torch_per_layer=counts[2][1] - counts[1][1], sequence=counts[1][2])
+
+
 def estimate(kernels: dict, ops: list) -> list:
     rows = []
     for label, launches, nbytes in ops:
@@ -358,15 +382,17 @@ def estimate(kernels: dict, ops: list) -> list:
             resident_blocks = min(k["blocks_per_sm"], blocks / g["sms"])
             inflight = resident_blocks * wpb * k["hbm_bytes_per_warp"]
             bw = min(g["bw"], g["sms"] * inflight / LATENCY_S)
+            needed = g["bw"] * LATENCY_S / g["sms"]  # bytes in flight per SM that saturate HBM
             row[gpu] = dict(resident_warps_per_sm=resident_blocks * wpb, inflight_bytes_per_sm=inflight,
-                            fraction=bw / g["bw"], us=nbytes / bw * 1e6 if bw else float("inf"))
+                            needed_bytes_per_sm=needed, margin=inflight / needed, fraction=bw / g["bw"],
+                            us=nbytes / bw * 1e6 if bw else float("inf"))
         rows.append(row)
     return rows
 
 
 # ---- report --------------------------------------------------------------------------------------------------
 
-def report(kernels: dict, rows: list, quiet: bool) -> list[str]:
+def report(kernels: dict, rows: list, quiet: bool, launches: dict | None = None) -> list[str]:
     out = []
     if not quiet:
         out.append("per kernel (sm_90, ptxas -v + cuobjdump SASS): regs, spills (bytes stored/loaded), stack, static smem,"
@@ -383,10 +409,12 @@ def report(kernels: dict, rows: list, quiet: bool) -> list[str]:
                        f"{k['hbm_bytes_per_warp']:>10} {k['cas']:>3}")
         out.append("")
         out.append(f"ESTIMATE (Little's law, {LATENCY_S * 1e9:.0f} ns loaded latency, 132 SMs): batch-1 decode of a "
-                   f"Llama-3-8B-shaped model, bf16; fraction of HBM bandwidth per op (its main kernel)")
+                   f"Llama-3-8B-shaped model, bf16; fraction of HBM bandwidth per op (its main kernel); KB/SM: bytes "
+                   f"in flight per SM, xneed: that over what saturates HBM (H100 {3.35e12 * LATENCY_S / 132 / 1024:.1f} KB, "
+                   f"H200 {4.8e12 * LATENCY_S / 132 / 1024:.1f} KB); us: the op's bytes at that bandwidth")
         hdr = f"{'op':<44} {'kernel':<40} {'grid':>16} {'warps/SM':>8} {'KB/SM':>6}"
         for gpu in GPUS:
-            hdr += f" {gpu + ' frac':>14} {'us':>7}"
+            hdr += f" {gpu + ' frac':>14} {'xneed':>5} {'us':>7}"
         out.append(hdr)
         for r in rows:
             if "error" in r:
@@ -396,10 +424,14 @@ def report(kernels: dict, rows: list, quiet: bool) -> list[str]:
             line = (f"{r['op']:<44} {r['kernel'][:40]:<40} {'x'.join(map(str, r['grid'])):>16} "
                     f"{g0['resident_warps_per_sm']:>8.1f} {g0['inflight_bytes_per_sm'] / 1024:>6.1f}")
             for gpu in GPUS:
-                line += f" {r[gpu]['fraction']:>14.2f} {r[gpu]['us']:>7.1f}"
+                line += f" {r[gpu]['fraction']:>14.2f} {r[gpu]['margin']:>5.1f} {r[gpu]['us']:>7.1f}"
             out.append(line)
-        spills = [n for n, k in kernels.items() if k["spill_stores"] or k["spill_loads"]]
         out.append("")
+        if launches:
+            out.append(f"launches per decoder layer (T <= 16, the emulator's dry run of launch_decoder_layers): "
+                       f"{launches['kernels_per_layer']} kernels + {launches['torch_per_layer']} torch silu = "
+                       f"{launches['kernels_per_layer'] + launches['torch_per_layer']} ({', '.join(launches['sequence'])})")
+        spills = [n for n, k in kernels.items() if k["spill_stores"] or k["spill_loads"]]
         out.append(f"kernels with spills: {len(spills)}" + (f" ({', '.join(spills)})" if spills else ""))
     fracs = [r[g]["fraction"] for r in rows if "error" not in r for g in GPUS]
     worst = min(fracs) if fracs else 0.0
@@ -430,11 +462,12 @@ def main() -> int:
         for ln in launches:
             ln["kernel_short"] = short(ln["kernel"])
     rows = estimate(kernels, ops)
-    lines = report(kernels, rows, args.quiet)
+    launches = decoder_launches(lib, LLAMA3_8B)
+    lines = report(kernels, rows, args.quiet, launches)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(dict(kernels=kernels, ops=rows, model=LLAMA3_8B, gpus=GPUS,
-                                             latency_s=LATENCY_S), indent=1, default=str))
+                                             latency_s=LATENCY_S, decoder_launches=launches), indent=1, default=str))
     return 0
 
 

@@ -61,9 +61,9 @@ MUTATIONS = {
         ATTN, "const float corr = m_old == m_new ? 1.0f : expf(m_old - m_new);\n      const float pv = (!seen || sc == -INFINITY) ? 0.0f : expf(sc - m_new);",
         "const float corr = expf(m_old - m_new);\n      const float pv = !seen ? 0.0f : expf(sc - m_new);", "fixed bug: -inf -> NaN"),
     "undo fix: float16 linear read as float32": (
-        GEMV, "  dispatch(dt, [&](auto tag) {\n    using Ty = decltype(tag);\n    launch_gemv<Ty, kGemvStore>",
+        GEMV, "  dispatch(dt, [&](auto tag) {\n    using Ty = decltype(tag);\n    launch_gemv<Ty, kGemvDense>",
         "  dispatch(dt == DType::kFloat16 ? DType::kFloat32 : dt, [&](auto tag) {\n    using Ty = decltype(tag);\n"
-        "    launch_gemv<Ty, kGemvStore>", "fixed bug: dispatch_lin"),
+        "    launch_gemv<Ty, kGemvDense>", "fixed bug: dispatch_lin"),
     "undo fix: verify_greedy not a grid-stride loop": (
         KERNELS, "for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b += int64_t(gridDim.x) * blockDim.x) {",
         "for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b = B) {", "fixed bug: grid_1d cap"),
@@ -74,10 +74,13 @@ MUTATIONS = {
         HEADS, "if (!(u >= 0.0f && u < 1.0f)) atomicOr(errors, kDeviceErrorUniform);", "",
         "fixed bug: silent device-side bad ids"),
     # issue 13's kernels
-    "gemv: split-K warps combined in another order": (
-        GEMV, "    float s = s_part[0][m][c];\n#pragma unroll\n    for (int w = 1; w < kGemvWarps; ++w) s += s_part[w][m][c];",
-        "    float s = s_part[kGemvWarps - 1][m][c];\n#pragma unroll\n    for (int w = kGemvWarps - 2; w >= 0; --w) s += "
-        "s_part[w][m][c];", "a wrong split-K combine order"),
+    "gemv: the block's partials added in another tree": (
+        GEMV, "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][t + stride];",
+        "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][kGemvThreads / 2 - 1 - t + stride];",
+        "a wrong split-K combine order"),
+    "gemv: no barrier between the tree's levels": (
+        GEMV, "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][t + stride];\n    __syncthreads();",
+        "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][t + stride];", "a removed __syncthreads"),
     "gemv: the tail's first chunk given to the wrong warp": (
         GEMV, "for (int64_t j = full + ((warp - full) % kGemvWarps + kGemvWarps) % kGemvWarps; j < nchunks;",
         "for (int64_t j = full + warp; j < nchunks;", "a wrong split-K assignment"),

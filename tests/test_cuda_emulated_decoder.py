@@ -75,20 +75,19 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             for e in range(kN):
                 prod = xv[:, None, j, u, :, e] * wv[None, :, j, u, :, e]
                 acc[:, :, j % GEMV_WARPS] = (prod + acc[:, :, j % GEMV_WARPS]).float().double()
-    v = acc.float()
-    lanes = torch.arange(32)
-    for off in (16, 8, 4, 2, 1):  # warp_sum's butterfly
-        v = v + v[..., lanes ^ off]
-    s = v[:, :, 0, 0]
-    for wi in range(1, GEMV_WARPS):  # warps in order
-        s = s + v[:, :, wi, 0]
+    v = acc.float().flatten(2)  # [M, N, 128]: thread 32 warp + lane
+    stride = v.shape[-1] // 2
+    while stride >= 1:  # the block's fixed pairwise tree
+        v = v[..., :stride] + v[..., stride:2 * stride]
+        stride //= 2
+    s = v[..., 0]
     return s.to(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(2, 1100, 3), (1, 77, 5), (3, 2300, 2)])
 def test_linear_follows_the_documented_order(M, K, N, dtype):
-    """The split-K order (chunks to warps, lanes, butterfly, warps combined in order) is the contract that makes a row
+    """The split-K order (chunks to warps, lanes, the block's pairwise tree) is the contract that makes a row
     give the same bits in any launch: checked bit for bit against a reference of it."""
     g = seeded("emu-lin-order", M, K, N, dtype)
     x = randn((M, K), dtype, g)

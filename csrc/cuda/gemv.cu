@@ -15,7 +15,8 @@
 //   chunk j = vectors [j * 32U, (j + 1) * 32U), U = kGemvUnroll; chunk j belongs to warp j % kGemvWarps (a split-K
 //   fixed by K alone), and within it lane l takes vectors j * 32U + 32u + l for u = 0 .. U-1;
 //   each lane: acc = fmaf(x[k], W[n, k], acc) over its chunks ascending, then u, then the kN elements;
-//   each warp: the butterfly of warp_sum over its lanes; the block: warps 0, 1, ... added in that order.
+//   the block: the kGemvThreads lane sums (thread 32 warp + lane at index 32 warp + lane) added by a fixed pairwise
+//   tree, v[i] += v[i + s] for s = 64, 32, ..., 1 (in shared memory: 7 barriers, no shuffles).
 // Memory: each lane keeps U * kGemvCols independent 16-byte loads of W in flight per iteration (the chunk's vectors of
 // all the block's columns, issued together as cache-streaming loads); x comes from L1 / L2.
 #include "common/limits.h"
@@ -31,11 +32,11 @@ constexpr int kGemvCols = 4;      // columns per block (free: not part of the or
 constexpr int kGemvMaxRows = 16;  // rows per tile at most
 
 enum GemvMode : int {
-  kGemvStore = 0,     // y -> out[i] of the matrix the column belongs to (up to kMaxTargets side by side)
-  kGemvResidual = 1,  // h[m, n] = T(h[m, n] + T(y)) in place (the decoder's residual adds, as torch's add)
-  kGemvGated = 2,     // kGemvResidual over the rows T(x * x2) (the MLP's silu(gate) * up, as torch's mul)
-  kGemvLogits = 3,    // head: out[m, n] = float(T(y)) (NaN for a bad vocab_subset entry)
-  kGemvArgmax = 4,    // head: the partial argmax of T(y) over the block's columns
+  kGemvDense = 0,  // y -> out[i] of the matrix the column belongs to (up to kMaxTargets side by side); with
+                   // residual: h[m, n] = T(h[m, n] + T(y)) in place (the decoder's residual adds, as torch's add)
+  kGemvGated = 1,  // residual over the rows T(x * x2) (the MLP's silu(gate) * up, as torch's mul)
+  kGemvHead = 2,   // lm_head rows (vocab_subset): float(T(y)) into logits (NaN for a bad subset entry), or (part_val
+                   // set) the partial argmax of T(y) over the block's columns
 };
 
 constexpr int kMaxTargets = 3;
@@ -45,7 +46,8 @@ struct GemvParams {
   const T* x;   // [M, K]
   const T* x2;  // kGemvGated: [M, K], the rows are T(x * x2)
   int64_t M, K;
-  // kGemvStore / kGemvResidual: the weight matrices side by side; column n of the launch is column n - n_begin[i]
+  bool residual;  // kGemvDense: add into out instead of storing
+  // kGemvDense / kGemvGated: the weight matrices side by side; column n of the launch is column n - n_begin[i]
   // of matrix i (n_begin[i] <= n < n_begin[i + 1]); out[i] is [M, N_i].
   const T* w[kMaxTargets];
   T* out[kMaxTargets];
@@ -119,9 +121,8 @@ template <typename T, int ROWS, int MODE>
 __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemvParams<T> p) {
   constexpr int C = kGemvCols, U = kGemvUnroll, kN = Vec<T>::kN;
   constexpr int64_t kChunkVecs = 32 * U;
-  constexpr bool kHead = MODE == kGemvLogits || MODE == kGemvArgmax;
-  __shared__ float s_part[kGemvWarps][ROWS][C];
-  __shared__ float s_res[ROWS][C];
+  constexpr bool kHead = MODE == kGemvHead;
+  __shared__ float s_red[ROWS * C][kGemvThreads];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t K = p.K;
   const int64_t m0 = int64_t(blockIdx.y) * ROWS;
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemvParams<T> p) 
 
   // The block's columns: their weight rows (null: read nothing, the column is invalid) and whether they exist.
   const T* wrow[C];
-  bool valid[C];
+  bool valid[C];  // constant-indexed only (a bit mask below for the epilogue's runtime column)
   bool fast = vec_aligned(p.x, K) && (MODE != kGemvGated || vec_aligned(p.x2, K));
 #pragma unroll
   for (int c = 0; c < C; ++c) {
@@ -150,6 +151,9 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemvParams<T> p) 
     }
     fast = fast && wrow[c] != nullptr && vec_aligned(wrow[c], K);
   }
+  unsigned valid_bits = 0;
+#pragma unroll
+  for (int c = 0; c < C; ++c) valid_bits |= unsigned(valid[c]) << c;
 
   float acc[ROWS][C];
 #pragma unroll
@@ -185,36 +189,30 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemvParams<T> p) 
     }
   }
 
-  // Lanes (butterfly), then warps in order.
-#pragma unroll
-  for (int m = 0; m < ROWS; ++m) {
-    if (m < rows) {
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const float s = warp_sum(acc[m][c]);
-        if (lane == 0) s_part[warp][m][c] = s;
-      }
-    }
-  }
-  __syncthreads();
+  // The block's kGemvThreads partials of each (row, column), thread t = 32 warp + lane at index t, summed by a fixed
+  // pairwise tree: s_red[t] += s_red[t + s] for s = kGemvThreads / 2, ..., 1.
   const int t = threadIdx.x;
-  if (t < rows * C) {
-    const int m = t / C, c = t % C;
-    float s = s_part[0][m][c];
 #pragma unroll
-    for (int w = 1; w < kGemvWarps; ++w) s += s_part[w][m][c];
-    s_res[m][c] = s;
-  }
+  for (int m = 0; m < ROWS; ++m)
+    if (m < rows)
+#pragma unroll
+      for (int c = 0; c < C; ++c) s_red[m * C + c][t] = acc[m][c];
   __syncthreads();
+#pragma unroll
+  for (int stride = kGemvThreads / 2; stride >= 1; stride /= 2) {
+    if (t < stride)
+      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][t + stride];
+    __syncthreads();
+  }
 
-  if constexpr (MODE == kGemvArgmax) {
+  if (kHead && p.part_val != nullptr) {
     if (t < rows) {
       float best = -INFINITY;
       int64_t best_idx = -1;
 #pragma unroll
       for (int c = 0; c < C; ++c) {  // columns in order
         if (n0 + c >= ncols) break;
-        const float v = valid[c] ? round_to<T>(s_res[t][c]) : nan_f32();  // the logit linear() returns, rounded to T
+        const float v = valid[c] ? round_to<T>(s_red[t * C + c][0]) : nan_f32();  // the logit linear() returns, rounded to T
         if (takes(v, best, best_idx)) {
           best = v;
           best_idx = n0 + c;
@@ -226,15 +224,16 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemvParams<T> p) 
   } else if (t < rows * C) {
     const int m = t / C, c = t % C;
     const int64_t n = n0 + c;
-    if (valid[c] || (kHead && n < ncols)) {
-      const float s = s_res[m][c];
-      if constexpr (MODE == kGemvLogits) {
-        p.logits[(m0 + m) * ncols + n] = valid[c] ? round_to<T>(s) : nan_f32();
+    const bool ok = (valid_bits >> c) & 1u;
+    if (ok || (kHead && n < ncols)) {
+      const float s = s_red[m * C + c][0];
+      if constexpr (kHead) {
+        p.logits[(m0 + m) * ncols + n] = ok ? round_to<T>(s) : nan_f32();
       } else {
         int i = 0;
         while (i + 1 < p.targets && n >= p.n_begin[i + 1]) ++i;
         T* o = p.out[i] + (m0 + m) * (p.n_begin[i + 1] - p.n_begin[i]) + (n - p.n_begin[i]);
-        if constexpr (MODE == kGemvResidual || MODE == kGemvGated)
+        if (MODE == kGemvGated || p.residual)
           *o = from_f32<T>(to_f32(*o) + round_to<T>(s));
         else
           *o = from_f32<T>(s);
@@ -305,7 +304,7 @@ void launch_linear_multi(DType dt, const void* x, int64_t M, int64_t K, const Li
   if (M == 0 || N == 0 || n < 1 || n > kMaxTargets) return;
   dispatch(dt, [&](auto tag) {
     using Ty = decltype(tag);
-    launch_gemv<Ty, kGemvStore>(dense_params<Ty>(x, nullptr, M, K, targets, n), stream);
+    launch_gemv<Ty, kGemvDense>(dense_params<Ty>(x, nullptr, M, K, targets, n), stream);
   });
 }
 
@@ -321,10 +320,12 @@ void launch_linear_residual(DType dt, const void* x, const void* x2, const void*
   const LinearTarget t{w, h, N};
   auto go = [&](auto tag) {
     using Ty = decltype(tag);
+    GemvParams<Ty> p = dense_params<Ty>(x, x2, M, K, &t, 1);
+    p.residual = true;
     if (x2 != nullptr)
-      launch_gemv<Ty, kGemvGated>(dense_params<Ty>(x, x2, M, K, &t, 1), stream);
+      launch_gemv<Ty, kGemvGated>(p, stream);
     else
-      launch_gemv<Ty, kGemvResidual>(dense_params<Ty>(x, nullptr, M, K, &t, 1), stream);
+      launch_gemv<Ty, kGemvDense>(p, stream);
   };
   if (dt == DType::kFloat32) go(float{});
   if (dt == DType::kBFloat16) go(__nv_bfloat16{});  // the decoder takes float32 / bfloat16 (validate_layer_range)
@@ -340,7 +341,7 @@ void launch_head_argmax_partial(DType dt, const void* normed, const void* w, int
     GemvParams<Ty> p = head_params<Ty>(normed, w, rows_w, subset, M, H, V, errors);
     p.part_val = part_val;
     p.part_idx = part_idx;
-    launch_gemv<Ty, kGemvArgmax>(p, stream);
+    launch_gemv<Ty, kGemvHead>(p, stream);
   });
 }
 
@@ -351,7 +352,7 @@ void launch_head_logits(DType dt, const void* normed, const void* w, int64_t row
     using Ty = decltype(tag);
     GemvParams<Ty> p = head_params<Ty>(normed, w, rows_w, subset, M, H, V, errors);
     p.logits = logits;
-    launch_gemv<Ty, kGemvLogits>(p, stream);
+    launch_gemv<Ty, kGemvHead>(p, stream);
   });
 }
 

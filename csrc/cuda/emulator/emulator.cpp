@@ -137,6 +137,9 @@ struct Scheduler {
   std::vector<Record> records;  // dry-run launches, in order
 
   std::vector<Thread> threads;
+  // Fiber stacks by thread index, kept for the process: `threads` is resized to each block's size, and a stack must
+  // not go with a Thread it drops (launches alternate 128- and 256-thread blocks; leaked stacks ran out of mappings).
+  std::vector<char*> stacks;
   std::vector<int> warp_arrived;  // per warp: lanes waiting at a collective
   std::vector<int> queue;
   size_t head = 0;
@@ -203,7 +206,9 @@ void ucontext_entry(unsigned hi, unsigned lo) {
 
 void prepare(Thread& t) {
   Fiber& f = t.fiber;
-  if (f.stack == nullptr) f.stack = new_stack();
+  if (g.stacks.size() <= static_cast<size_t>(t.id)) g.stacks.resize(t.id + 1, nullptr);
+  if (g.stacks[t.id] == nullptr) g.stacks[t.id] = new_stack();
+  f.stack = g.stacks[t.id];
 #if defined(LS_EMU_ASAN)
   ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);  // an abandoned fiber leaves its frames' redzones behind
 #endif
