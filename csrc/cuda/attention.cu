@@ -41,7 +41,7 @@ constexpr int kAttnTiles = 2;  // tiles per chunk, prefetched together
 constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;
 
-// Per padded head dim DP (32, 64, 128, 256): keys per tile, keys per chunk, rows per block (shared memory < 48 KB).
+// Per padded head dim DP (64, 128, 256): keys per tile, keys per chunk, rows per block (shared memory < 48 KB).
 template <int DP>
 __host__ __device__ constexpr int attn_tile_keys() { return DP == 256 ? 16 : 32; }
 template <int DP>
@@ -49,11 +49,10 @@ __host__ __device__ constexpr int attn_chunk() { return kAttnTiles * attn_tile_k
 template <int DP>
 __host__ __device__ constexpr int attn_rows() { return DP == 256 ? 8 : 16; }
 
+// (No 32 bucket: heads that small are rare, and each bucket is 6 more kernels to compile.)
 template <typename F>
 void dispatch_head_dim(int64_t D, F&& f) {
-  if (D <= 32)
-    f(std::integral_constant<int, 32>{});
-  else if (D <= 64)
+  if (D <= 64)
     f(std::integral_constant<int, 64>{});
   else if (D <= 128)
     f(std::integral_constant<int, 128>{});
