@@ -282,7 +282,7 @@ def op_cases(sh: dict, dev: torch.device, dt: torch.dtype):
         kv_read = L * 2 * (start_at + T) * fnKV * D * es
         flops = 2 * T * L * (layer_w // es) + L * 4 * nH * D * T * (start_at + (T + 1) / 2)
         cases.append(("layer_range_forward", f"{L} layers ({label}) T={T} ctx={start_at}", mk,
-                      L * layer_w + kv_read + 2 * T * H * es, flops))
+                      L * layer_w + kv_read + 2 * T * H * es, flops if start_at == 0 else None))
 
     for T in Ts:  # decode / verification: the batch-invariant kernels (launch_decoder_layers)
         layer_case(T, sh["fused_nKV"], fS // 2, f"7B-shaped, MHA {nH}/{sh['fused_nKV']}")

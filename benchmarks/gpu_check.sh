@@ -224,7 +224,7 @@ else
 fi
 
 # ---- 3. static report (no GPU needed: nvcc, cuobjdump and the emulator's dry run) ------------------------------
-ST=$(clamp $(( $(remaining) - 120 )) 20 90)
+if [ "$MODE" = gpu ]; then ST=$(clamp $(( $(remaining) - 120 )) 20 90); else ST=$(clamp $(( $(remaining) - 60 )) 20 90); fi
 say "static report (timeout ${ST}s): $PY benchmarks/gpu_static.py > gpu_static.log"
 T0=$SECONDS
 timeout -k 5 "$ST" "$PY" benchmarks/gpu_static.py --jobs 4 > "$OUT_DIR/gpu_static.log" 2>&1

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import math
 import os
@@ -37,7 +38,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,12 +95,33 @@ def run(cmd: list, what: str) -> str:
 
 # ---- compile and read back -----------------------------------------------------------------------------------
 
+def nvcc_flags(arch: str, csrc: Path) -> list[str]:
+    num = arch.split("_")[1]  # the extension's CUDA flags (CMakeLists.txt), one architecture
+    return ["-std=c++17", "--fmad=false", "-O3", "-DNDEBUG", "-lineinfo", "-cubin",
+            f"-gencode=arch=compute_{num},code={arch}", "-Xptxas", "-v", f"-I{csrc}"]
+
+
+def cache_dir(nvcc: Path, csrc: Path, arch: str) -> Path:
+    """Compiled cubins and ptxas logs, cached by the content of csrc/cuda + csrc/common, the flags and nvcc (a rerun,
+    or gpu_check.sh after the test, does not compile again)."""
+    h = hashlib.sha256(repr(nvcc_flags(arch, Path("."))).encode())
+    h.update(run([nvcc, "--version"], "nvcc --version").encode())
+    for folder in (csrc / "cuda", csrc / "common"):
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerskip_ext" / "gpu_static"
+    return base / h.hexdigest()[:20]
+
+
 def compile_one(nvcc: Path, cu: Path, csrc: Path, arch: str, out: Path) -> tuple[Path, str]:
-    cubin = out / (cu.stem + ".cubin")
-    num = arch.split("_")[1]
-    log = run([nvcc, "-std=c++17", "--fmad=false", "-O3", "-DNDEBUG", "-lineinfo", "-cubin",
-               f"-gencode=arch=compute_{num},code={arch}", "-Xptxas", "-v", f"-I{csrc}", "-o", cubin, cu],
-              f"nvcc {cu.name}")
+    cubin, log_file = out / (cu.stem + ".cubin"), out / (cu.stem + ".ptxas.txt")
+    if cubin.exists() and log_file.exists():
+        return cubin, log_file.read_text()
+    tmp = out / (cu.stem + ".tmp.cubin")
+    log = run([nvcc, *nvcc_flags(arch, csrc), "-o", tmp, cu], f"nvcc {cu.name}")
+    log_file.write_text(log)
+    os.replace(tmp, cubin)
     return cubin, log
 
 
@@ -283,8 +304,10 @@ def analyse(csrc: Path, arch: str, jobs: int) -> dict:
     cuobjdump = find_cuobjdump(nvcc)
     sources = sorted((csrc / "cuda").glob("*.cu"))
     kernels = {}
-    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futs = [pool.submit(compile_one, nvcc, cu, csrc, arch, Path(tmp)) for cu in sources]
+    out = cache_dir(nvcc, csrc, arch)
+    out.mkdir(parents=True, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futs = [pool.submit(compile_one, nvcc, cu, csrc, arch, out) for cu in sources]
         for cu, fut in zip(sources, futs):
             cubin, log = fut.result()
             ptxas = parse_ptxas(log)
