@@ -1,5 +1,5 @@
 """End-to-end greedy decoding and prefill of SmolLM2-135M with the native op set, optionally with the weights
-moved onto 2 MB pages (model/fused.py move_weights_to_hugepages).
+moved onto 2 MB pages (model/hugepages.py).
 
     python benchmarks/bench_decode.py                            # float32 + bfloat16, 2 threads, both page sizes
     python benchmarks/bench_decode.py --dtypes float32 --threads 1 2 --pages huge --new-tokens 128 --runs 3
@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from layerskip_ext import ops
 from layerskip_ext.generation import generate
 from layerskip_ext.model import load_model
-from layerskip_ext.model.fused import move_weights_to_hugepages
+from layerskip_ext.model.decoder import native_kernels
 
 _native_s = [0.0]
-
-
-def _timed(f):
-    def g(*a, **k):
-        t = time.perf_counter()
-        r = f(*a, **k)
-        _native_s[0] += time.perf_counter() - t
-        return r
-    return g
 
 
 def main():
@@ -44,24 +33,21 @@ def main():
     ap.add_argument("--prompt", default="def fibonacci(n):")
     ap.add_argument("--json")
     args = ap.parse_args()
-    for name in ("layer_range_forward", "exit_head_argmax"):
-        setattr(ops, name, _timed(getattr(ops, name)))
+    kernels = native_kernels().timed(_native_s)  # each native call adds its time to _native_s[0]
     rows = []
     for dtype in args.dtypes:
         for pages in args.pages:
-            model, tok = load_model(args.model, dtype=dtype)
-            if pages == "huge":
-                move_weights_to_hugepages(model)
-            model.use_native_ops()
+            model, tok = load_model(args.model, dtype=dtype, hugepages=pages == "huge")
+            model.build_decoder(kernels)
             prompt = [tok.encode(args.prompt)]
             long_prompt = torch.randint(0, model.config.vocab_size, (512,)).tolist()
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                generate(model, prompt, max_new_tokens=8)  # warm up
+                generate(model, prompt, max_new_tokens=8, strategy="autoregressive")  # warm up
                 best = None
                 for _ in range(args.runs):
                     _native_s[0] = 0.0
-                    r = generate(model, prompt, max_new_tokens=args.new_tokens)
+                    r = generate(model, prompt, max_new_tokens=args.new_tokens, strategy="autoregressive")
                     outside = 1 - _native_s[0] / r.time_s
                     if best is None or r.decode_tokens_per_s > best[0]:
                         best = (r.decode_tokens_per_s, outside)

@@ -1,5 +1,5 @@
-"""Time one decode step (T = 1) and one verification pass (T = d + 1) of SmolLM2-135M: the model's own layers
-(model.forward_layers, native op set) vs FusedLayers (one native call), plus the exit head.
+"""Time one decode step (T = 1) and one verification pass (T = d + 1) of SmolLM2-135M: the decoder's layer range
+(one native call) vs the same layers op by op (ops.layer_range_forward_native_composed), plus the exit head.
 
     python benchmarks/bench_step.py                        # float32 and bfloat16, context 128, 2 threads
     python benchmarks/bench_step.py --dtypes float32 --context 128 2048 --T 1 4 7 --threads 1 2 --json out.json
@@ -17,8 +17,8 @@ import time
 
 import torch
 
+from layerskip_ext import ops
 from layerskip_ext.model import load_model
-from layerskip_ext.model.fused import FusedLayers, move_weights_to_hugepages
 
 
 def busy_other(t0_stat):
@@ -58,12 +58,15 @@ def main():
     args = ap.parse_args()
     rows = []
     for dtype in args.dtypes:
-        model, _ = load_model(args.model, dtype=dtype)
-        model.use_native_ops()
-        if args.hugepages:
-            move_weights_to_hugepages(model)
-        fused = FusedLayers(model)
+        model, _ = load_model(args.model, dtype=dtype, hugepages=args.hugepages, backend="native")
+        dec = model.decoder
         L = model.num_layers
+
+        def op_by_op(h, a, b, st):
+            ks, vs = st.caches(a, b)
+            return ops.layer_range_forward_native_composed(h, dec.weights(a, b), ks, vs, st.start, st.positions, st.cos,
+                                                           st.sin, dec.num_heads, dec.num_kv_heads, dec.eps, dec.scale)
+
         layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
         for ctx in args.context:
             cache = model.new_cache(1, ctx + 16)
@@ -74,11 +77,11 @@ def main():
                 base = {}
                 for T in args.T:
                     start = torch.tensor([ctx - 1])
-                    st = model.forward_state(start, T, cache)
+                    st = dec.state(start, T, cache)
                     h = torch.randn(1, T, model.config.hidden_size).to(model.dtype)
                     s0 = stat_now()
-                    head_ms = best_ms(lambda: model.head_argmax(h[:, -1:]), args.reps)
-                    for impl, fn in (("forward_layers", model.forward_layers), ("fused", fused.forward)):
+                    head_ms = best_ms(lambda: dec.head_argmax(h[:, -1:]), args.reps)
+                    for impl, fn in (("op_by_op", op_by_op), ("layer_range", dec.layers)):
                         ms = best_ms(lambda: fn(h, 0, L, st), args.reps)
                         if T == args.T[0]:
                             base[impl] = ms

@@ -19,7 +19,6 @@ import torch
 
 from layerskip_ext.generation import generate
 from layerskip_ext.model import load_model
-from layerskip_ext.model.loading import parse_dtype
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
@@ -27,7 +26,7 @@ PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n
 def time_ours(model, prompt_ids, new_tokens, repeats):
     runs = []
     for i in range(repeats + 1):
-        r = generate(model, prompt_ids, max_new_tokens=new_tokens, stop_token_ids=[])
+        r = generate(model, prompt_ids, max_new_tokens=new_tokens, stop_token_ids=[], strategy="autoregressive")
         if i:  # the first run is warm-up
             runs.append((r.decode_tokens_per_s, r.prefill_s))
         tokens = r.sequences[0].tokens

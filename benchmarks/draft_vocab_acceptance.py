@@ -40,7 +40,7 @@ def main():
     texts = read_prompts(humaneval_path() if args.prompts == "humaneval" else args.prompts)[: args.limit]
     prompts = [tok.encode(t) for t in texts]
     kw = dict(max_new_tokens=args.new_tokens, stop_token_ids=[])
-    ar = [generate(model, p, **kw).sequences[0].tokens for p in prompts]
+    ar = [generate(model, p, strategy="autoregressive", **kw).sequences[0].tokens for p in prompts]
     inside = set(dv.tolist())
     coverage = sum(t in inside for o in ar for t in o) / max(sum(len(o) for o in ar), 1)
     rows = []

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import json
 import os
 import platform
@@ -48,6 +47,7 @@ import torch
 from layerskip_ext import ops
 from layerskip_ext.generation import generate
 from layerskip_ext.model import load_model
+from layerskip_ext.model.hugepages import hugepage_buffer
 from layerskip_ext.prompts import humaneval_path, read_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,8 +136,6 @@ class Paused:
 def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     """Bytes/s of the best of `reps` full reads of a large float32 tensor by torch reductions (sum, amax: both
     memory-bound), on 2 MB pages as load_model puts the weights (4 KB pages read ~15% slower here)."""
-    from layerskip_ext.model.fused import hugepage_buffer
-
     x = hugepage_buffer(nbytes).view(torch.float32)
     x.fill_(1.0)
     best = float("inf")
@@ -193,7 +191,9 @@ def measure(fn, prompts, runs: int, name: str = "") -> dict:
     return dict(tokens_per_s=statistics.median(speeds), runs=[round(v, 2) for v in speeds], outs=outs, stats=stats)
 
 
-def ours(model, n: int, **kw):
+def ours(model, n: int, strategy: str = "autoregressive", **kw):
+    kw["strategy"] = strategy
+
     def fn(p):
         r = generate(model, p, max_new_tokens=n, stop_token_ids=[], **kw)
         k = len(r.sequences[0].tokens) - 1
@@ -235,7 +235,7 @@ def prefill_rate(prefill_s, prompt: list[int], runs: int, name: str) -> dict:
 
 
 def ours_prefill_s(model):
-    return lambda p: generate(model, p, max_new_tokens=1, stop_token_ids=[]).prefill_s
+    return lambda p: generate(model, p, max_new_tokens=1, stop_token_ids=[], strategy="autoregressive").prefill_s
 
 
 def timed_s(fn):
@@ -284,30 +284,18 @@ def profile_steps(model, prompts, n: int, spec: tuple[int, int] | None, draft_vo
     the exit head, the verification), measured by timing those calls; plus cProfile's top functions by own time
     (a separate run: cProfile's own overhead would inflate the share)."""
     spent = [0.0]
-
-    def timed(f):
-        def g(*a, **k):
-            t = time.perf_counter()
-            r = f(*a, **k)
-            spent[0] += time.perf_counter() - t
-            return r
-        return g
-
     kw = dict(strategy="self_speculative", exit_layer=spec[0], num_speculations=spec[1], draft_vocab=draft_vocab) \
-        if spec else {}
+        if spec else dict(strategy="autoregressive")
     mark = []
 
     def on_token(_seq, _tok):  # the first token comes out of the prompt pass: native time from here on is decode
         if not mark:
             mark.append(spent[0])
 
-    saved_ops, saved_lrf, saved_draft = model.ops, ops.layer_range_forward, ops.draft_greedy
+    plain = model.decoder
     decode = native_decode = steps = 0.0
     try:
-        model.ops = dataclasses.replace(model.ops, exit_head_argmax=timed(model.ops.exit_head_argmax),
-                                        verify_greedy=timed(model.ops.verify_greedy))
-        ops.layer_range_forward = timed(saved_lrf)  # model/fused.py calls these through the module
-        ops.draft_greedy = timed(saved_draft)
+        model.build_decoder(plain.kernels.timed(spent))  # the same kernels, each call timed
         generate(model, prompts[0], max_new_tokens=8, stop_token_ids=[], **kw)  # warm-up
         for p in prompts:
             spent[0], mark[:] = 0.0, []
@@ -316,7 +304,7 @@ def profile_steps(model, prompts, n: int, spec: tuple[int, int] | None, draft_vo
             native_decode += spent[0] - mark[0]
             steps += r.stats.get("rounds", len(r.sequences[0].tokens) - 1)
     finally:
-        model.ops, ops.layer_range_forward, ops.draft_greedy = saved_ops, saved_lrf, saved_draft
+        model.build_decoder(plain.kernels)
     outside = max(decode - native_decode, 0.0)
     prof = cProfile.Profile()
     prof.enable()

@@ -417,22 +417,12 @@ def synthetic_model(cfg_kw: dict, dev: torch.device, dt: torch.dtype, seed: int,
             t.normal_(0.0, std, generator=g)
         sd[name] = t
     model = LlamaForCausalLM.from_state_dict(cfg, sd, dtype=dt)
-    if ops.native_available():
-        model.use_native_ops(True)
+    model.build_decoder()
     return model
 
 
 def load_real(path: str, dev: torch.device, dt: torch.dtype):
-    model, tok = load_model(path, dtype=dt, hugepages=False)
-    model = model.to(dev)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model._rope_cache = None
-    if model.draft_vocab is not None:
-        model.draft_vocab = model.draft_vocab.to(dev)
-    if ops.native_available():
-        model.use_native_ops(True)  # again: FusedLayers holds references to the (moved) weights
-    return model, tok
+    return load_model(path, dtype=dt, hugepages=False, device=dev)
 
 
 def weight_bytes(model) -> int:
@@ -453,13 +443,13 @@ def bench_e2e(rep: Report, label: str, model, prompts: list[list[int]], new_toke
               notes: str = "") -> dict:
     wb = weight_bytes(model)
     entry = dict(model=label, notes=notes, layers=model.num_layers, dtype=str(model.dtype).replace("torch.", ""),
-                 device=str(model.device), backend=model.ops.name, weight_bytes=wb, prompts=len(prompts),
+                 device=str(model.device), backend=model.decoder.name, weight_bytes=wb, prompts=len(prompts),
                  prompt_tokens=[len(p) for p in prompts], new_tokens=new_tokens, rows=[])
     if bw_GBps:
         entry["ar_floor_ms"] = wb / (bw_GBps * GB) * 1e3
     rep.data.setdefault("e2e", []).append(entry)
     say(f"\n(c) {label}: {model.num_layers} layers, {wb / 1e6:.0f} MB of weights per step, {entry['dtype']} on "
-        f"{model.device}, backend {model.ops.name}, {len(prompts)} prompts x {new_tokens} new tokens"
+        f"{model.device}, backend {model.decoder.name}, {len(prompts)} prompts x {new_tokens} new tokens"
         + (f"; AR floor {entry['ar_floor_ms']:.3f} ms/token at the copy bandwidth" if bw_GBps else ""))
     say(f"{'strategy':<28} {'tok/s':>8} {'ms/step|round':>14} {'x AR step':>9} {'tok/round':>9} {'accept':>7} "
         f"{'==AR':>5}")

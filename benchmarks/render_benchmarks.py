@@ -8,7 +8,9 @@ tried that did not help.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import sysconfig
 
 NOTES_DRAFT_VOCAB = """\
 The draft vocabulary (`layerskip draft-vocab`, stored as `draft_vocab.json` with the model and loaded into
@@ -34,7 +36,7 @@ NOTES_NOT_HELPED = """\
   The same effect made the 60 per-layer `torch.zeros` of a new KV cache cost ~0.5 s per `generate()` call; the
   cache is now views of one buffer (one fill).
 * **Hygiene of the decode loop.** Positions and newest tokens are now tensors owned by `DecodeBatch`, advanced in
-  place (the verification op advances the positions), and `forward_state` takes the caller's known maximum instead
+  place (the verification op advances the positions), and the decoder's `state` takes the caller's known maximum instead
   of reading tensors back: a small share of a step on this model (the profile), but no host read per step, which
   on a GPU would be a synchronisation.
 * **4 KB pages for the weights.** Decode streams every weight once per token; on 4 KB pages TLB misses cost a
@@ -52,6 +54,17 @@ NOTES_NOT_HELPED = """\
 
 def _f(x, fmt="{:.1f}"):
     return "-" if x is None else fmt.format(x)
+
+
+def portable(text: str) -> str:
+    """Paths of the machine a benchmark ran on, written so they mean something elsewhere: the repository's as
+    relative paths, the Python installation's as $PYTHON_LIB (``python -c "import sysconfig;
+    print(sysconfig.get_path('stdlib'))"``) and site-packages/."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for prefix, name in ((sysconfig.get_path("purelib"), "site-packages"),
+                         (sysconfig.get_path("stdlib"), "$PYTHON_LIB"), (repo + os.sep, "")):
+        text = text.replace(prefix, name)
+    return text
 
 
 def render(result: dict, json_path: str | None = None) -> str:
@@ -189,7 +202,7 @@ def render(result: dict, json_path: str | None = None) -> str:
     w("```\n")
     w("## What did not help\n")
     w(NOTES_NOT_HELPED + "\n")
-    return "\n".join(out)
+    return portable("\n".join(out))
 
 
 if __name__ == "__main__":

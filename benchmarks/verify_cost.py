@@ -60,14 +60,13 @@ def main():
         h = torch.randn(1, T, model.config.hidden_size, generator=g).to(model.dtype)
 
         def run():
-            with torch.no_grad():
-                st = model.forward_state(start, T, cache)
-                model.head(model.forward_layers(h, E, model.num_layers, st))
+            dec = model.decoder
+            dec.head_argmax(dec.layers(h, E, model.num_layers, dec.state(start, T, cache)))
         return run
 
     base = median_time(full(1), args.warmup, args.repeats)
-    print(f"{args.model} {args.dtype} backend={model.ops.name} threads={torch.get_num_threads()} "
-          f"context={args.context}; one decode step (T=1, all {model.num_layers} layers + head): {base * 1e3:.2f} ms")
+    print(f"{args.model} {args.dtype} backend={model.decoder.name} threads={torch.get_num_threads()} "
+          f"context={args.context}; one decode step (T=1, all {model.num_layers} layers + logits): {base * 1e3:.2f} ms")
     print(f"{'T':>3} {'full T / full 1':>16} {'verify (layers >= %d) / full 1' % E:>32}")
     for T in depths:
         f = median_time(full(T), args.warmup, args.repeats)

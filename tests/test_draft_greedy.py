@@ -3,15 +3,16 @@
 and the model / generation paths that use it."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from layerskip_ext import _native, ops
 from layerskip_ext.generation import generate
-from test_fused import DTYPES, caches, clone_all, random_layers
-from test_ops import CUDA, argument_error_test, assert_bitwise, rope_tables, seeded
-from test_ops_exit_head import poisoned_outputs
-from tiny_checkpoints import make_tiny_model
+from helpers import (CUDA, DTYPES, argument_error_test, assert_bitwise, caches, clone_all, poisoned_outputs,
+                     random_layers, rope_tables, seeded, tiny_model)
+from layerskip_ext.model.decoder import native_kernels
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")
@@ -64,6 +65,34 @@ def test_draft_greedy_equals_ops_step_by_step(case, dtype):
         assert_bitwise(a, b, "caches")
     if args[15] is not None:
         assert bool(torch.isin(drafts, args[15]).all()), "a draft outside the vocabulary subset"
+
+
+@pytest.mark.parametrize("stop_below", [0.02, 0.2, 0.6, 1.0])
+@pytest.mark.parametrize("case", [c for c in CASES if c[9] >= 3])
+def test_dynamic_draft_equals_ops_step_by_step(case, stop_below):
+    """stop_below > 0: a row's proposals end (-1) at its first below-threshold top probability, the stage at the
+    step where no row proposes; bitwise the composed native ops, caches included, and each kept draft is the top
+    column of the exit head's log-softmax, confident."""
+    args = case_args(case, torch.float32, tag="dynamic")
+    mine, theirs = with_fresh_caches(args), with_fresh_caches(args)
+    with poisoned_outputs():
+        drafts, hidden = ops.draft_greedy(*mine, stop_below)
+    want_drafts, want_hidden = ops.draft_greedy_native_composed(*theirs, stop_below)
+    d, B, H = case[9], case[1], case[2]
+    n = drafts.shape[1]
+    assert n <= d and hidden.shape == (B, n + 1, H)
+    assert torch.equal(drafts, want_drafts)
+    assert_bitwise(hidden, want_hidden, "hidden")
+    for a, b in zip(mine[3] + mine[4], theirs[3] + theirs[4]):
+        assert_bitwise(a, b, "caches")
+    if stop_below == 1.0:
+        assert n == 0  # nothing is ever that sure: a round then verifies just the newest token
+    if n:
+        assert (drafts[:, -1] >= 0).any(), "the last column has a proposal"
+        stopped = (drafts < 0).cumsum(1) > 0
+        assert torch.equal(drafts < 0, stopped), "once a row stops it proposes nothing more"
+    ref_drafts, _ = ops.draft_greedy_reference(*with_fresh_caches(args), stop_below)
+    assert ref_drafts.shape[1] >= 0  # the reference runs the same steps (its logits differ in their last bits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,11 +162,13 @@ test_argument_errors = argument_error_test(_err_cases())
 # the model and generation paths
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_model_draft_greedy_equals_its_own_steps(dtype):
-    """model.draft_greedy (one call) == forward_state + embed + forward_layers + head_argmax per step, rows slice
-    and vocabulary subset included; None (the caller's own loop) under the reference op set."""
-    model = make_tiny_model(4, dtype, num_hidden_layers=5).use_native_ops()
+def test_decoder_draft_greedy_equals_its_own_steps(dtype, backend):
+    """decoder.draft_greedy (one call) == state + embed + layers + head_argmax per step, rows slice and vocabulary
+    subset included, for the native decoder (the op) and the reference one (ops.draft_greedy_composed)."""
+    model = tiny_model(4, dtype, num_hidden_layers=5, backend=backend)
+    dec = model.decoder
     g = seeded("model-draft", dtype)
     subset = torch.arange(0, 300, 3)
     for E, d, rows, sub in ((3, 4, None, None), (5, 2, slice(1, 3), subset), (1, 0, None, None)):
@@ -145,15 +176,13 @@ def test_model_draft_greedy_equals_its_own_steps(dtype):
         caches_ab = [model.new_cache(3, 40) for _ in range(2)]
         start = torch.randint(0, 30, (n,), generator=g)
         tokens = torch.randint(0, 300, (n,), generator=g)
-        st = model.forward_state(start, d + 1, caches_ab[0], rows)
-        drafts, hidden = model.draft_greedy(tokens, st, E, d, sub)
+        drafts, hidden = dec.draft_greedy(tokens, dec.state(start, d + 1, caches_ab[0], rows), E, d, sub)
         token, want_d, want_h = tokens.view(-1, 1), [], []
         for i in range(d + 1):
-            st = model.forward_state(start + i, 1, caches_ab[1], rows)
-            h = model.forward_layers(model.embed(token), 0, E, st)
+            h = dec.layers(dec.embed(token), 0, E, dec.state(start + i, 1, caches_ab[1], rows))
             want_h.append(h)
             if i < d:
-                token = model.head_argmax(h[:, -1], sub).view(-1, 1)
+                token = dec.head_argmax(h[:, -1], sub).view(-1, 1)
                 want_d.append(token)
         assert torch.equal(drafts, torch.cat(want_d, 1) if want_d else drafts.new_empty(n, 0))
         assert_bitwise(hidden, torch.cat(want_h, 1), f"E={E} d={d}")
@@ -161,21 +190,18 @@ def test_model_draft_greedy_equals_its_own_steps(dtype):
             assert_bitwise(a, b, "caches")
     cache = model.new_cache(1, 8)
     with pytest.raises(Exception, match="do not fit the KV cache"):
-        model.draft_greedy(torch.tensor([1]), model.forward_state(torch.tensor([5]), 4, cache), 2, 3)
+        dec.draft_greedy(torch.tensor([1]), dec.state(torch.tensor([5]), 4, cache), 2, 3)
     with pytest.raises(Exception, match="a draft of 3 tokens needs 4"):
-        model.draft_greedy(torch.tensor([1]), model.forward_state(torch.tensor([0]), 2, cache), 2, 3)
-    model.use_native_ops(False)
-    assert model.draft_greedy(torch.tensor([1]), model.forward_state(torch.tensor([0]), 2, model.new_cache(1, 8)),
-                              2, 1) is None
+        dec.draft_greedy(torch.tensor([1]), dec.state(torch.tensor([0]), 2, cache), 2, 3)
 
 
-def test_self_speculative_uses_the_native_draft_and_stays_lossless(monkeypatch):
-    model = make_tiny_model(5, torch.float32, num_hidden_layers=4).use_native_ops()
+def test_self_speculative_uses_the_native_draft_and_stays_lossless():
+    model = tiny_model(5, torch.float32, num_hidden_layers=4, backend="native")
     calls = []
-    real = ops.draft_greedy
-    monkeypatch.setattr(ops, "draft_greedy", lambda *a: calls.append(a[-1]) or real(*a))
+    real = native_kernels().draft_greedy
+    model.build_decoder(dataclasses.replace(native_kernels(), draft_greedy=lambda *a: calls.append(a[-2]) or real(*a)))
     prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7]]
-    ar = generate(model, prompts, max_new_tokens=20, stop_token_ids=[])
+    ar = generate(model, prompts, max_new_tokens=20, stop_token_ids=[], strategy="autoregressive")
     for E, d in ((1, 3), (2, 1), (3, 5)):
         calls.clear()
         ss = generate(model, prompts, max_new_tokens=20, stop_token_ids=[], strategy="self_speculative",

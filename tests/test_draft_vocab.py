@@ -14,7 +14,7 @@ from layerskip_ext.model import load_model
 from layerskip_ext.model.draft_vocab import (DraftVocabError, count_tokens, default_draft_vocab_path,
                                              load_draft_vocab, save_draft_vocab, select_draft_vocab,
                                              special_token_ids, stored_draft_vocab_path)
-from test_self_speculative import make_model, op_sets
+from helpers import decoders, make_model
 from tiny_checkpoints import CORPUS, make_random_state_dict, make_tiny_config, make_tiny_tokenizer, write_gguf, \
     write_hf_folder
 
@@ -52,18 +52,18 @@ def test_save_load_roundtrip_and_errors(tmp_path):
         load_draft_vocab(str(tmp_path / "missing.json"), 10)
 
 
-@pytest.mark.parametrize("op_set", list(op_sets()))
+@pytest.mark.parametrize("op_set", list(decoders()))
 def test_head_argmax_over_subset_is_the_argmax_of_those_logits(op_set):
     model = make_model(op_set)
     h = torch.randn(5, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     subset = torch.tensor([0, 2, 17, 40, 41, 100, 250, model.config.vocab_size - 1])
     logits = model.head(h)
     expected = subset[logits[..., subset].argmax(-1)]
-    assert torch.equal(model.head_argmax(h, subset), expected)
-    assert torch.equal(model.head_argmax(h), logits.argmax(-1))
+    assert torch.equal(model.decoder.head_argmax(h, subset), expected)
+    assert torch.equal(model.decoder.head_argmax(h), logits.argmax(-1))
 
 
-@pytest.mark.parametrize("op_set", list(op_sets()))
+@pytest.mark.parametrize("op_set", list(decoders()))
 def test_greedy_with_draft_vocab_equals_autoregressive(op_set):
     """Lossless whatever the subset, including one that excludes tokens the full model picks (the draft can then
     never propose them; the verifier emits them as corrections)."""

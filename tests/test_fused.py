@@ -1,5 +1,5 @@
-"""layer_range_forward / FusedLayers: bitwise the native ops one by one (model.forward_layers with the native op
-set), caches written identically, batch invariance, fallbacks, opcheck, argument errors."""
+"""layer_range_forward and the decoder built on it: bitwise the native ops one by one, caches written identically,
+batch invariance, the decoder's build-time checks, device / dtype moves, opcheck, argument errors."""
 from __future__ import annotations
 
 import itertools
@@ -8,36 +8,17 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import (CUDA, argument_error_test, assert_bitwise, caches, clone_all, random_layers, rope_tables, seeded,
+                     tiny_model)
 from layerskip_ext import ops
-from layerskip_ext.model.fused import FusedLayers
-from test_ops import (CUDA, argument_error_test, assert_bitwise, restore_threads, rope_tables,  # noqa: F401
-                      seeded)
+from layerskip_ext.model import DecoderError
+from layerskip_ext.model.hugepages import HUGE_PAGE, move_weights_to_hugepages
 from tiny_checkpoints import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def random_layers(L, H, nH, nKV, D, I, dtype, g, f32_norms=False):
-    ws = []
-    for _ in range(L):
-        norm = lambda: (1 + 0.1 * torch.randn(H, generator=g)).to(torch.float32 if f32_norms else dtype)  # noqa: E731
-        lin = lambda n, k: (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)  # noqa: E731
-        ws += [norm(), lin(nH * D, H), lin(nKV * D, H), lin(nKV * D, H), lin(H, nH * D), norm(), lin(I, H), lin(I, H),
-               lin(H, I)]
-    return ws
-
-
-def caches(L, B, nKV, S, D, dtype, g):
-    k = [(torch.randn(B, nKV, S, D, generator=g)).to(dtype) for _ in range(L)]
-    v = [(torch.randn(B, nKV, S, D, generator=g)).to(dtype) for _ in range(L)]
-    return k, v
-
-
-def clone_all(ts):
-    return [t.clone() for t in ts]
 
 
 OP_CASES = [  # L, B, T, H, nH, nKV, D, I, S
@@ -133,13 +114,14 @@ def test_layer_range_forward_empty_range_and_batch():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# FusedLayers on a model
+# the decoder on a model
 # --------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_layers_equal_forward_layers(dtype):
-    model = make_tiny_model(0, dtype, num_hidden_layers=4).use_native_ops()
-    fused = FusedLayers(model)
+def test_decoder_layers_equal_the_ops_one_by_one(dtype):
+    """decoder.layers over cache rows == ops.layer_range_forward_native_composed on the same views, caches too."""
+    model = tiny_model(0, dtype, num_hidden_layers=4, backend="native")
+    dec = model.decoder
     g = seeded("fused-model", dtype)
     B, S = 3, 48
     cache_a, cache_b = model.new_cache(B + 1, S), model.new_cache(B + 1, S)
@@ -151,60 +133,80 @@ def test_fused_layers_equal_forward_layers(dtype):
         nb = B + 1 if rows is None else rows.stop - rows.start
         start = torch.randint(0, S - T, (nb,), generator=g)
         h = (torch.randn(nb, T, model.config.hidden_size, generator=g) * 2).to(dtype)
-        st_a = model.forward_state(start, T, cache_a, rows)
-        st_b = model.forward_state(start, T, cache_b, rows)
-        assert fused.applies(h, start_layer, end_layer, st_a)
-        got = fused.forward(h, start_layer, end_layer, st_a)
-        want = model.forward_layers_per_op(h, start_layer, end_layer, st_b)
+        got = dec.layers(h, start_layer, end_layer, dec.state(start, T, cache_a, rows))
+        st = dec.state(start, T, cache_b, rows)
+        ks, vs = st.caches(start_layer, end_layer)
+        want = ops.layer_range_forward_native_composed(h, dec.weights(start_layer, end_layer), ks, vs, st.start,
+                                                       st.positions, st.cos, st.sin, dec.num_heads, dec.num_kv_heads,
+                                                       dec.eps, dec.scale)
         assert_bitwise(got, want, f"layers [{start_layer}, {end_layer}) T={T} rows={rows}")
         for t_a, t_b in zip(cache_a.k + cache_a.v, cache_b.k + cache_b.v):
             assert_bitwise(t_a, t_b, "caches")
+    with pytest.raises(Exception, match="layer range"):
+        dec.layers(h, 2, 5, dec.state(start, T, cache_a, rows))
 
 
-def test_fused_layers_full_model_greedy_decode_matches():
-    """Prefill + decode steps through FusedLayers give the same tokens as the model's own layers."""
-    model = make_tiny_model(3, torch.float32).use_native_ops()
-    fused = FusedLayers(model)
+def test_native_and_reference_decoders_decode_alike():
+    """Prefill + greedy decode steps: the native decoder and the plain-PyTorch one choose the same tokens."""
+    model = tiny_model(3, torch.float32)
     tokens = torch.randint(0, 300, (2, 9), generator=seeded("fused-decode"))
     outs = []
-    for runner in (fused.forward, model.forward_layers_per_op):
+    for backend in ("native", "reference"):
+        dec = model.build_decoder(backend)
         cache = model.new_cache(2, 40)
-        st = model.forward_state(torch.zeros(2, dtype=torch.int64), 9, cache)
-        h = runner(model.embed(tokens), 0, model.num_layers, st)
-        tok = model.head_argmax(h[:, -1:])
+        h = dec.forward_hidden(tokens, None, cache)
+        tok = dec.head_argmax(h[:, -1:])
         seq = [tok]
         for i in range(10):
-            st = model.forward_state(torch.full((2,), 9 + i), 1, cache)
-            h = runner(model.embed(tok), 0, model.num_layers, st)
-            tok = model.head_argmax(h)
+            h = dec.layers(dec.embed(tok), 0, model.num_layers, dec.state(torch.full((2,), 9 + i), 1, cache))
+            tok = dec.head_argmax(h)
             seq.append(tok)
         outs.append(torch.cat(seq, 1))
     assert torch.equal(outs[0], outs[1])
 
 
-def test_fused_layers_fall_back():
-    model = make_tiny_model(1, torch.float32)
-    fused = FusedLayers(model)
-    h = torch.randn(1, 2, model.config.hidden_size)
-    cache = model.new_cache(1, 16)
-    st = model.forward_state(torch.tensor([0]), 2, cache)
-    assert not fused.applies(h, 0, 3, st), "reference op set: no fused path"
-    assert_bitwise(fused.forward(h, 0, 3, st), model.forward_layers_per_op(h, 0, 3, model.forward_state(torch.tensor([0]), 2,
-                                                                                               model.new_cache(1, 16))),
-                   "reference fallback")
-    model.use_native_ops()
-    st = model.forward_state(torch.tensor([0]), 2, None)
-    assert not fused.applies(h, 0, 3, st), "no cache: training path"
-    # a wrapped layer (as layer dropout or an adapter would do) is run by the model itself
-    model.model.layers[1].mlp.up_proj = nn.Sequential(model.model.layers[1].mlp.up_proj)
-    fused.refresh()
-    st = model.forward_state(torch.tensor([0]), 2, model.new_cache(1, 16))
-    assert fused.applies(h, 0, 1, st) and fused.applies(h, 2, 3, st)
-    assert not fused.applies(h, 0, 3, st)
-    ref_st = model.forward_state(torch.tensor([0]), 2, model.new_cache(1, 16))
-    assert_bitwise(fused.forward(h, 0, 3, st), model.forward_layers_per_op(h, 0, 3, ref_st), "wrapped layer fallback")
-    with pytest.raises(Exception, match="layer range"):
-        fused.forward(h, 2, 5, st)
+def test_decoder_rejects_wrapped_layers_at_build_and_stale_use():
+    """A wrapped layer (an adapter, a training wrapper) is an error when the decoder is built, naming it; a
+    decoder built before modules were replaced refuses to run until rebuilt."""
+    from layerskip_ext.generation import generate
+
+    model = tiny_model(2, torch.float32, backend="native")
+    before = generate(model, [1, 2, 3], max_new_tokens=6, stop_token_ids=[]).sequences[0].tokens
+    up = model.model.layers[1].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = nn.Sequential(up, nn.Dropout(0.0))
+    with pytest.raises(DecoderError, match="changed after its decoder was built"):
+        generate(model, [1, 2, 3], max_new_tokens=6)
+    with pytest.raises(DecoderError, match=r"model\.layers\.1\.mlp\.up_proj is a Sequential"):
+        model.build_decoder("native")
+    with pytest.raises(DecoderError, match="model.layers.1.mlp.up_proj is a Sequential"):
+        model.build_decoder("reference")
+    model.model.layers[1].mlp.up_proj = up
+    model.build_decoder("native")
+    assert generate(model, [1, 2, 3], max_new_tokens=6, stop_token_ids=[]).sequences[0].tokens == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_to_dtype_keeps_head_rope_draft_vocab_and_decoder(dtype):
+    """model.to(dtype) moves the weights; the tied head stays tied, the RoPE tables and draft vocabulary follow and
+    the decoder is rebuilt with the same kernels over the new tensors."""
+    from layerskip_ext.generation import generate
+
+    model = tiny_model(4, torch.float32 if dtype == torch.bfloat16 else torch.bfloat16, tie_word_embeddings=True,
+                       backend="native")
+    model.draft_vocab = torch.arange(0, 300, 2)
+    model.rope_tables(64)
+    old = model.decoder
+    model.to(dtype)
+    assert model.dtype == dtype and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.decoder is not old and model.decoder.name == "native" and model.decoder.dtype == dtype
+    assert model.decoder.lm_head.data_ptr() == model.lm_head.weight.data_ptr()
+    assert model._rope_cache is None and model.draft_vocab.device == model.device
+    fresh = tiny_model(4, dtype, tie_word_embeddings=True, backend="native")
+    with torch.no_grad():
+        for p, q in zip(fresh.parameters(), model.parameters()):
+            p.copy_(q)
+    kw = dict(max_new_tokens=8, stop_token_ids=[])
+    assert generate(model, [5, 6, 7], **kw).sequences[0].tokens == generate(fresh, [5, 6, 7], **kw).sequences[0].tokens
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,28 +342,8 @@ def test_cuda_prompt_path_and_decoding_after_it(dtype):
         assert_bitwise(one[:, 0].cpu(), verified[:, t].cpu(), f"token {t} alone vs verified with 17")
 
 
-def test_model_notices_modules_replaced_after_enabling_native_ops():
-    """A wrapper added after use_native_ops() (an adapter, say) must be run, not bypassed by a stale fused path."""
-    model = make_tiny_model(2, torch.float32).use_native_ops()
-    h = torch.randn(1, 3, model.config.hidden_size)
-
-    def run(fn):
-        cache = model.new_cache(1, 8)
-        return fn(h, 0, 3, model.forward_state(torch.tensor([0]), 3, cache))
-
-    assert_bitwise(run(model.forward_layers), run(model.forward_layers_per_op), "plain layers")
-    up = model.model.layers[1].mlp.up_proj
-    model.model.layers[1].mlp.up_proj = nn.Sequential(up, nn.Dropout(0.0))
-    wrapped = run(model.forward_layers)
-    assert_bitwise(wrapped, run(model.forward_layers_per_op), "after wrapping")
-    model.model.layers[1].mlp.up_proj = up
-    assert_bitwise(run(model.forward_layers), run(model.forward_layers_per_op), "after unwrapping")
-
-
 def test_move_weights_to_hugepages_keeps_model_and_results():
-    from layerskip_ext.model.fused import HUGE_PAGE, move_weights_to_hugepages
-
-    model = make_tiny_model(2, torch.float32, tie_word_embeddings=True).use_native_ops()
+    model = make_tiny_model(2, torch.float32, tie_word_embeddings=True)
     tokens = torch.randint(0, 300, (2, 11), generator=seeded("thp"))
     before = model(tokens)
     params = list(model.parameters())
@@ -372,9 +354,5 @@ def test_move_weights_to_hugepages_keeps_model_and_results():
     ptrs = sorted(p.data_ptr() for p in params)
     assert ptrs[0] % HUGE_PAGE == 0 and ptrs[-1] - ptrs[0] < moved, "one arena"
     assert_bitwise(model(tokens), before, "same logits after the move")
-    fused = FusedLayers(model)
-    cache_a, cache_b = model.new_cache(2, 16), model.new_cache(2, 16)
-    h = torch.randn(2, 3, model.config.hidden_size)
-    st_a = model.forward_state(torch.tensor([0, 4]), 3, cache_a)
-    st_b = model.forward_state(torch.tensor([0, 4]), 3, cache_b)
-    assert_bitwise(fused.forward(h, 0, 3, st_a), model.forward_layers(h, 0, 3, st_b), "fused after the move")
+    dec = model.build_decoder("native")  # built after the move: it packs the moved tensors
+    assert dec.layer_weights[0].q_proj.data_ptr() == model.model.layers[0].self_attn.q_proj.weight.data_ptr()

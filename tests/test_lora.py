@@ -16,7 +16,7 @@ from layerskip_ext.io import load_checkpoint
 from layerskip_ext.io.adapter import read_adapter, save_adapter
 from layerskip_ext.model.lora import (ALL_LINEARS, LoRALinear, adapter_state_dict, apply_lora, load_adapter_state_,
                                       merge_lora_)
-from layerskip_ext.training.common import TrainingError
+from layerskip_ext.errors import TrainingError
 from tiny_checkpoints import make_random_state_dict, make_tiny_config, make_tiny_model, make_tiny_tokenizer, \
     write_hf_folder
 
@@ -202,7 +202,7 @@ def test_lora_training_changes_only_adapters_and_resumes_exactly(tmp_path, corpu
 
 
 def test_exclude_leaves_out_paths(corpus):
-    from layerskip_ext.training.data import read_corpus
+    from layerskip_ext.corpus import read_corpus
     every = read_corpus(corpus)
     kept = read_corpus(corpus, exclude=["held_out", "m1.py"])
     assert len(every) == 4 and len(kept) == 2 and not any("held out" in d for d in kept)

@@ -4,18 +4,14 @@ import torch
 
 from layerskip_ext import ops
 from layerskip_ext.errors import CheckpointError, GenerationError
-from layerskip_ext.model.config import LlamaConfig
+from layerskip_ext.config import LlamaConfig
 from layerskip_ext.model.llama import LlamaForCausalLM
 from layerskip_ext.model.rope import rope_inv_freq
-from tiny_checkpoints import make_tiny_model
+from helpers import tiny_model
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
-
-
-def tiny_model(seed=0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
-    return make_tiny_model(seed, dtype, **overrides)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -132,8 +128,8 @@ def test_config_validation():
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_path_matches_reference_path(dtype):
-    ref = tiny_model(dtype=dtype, num_attention_heads=8, num_key_value_heads=2, hidden_size=128)
-    nat = tiny_model(dtype=dtype, num_attention_heads=8, num_key_value_heads=2, hidden_size=128).use_native_ops()
+    ref = tiny_model(dtype=dtype, num_attention_heads=8, num_key_value_heads=2, hidden_size=128, backend="reference")
+    nat = tiny_model(dtype=dtype, num_attention_heads=8, num_key_value_heads=2, hidden_size=128, backend="native")
     tokens = torch.randint(0, 300, (2, 21))
     outs = []
     for model in (ref, nat):

@@ -6,75 +6,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import zlib
 
 import pytest
 import torch
 
+from helpers import (CUDA, DTYPES, TOL, argument_error_test, assert_bitwise, cuda_only, make_cache,  # noqa: F401
+                     randn, random_start, rope_tables, seeded)
 from layerskip_ext import ops
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")
-
-CUDA = torch.cuda.is_available()
-cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
-
-DTYPES = [torch.float32, torch.bfloat16]
-# fp32: ~1e-5 relative; bf16 / fp16: ~1 ulp of the output type (both sides compute in fp32 and round once).
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
-
-
-def seeded(*key) -> torch.Generator:
-    """A generator seeded from the test parameters: fresh inputs per case, reproducible runs."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def randn(shape, dtype, g, scale=1.0):
-    return (torch.randn(shape, generator=g) * scale).to(dtype)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of a float tensor (NaN-aware bitwise comparison)."""
-    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
-def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    if not torch.equal(bits(a), bits(b)):
-        diff = (a.float() - b.float()).abs().max().item()
-        raise AssertionError(f"{what}: not bitwise equal (max abs diff {diff})")
-
-
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def rope_tables(P: int, D: int, base: float = 10000.0):
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    ang = torch.arange(P, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return ang.cos().float().contiguous(), ang.sin().float().contiguous()
-
-
-def make_cache(B, nKV, S, D, dtype, start, T, g, poison=True):
-    """(clean, poisoned) caches: random in slots [0, start[b] + T), zeros (clean) / NaN (poisoned) beyond."""
-    k = randn((B, nKV, S, D), dtype, g)
-    v = randn((B, nKV, S, D), dtype, g)
-    valid = (torch.arange(S)[None, :] < (start[:, None] + T))[:, None, :, None]  # [B, 1, S, 1]
-    clean = (k.masked_fill(~valid, 0), v.masked_fill(~valid, 0))
-    bad = (k.masked_fill(~valid, float("nan")), v.masked_fill(~valid, float("nan"))) if poison else clean
-    return clean, bad
-
-
-def random_start(B, T, S, g):
-    return torch.randint(0, S - T + 1, (B,), generator=g, dtype=torch.int64)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # rms_norm
@@ -456,19 +397,6 @@ def _err_cases():
         "rms noncontig": (lambda: rms(x.transpose(0, 1), w, 1e-5), "rms_norm: x must be contiguous"),
         "rms 0-D": (lambda: rms(torch.tensor(1.0), w, 1e-5), "rms_norm: x must have at least 1 dim"),
     }
-
-
-def argument_error_test(cases: dict):
-    """The parametrized test that each case's call, {name: (fn, message)}, raises a RuntimeError containing its
-    message (every native op's bad-argument table uses it)."""
-    @pytest.mark.parametrize("name", sorted(cases))
-    def test_argument_errors(name):
-        fn, message = cases[name]
-        with pytest.raises(RuntimeError) as info:
-            fn()
-        assert message in str(info.value), f"{name}: got {str(info.value).splitlines()[0]!r}"
-
-    return test_argument_errors
 
 
 test_argument_errors = argument_error_test(_err_cases())

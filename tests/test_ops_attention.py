@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerskip_ext import ops
-from test_ops import TOL, assert_bitwise, make_cache, randn, restore_threads, seeded  # noqa: F401  (fixture)
+from helpers import TOL, assert_bitwise, make_cache, randn, seeded
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")

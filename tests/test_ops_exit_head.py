@@ -4,19 +4,16 @@ probabilities, outputs poisoned before the kernels write them, batch / thread / 
 errors, the generation path that uses them, CUDA twins."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from layerskip_ext import _native, ops
+from layerskip_ext import ops
 from layerskip_ext.generation import generate
-from layerskip_ext.generation.sampling import (SamplingParams, choose_tokens, filtered_probs, head_log_probs,
-                                               head_probs, sample_with_probs)
-from test_ops import CUDA, assert_bitwise, randn, restore_threads, seeded  # noqa: F401  (fixture)
-from test_ops_linear import gemm_isa, gemm_isas
+from layerskip_ext.generation.sampling import SamplingParams, choose_tokens, filtered_probs, head_probs, sample_with_probs
+from helpers import CUDA, assert_bitwise, gemm_isa, gemm_isas, poisoned_outputs, randn, seeded, tiny_model
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")
@@ -31,15 +28,6 @@ SHAPES = [((1,), 64, 300), ((5,), 96, 1000), ((2, 3), 64, 2049), ((0,), 64, 50)]
 # (~1.6% of a probability at |logit| ~ 4) where the two sit on opposite sides of a rounding boundary.
 PROB_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.bfloat16: dict(rtol=5e-2, atol=2e-3)}
 LOGP_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=1e-2, atol=5e-2)}
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    prev = _native._C._set_poison_outputs(True)
-    try:
-        yield
-    finally:
-        _native._C._set_poison_outputs(prev)
 
 
 def head_case(lead, H, V, dtype, g, device="cpu"):
@@ -323,8 +311,7 @@ def test_bad_arguments_raise_clear_errors(case):
 # --------------------------------------------------------------------------------------------------------------
 
 def _native_model():
-    from test_model import tiny_model
-    return tiny_model(num_hidden_layers=2).use_native_ops()
+    return tiny_model(num_hidden_layers=2, backend="native")
 
 
 def test_generation_helpers_use_the_fused_heads():
@@ -332,27 +319,28 @@ def test_generation_helpers_use_the_fused_heads():
     calls = []
 
     def spy(name):
-        fn = getattr(model.ops, name)
+        fn = getattr(model.decoder.kernels, name)
         return lambda *a: calls.append(name) or fn(*a)
 
-    model.ops = dataclasses.replace(model.ops, exit_head_sample=spy("exit_head_sample"),
-                                    exit_head_log_softmax=spy("exit_head_log_softmax"))
+    kernels = dataclasses.replace(model.decoder.kernels, exit_head_sample=spy("exit_head_sample"),
+                                  exit_head_log_softmax=spy("exit_head_log_softmax"))
+    dec = model.build_decoder(kernels)
     h = torch.randn(3, model.config.hidden_size, generator=seeded("helpers"))
     params = SamplingParams(temperature=0.9, top_k=30, top_p=0.95)
     g = torch.Generator().manual_seed(3)
-    tokens, probs = sample_with_probs(model, h, params, g)
+    tokens, probs = sample_with_probs(dec, h, params, g)
     assert calls == ["exit_head_sample"]
     u = torch.rand(3, generator=torch.Generator().manual_seed(3))  # the uniforms sample_with_probs drew
     assert torch.equal(tokens, ops.exit_head_sample(h, model.model.norm.weight, model.model.norm.eps,
                                                     model.lm_head.weight, u, 0.9, 30, 0.95)[0])
     expected = filtered_probs(model.head(h), params)
     torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(head_probs(model, h.view(1, 3, -1), params)[0], probs, rtol=0, atol=0)
-    torch.testing.assert_close(head_log_probs(model, h), torch.log_softmax(model.head(h).double(), -1).float(),
+    torch.testing.assert_close(head_probs(dec, h.view(1, 3, -1), params)[0], probs, rtol=0, atol=0)
+    torch.testing.assert_close(dec.head_log_softmax(h), torch.log_softmax(model.head(h).double(), -1).float(),
                                rtol=1e-6, atol=1e-5)
     assert calls == ["exit_head_sample"] * 2 + ["exit_head_log_softmax"]
-    assert torch.equal(choose_tokens(model, h, params, torch.Generator().manual_seed(3)), tokens)
-    assert torch.equal(choose_tokens(model, h, SamplingParams(), None), model.head(h).argmax(-1))  # greedy
+    assert torch.equal(choose_tokens(dec, h, params, torch.Generator().manual_seed(3)), tokens)
+    assert torch.equal(choose_tokens(dec, h, SamplingParams(), None), model.head(h).argmax(-1))  # greedy
 
 
 @pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])

@@ -2,59 +2,20 @@
 reads confined to the tensors (NaN-poisoned memory around them), opcheck, argument errors, CUDA twins."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
 import torch
 
 from layerskip_ext import _native, ops
-from test_ops import (CUDA, argument_error_test, assert_bitwise, randn, restore_threads,  # noqa: F401 (fixture)
-                      seeded)
+from helpers import (CUDA, argument_error_test, assert_bitwise, check_linear_bound, gemm_isa, gemm_isas, poisoned,
+                     randn, seeded)
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")
 
 DTYPES = [torch.float32, torch.bfloat16]
 EPS32 = 2.0 ** -24
-
-
-def gemm_isas() -> list[str]:
-    return list(_native.build_info().get("gemm_isas", []))
-
-
-@contextlib.contextmanager
-def gemm_isa(name: str):
-    prev = _native._C._set_gemm_isa(name)
-    try:
-        yield
-    finally:
-        _native._C._set_gemm_isa(prev)
-
-
-def poisoned(shape, dtype, g, scale=1.0, pad=64):
-    """A contiguous tensor whose storage continues with NaN after its last element (catches over-reads)."""
-    n = 1
-    for s in shape:
-        n *= s
-    store = torch.full((n + pad,), float("nan"), dtype=dtype)
-    store[:n] = randn((n,), dtype, g, scale)
-    return store[:n].view(shape)
-
-
-def check_linear_bound(out, x, w):
-    """|out - exact| within the worst-case float32 error of a 16-lane fused-multiply-add sum plus the tree
-    ((K/16 + 5) roundings of a partial sum of |x||w|), plus the final rounding to bfloat16 / float16."""
-    xd, wd = x.double().reshape(-1, x.shape[-1]), w.double()
-    exact = xd @ wd.T
-    mag = xd.abs() @ wd.abs().T
-    K = x.shape[-1]
-    bound = (K // 16 + 6) * EPS32 * mag + 1e-30
-    if out.dtype in (torch.bfloat16, torch.float16):
-        bound = bound + 2.0 ** (-8 if out.dtype == torch.bfloat16 else -11) * exact.abs()
-    err = (out.double().reshape(exact.shape) - exact).abs()
-    worst = (err / bound).max().item()
-    assert worst <= 1.0, f"error {worst:.3f} x the bound"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerskip_ext import ops
-from test_ops import CUDA, argument_error_test, restore_threads, seeded  # noqa: F401  (fixture)
+from helpers import CUDA, argument_error_test, seeded
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
                                 reason="native extension not built (tests/test_build.py reports it)")

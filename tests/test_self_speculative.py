@@ -1,56 +1,16 @@
 """Self-speculative decoding: greedy output identical to autoregressive; sampling follows the full model."""
-import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from layerskip_ext import ops
 from layerskip_ext.errors import GenerationError
 from layerskip_ext.generation import SamplingParams, generate
 from layerskip_ext.generation.sampling import filtered_probs
-from layerskip_ext.model.llama import REFERENCE_OPS
-from test_model import tiny_model
+from helpers import decoders, make_model
 
 
-def _per_row(fn):
-    """Apply fn to one [..., K] row at a time: a row's result then cannot depend on the other rows."""
-    def wrapped(x, *args):
-        flat = x.reshape(-1, 1, x.shape[-1])
-        return torch.cat([fn(r, *args) for r in flat]).reshape(*x.shape[:-1], -1)
-    return wrapped
-
-
-def _attention_per_token(q, k_cache, v_cache, start, scale):
-    B, T = q.shape[:2]
-    out = torch.empty_like(q)
-    for b, t in itertools.product(range(B), range(T)):
-        out[b:b + 1, t:t + 1] = ops.cache_attention_reference(q[b:b + 1, t:t + 1], k_cache[b:b + 1],
-                                                               v_cache[b:b + 1], start[b:b + 1] + t, scale)
-    return out
-
-
-# Batch-invariant by construction (slow): stands in for the native kernels where they are not built.
-ROWWISE_OPS = dataclasses.replace(REFERENCE_OPS, name="rowwise", linear=_per_row(torch.nn.functional.linear),
-                                  rms_norm=_per_row(ops.rms_norm_reference),
-                                  cache_attention=_attention_per_token)
-
-
-def op_sets():
-    yield "rowwise"
-    if ops.native_available():
-        yield "native"
-
-
-def make_model(op_set: str, **kw):
-    model = tiny_model(num_hidden_layers=4, **kw)
-    if op_set == "native":
-        return model.use_native_ops()
-    model.ops = ROWWISE_OPS
-    return model
-
-
-@pytest.mark.parametrize("op_set", list(op_sets()))
+@pytest.mark.parametrize("op_set", list(decoders()))
 def test_greedy_equals_autoregressive_for_every_exit_and_depth(op_set):
     model = make_model(op_set)
     prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 8)]
@@ -107,7 +67,7 @@ def _exact_marginals(model, prompt, params, steps):
     return marginals
 
 
-@pytest.mark.parametrize("op_set", list(op_sets()))
+@pytest.mark.parametrize("op_set", list(decoders()))
 def test_sampling_follows_the_full_model_distribution(op_set):
     """Chi-square of the 2nd and 3rd emitted tokens (both speculative) against the exact marginals."""
     model = make_model(op_set, vocab_size=6)
@@ -142,9 +102,46 @@ def test_sampling_is_reproducible_with_seed():
     (dict(exit_layer=5, num_speculations=2), "exit_layer"),
     (dict(num_speculations=2), "need exit_layer"),
     (dict(exit_layer=2, num_speculations=0), "num_speculations"),
-    (dict(exit_layer=2), "num_speculations"),
     (dict(exit_layer=2, num_speculations=300), "remaining context"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(GenerationError, match=message):
         generate(make_model("rowwise"), [1, 2], strategy="self_speculative", **kwargs)
+
+
+def test_num_speculations_defaults_to_the_tuned_setting_or_4():
+    model = make_model("rowwise")
+    r = generate(model, [1, 2], strategy="self_speculative", exit_layer=2, max_new_tokens=3, stop_token_ids=[])
+    assert r.stats["num_speculations"] == 4
+    model.config.layerskip = {"exit_layer": 3, "num_speculations": 2}
+    try:
+        r = generate(model, [1, 2], max_new_tokens=3, stop_token_ids=[])  # auto: the tuned setting
+        assert r.strategy == "self_speculative" and (r.stats["exit_layer"], r.stats["num_speculations"]) == (3, 2)
+        model.config.layerskip = {"exit_layer": 3, "num_speculations": 2, "speedup": 0.97}
+        assert generate(model, [1, 2], max_new_tokens=3).strategy == "autoregressive"  # measured not to pay
+    finally:
+        model.config.layerskip = None
+
+
+@pytest.mark.parametrize("backend", list(decoders()))
+def test_dynamic_drafting_is_lossless_and_drafts_less(backend):
+    """draft_stop: greedy output identical to autoregressive for every threshold; a higher threshold drafts less
+    (never more than num_speculations per round)."""
+    model = make_model(backend)
+    prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7]]
+    kw = dict(max_new_tokens=24, stop_token_ids=[])
+    ar = [s.tokens for s in generate(model, prompts, strategy="autoregressive", **kw).sequences]
+    drafted = []
+    for stop in (0.0, 0.05, 0.3, 0.9):
+        r = generate(model, prompts, strategy="self_speculative", exit_layer=2, num_speculations=5, draft_stop=stop,
+                     **kw)
+        assert [s.tokens for s in r.sequences] == ar, stop
+        assert r.stats["draft_stop"] == stop and r.stats["accepted_tokens"] <= r.stats["draft_tokens"]
+        drafted.append(r.stats["draft_tokens"] / r.stats["rounds"])
+    assert drafted[0] == 5 * 2 or drafted[0] <= 10  # the last rounds draft fewer
+    assert drafted == sorted(drafted, reverse=True) and drafted[-1] < drafted[0]
+    with pytest.raises(GenerationError, match="greedy self_speculative"):
+        generate(model, [1, 2], strategy="self_speculative", exit_layer=2, num_speculations=2, draft_stop=0.5,
+                 temperature=0.8)
+    with pytest.raises(GenerationError, match="probability"):
+        generate(model, [1, 2], strategy="self_speculative", exit_layer=2, num_speculations=2, draft_stop=1.5)

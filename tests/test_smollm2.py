@@ -37,17 +37,19 @@ def test_answers_capital_of_france(smollm2):
 def test_native_greedy_equals_reference_greedy_and_logits_close(smollm2):
     model, tok = smollm2
     prompts = [chat(tok, "What is the capital of France?"), tok.encode("def fibonacci(n):\n")]
+    kw = dict(max_new_tokens=24, stop_token_ids=[], strategy="autoregressive")
+    out = {}
     try:
-        reference = [generate(model, p, max_new_tokens=24, stop_token_ids=[]).sequences[0].tokens for p in prompts]
-        ref_logits = model(torch.tensor([prompts[1]]))
-        model.use_native_ops(True)
-        native = [generate(model, p, max_new_tokens=24, stop_token_ids=[]).sequences[0].tokens for p in prompts]
-        nat_logits = model(torch.tensor([prompts[1]]))
+        for backend in ("reference", "native"):
+            model.build_decoder(backend)
+            tokens = [generate(model, p, **kw).sequences[0].tokens for p in prompts]
+            cache = model.new_cache(1, len(prompts[1]))
+            out[backend] = tokens, model(torch.tensor([prompts[1]]), cache=cache)  # through the decoder
     finally:
-        model.use_native_ops(False)
-    assert native == reference
+        model.build_decoder("reference")
+    assert out["native"][0] == out["reference"][0]
     # fp32 through 30 layers: logits of magnitude ~10-30 agree to ~1e-4 relative
-    torch.testing.assert_close(nat_logits, ref_logits, rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(out["native"][1], out["reference"][1], rtol=1e-4, atol=2e-3)
 
 
 @needs_native
@@ -55,14 +57,15 @@ def test_self_speculative_greedy_equals_autoregressive(smollm2):
     model, tok = smollm2
     prompt = tok.encode("def is_prime(n):\n")
     try:
-        model.use_native_ops(True)
-        expected = generate(model, prompt, max_new_tokens=24, stop_token_ids=[]).sequences[0].tokens
+        model.build_decoder("native")
+        expected = generate(model, prompt, max_new_tokens=24, stop_token_ids=[],
+                            strategy="autoregressive").sequences[0].tokens
         for E, d in ((8, 3), (24, 6)):
             got = generate(model, prompt, max_new_tokens=24, stop_token_ids=[], strategy="self_speculative",
                            exit_layer=E, num_speculations=d).sequences[0].tokens
             assert got == expected, (E, d)
     finally:
-        model.use_native_ops(False)
+        model.build_decoder("reference")
 
 
 @needs_native
@@ -80,7 +83,7 @@ def test_shipped_layerskip_adapter_installs_loads_and_self_speculates_losslessly
                if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed and all(any(t in n for t in ALL_LINEARS) for n in changed)   # only adapted weights moved
     ids = tok.encode("def fibonacci(n):\n")
-    ar = generate(model, ids, max_new_tokens=24).sequences[0].tokens
+    ar = generate(model, ids, max_new_tokens=24, strategy="autoregressive").sequences[0].tokens
     res = generate(model, ids, max_new_tokens=24, strategy="self_speculative", exit_layer=block["exit_layer"],
                    num_speculations=block["num_speculations"])
     assert res.sequences[0].tokens == ar

@@ -8,7 +8,6 @@ import pytest
 from layerskip_ext.errors import CheckpointError, GenerationError
 from layerskip_ext.io import Tokenizer
 from layerskip_ext.io.gguf_file import tokenizer_from_metadata
-from layerskip_ext.io.spm_proto import parse_spm_model
 from layerskip_ext.io.vocab_build import build_spm_bpe, byte_level_pre_tokenizer
 from tiny_checkpoints import CHATML_TEMPLATE, CORPUS, gguf_tokenizer_metadata, make_tiny_tokenizer
 
@@ -138,39 +137,40 @@ def test_gguf_tokenizer_errors(tiny):
 
 
 # ---- SentencePiece ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def spm_model():
+def _train_spm(model_type: str) -> bytes:
     spm = pytest.importorskip("sentencepiece")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 5), model_writer=buf, vocab_size=500, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-        minloglevel=2)
-    data = buf.getvalue()
-    return data, spm.SentencePieceProcessor(model_proto=data)
+        sentence_iterator=iter(CORPUS * 5), model_writer=buf, vocab_size=500 if model_type == "bpe" else 400,
+        model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, character_coverage=1.0, unk_id=0,
+        bos_id=1, eos_id=2, minloglevel=2, hard_vocab_limit=model_type == "bpe")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def spm_model():
+    import sentencepiece
+    data = _train_spm("bpe")
+    return data, sentencepiece.SentencePieceProcessor(model_proto=data)
+
+
+def spm_vocab(sp):
+    """(pieces, scores, GGUF token types) of a SentencePiece model, as a GGUF file stores them."""
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i)
+             else 1 for i in range(n)]
+    return [sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)], types
 
 
 SPM_TEXTS = TEXTS[:-1] + CORPUS + ["zebra quixotic ÆØÅ 漢字", "a", " leading", "trailing "]
 
 
-def test_spm_proto_parse(spm_model):
-    data, sp = spm_model
-    m = parse_spm_model(data)
-    assert m.model_type == 2 and m.byte_fallback and m.add_dummy_prefix and not m.remove_extra_whitespaces
-    assert len(m.pieces) == sp.get_piece_size() == 500
-    assert m.pieces[:3] == ["<unk>", "<s>", "</s>"]
-    assert all(m.pieces[i] == sp.id_to_piece(i) for i in range(500))
-    assert all(abs(m.scores[i] - sp.get_score(i)) < 1e-6 for i in range(500))
-    with pytest.raises(CheckpointError, match="corrupt SentencePiece"):
-        parse_spm_model(data[:-7])
-
-
 def test_spm_conversion_matches_sentencepiece(spm_model):
+    """The GGUF path: a SentencePiece BPE vocabulary rebuilt as a tokenizers backend encodes as sentencepiece."""
     data, sp = spm_model
-    m = parse_spm_model(data)
-    tok = Tokenizer(build_spm_bpe(m.pieces, m.scores, m.types), bos_token_id=1, eos_token_ids=[2],
-                    add_bos_token=True)
+    pieces, scores, types = spm_vocab(sp)
+    tok = Tokenizer(build_spm_bpe(pieces, scores, types), bos_token_id=1, eos_token_ids=[2], add_bos_token=True)
     for text in SPM_TEXTS:
         ref = sp.encode(text)
         assert tok.encode(text, add_bos=False) == ref, text
@@ -178,28 +178,47 @@ def test_spm_conversion_matches_sentencepiece(spm_model):
         assert tok.decode(ref) == sp.decode(ref)
 
 
-def test_spm_tokenizer_model_in_hf_folder(spm_model, tmp_path):
-    data, sp = spm_model
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_spm_tokenizer_model_in_hf_folder(model_type, tmp_path):
+    """A folder with only tokenizer.model (BPE or Unigram) tokenizes through sentencepiece itself."""
+    import sentencepiece
+    data = _train_spm(model_type)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=data)
     (tmp_path / "tokenizer.model").write_bytes(data)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
     tok = Tokenizer.from_hf_folder(str(tmp_path))
     assert tok.bos_token_id == 1 and tok.eos_token_ids == {2} and tok.add_bos_token
+    assert tok.vocab_size == sp.get_piece_size()
     for text in SPM_TEXTS:
         assert tok.encode(text) == [1] + sp.encode(text), text
-    # and it saves as tokenizer.json that reloads identically
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    assert tok.encode("<s>hi</s>", add_bos=False) == [1] + sp.encode("hi") + [2]  # control pieces in the text
+    assert tok.decode([1] + sp.encode("hi") + [2]) == "hi"
+    stream = tok.stream_decoder()
+    ids = sp.encode(SPM_TEXTS[0])
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == sp.decode(ids)
+    # it saves its tokenizer.model, which reloads identically
     out = tmp_path / "saved"
     tok.save(out)
+    assert (out / "tokenizer.model").read_bytes() == data
     again = Tokenizer.from_hf_folder(str(out))
     for text in SPM_TEXTS:
         assert again.encode(text) == tok.encode(text)
 
 
+def test_corrupt_spm_model_is_a_clear_error(spm_model, tmp_path):
+    data, _ = spm_model
+    (tmp_path / "tokenizer.model").write_bytes(data[:-7])
+    with pytest.raises(CheckpointError, match="not a valid SentencePiece model"):
+        Tokenizer.from_hf_folder(str(tmp_path))
+
+
 def test_gguf_llama_spm_tokenizer(spm_model):
     data, sp = spm_model
-    m = parse_spm_model(data)
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": m.pieces, "tokenizer.ggml.scores": m.scores,
-            "tokenizer.ggml.token_type": m.types, "tokenizer.ggml.bos_token_id": 1,
+    pieces, scores, types = spm_vocab(sp)
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
             "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
     tok = tokenizer_from_metadata(meta)
     assert tok.add_bos_token  # llama.cpp's default for SentencePiece vocabularies
@@ -264,8 +283,8 @@ def test_stream_decoder_holds_back_partial_utf8(tiny):
 
 def test_stream_decoder_spm_spaces(spm_model):
     data, sp = spm_model
-    m = parse_spm_model(data)
-    tok = Tokenizer(build_spm_bpe(m.pieces, m.scores, m.types), bos_token_id=1, eos_token_ids=[2])
+    pieces, scores, types = spm_vocab(sp)
+    tok = Tokenizer(build_spm_bpe(pieces, scores, types), bos_token_id=1, eos_token_ids=[2])
     for text in ["The capital of France is Paris.", "héllo 🙂 wörld  x", " lead"]:
         ids = [1] + sp.encode(text)
         sd = tok.stream_decoder()

@@ -356,7 +356,7 @@ def train_cfg(out, corpus, init_config, **kw):
 def test_train_from_scratch_output_reloads_and_analyzes(tmp_path, corpus, init_config, capsys, monkeypatch):
     from layerskip_ext.generation import generate
     from layerskip_ext.model import load_model
-    from layerskip_ext.training.cli_commands import add_analyze_args, cmd_analyze
+    from layerskip_ext.commands import analyze
     from layerskip_ext.training.trainer import run_training
 
     out = tmp_path / "run"
@@ -375,19 +375,19 @@ def test_train_from_scratch_output_reloads_and_analyzes(tmp_path, corpus, init_c
 
     import argparse
     p = argparse.ArgumentParser()
-    add_analyze_args(p)
+    analyze.add_args(p)
     png = tmp_path / "layers.png"
     args = p.parse_args(["--model", str(out), "--data", corpus, "--seq-len", "32", "--max-tokens", "256",
                          "--plot", str(png)])
     pytest.importorskip("matplotlib")
-    assert cmd_analyze(args) == 0
+    assert analyze.run(args) == 0
     text = capsys.readouterr().out
     assert "layer  accuracy" in text and len([ln for ln in text.splitlines() if ln.strip()[:1].isdigit()]) == 3
     assert png.stat().st_size > 1000
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # the [plot] extra missing: say so, no PNG
     png.unlink()
     args.json = True
-    assert cmd_analyze(args) == 0
+    assert analyze.run(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["plot"] is None and "matplotlib is not installed" in res["plot_note"] and not png.exists()
     assert [r["layer"] for r in res["layers"]] == [1, 2, 3] and res["layers"][2]["agreement"] == 1.0
@@ -469,7 +469,7 @@ save_state({{"version": 1, "step": 99, "model": {{"w": torch.zeros(1000)}}, "slo
 
 def test_bad_inputs(tmp_path, corpus, init_config, capsys):
     from layerskip_ext.cli import main
-    from layerskip_ext.training.data import read_corpus
+    from layerskip_ext.corpus import read_corpus
     from layerskip_ext.training.trainer import run_training
 
     empty = tmp_path / "empty"
@@ -508,7 +508,7 @@ def test_bad_inputs(tmp_path, corpus, init_config, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
     # the same through a fresh interpreter: exit status 2 and exactly one line on stderr
-    proc = subprocess.run([sys.executable, "-m", "layerskip_ext.training"] + base + ["--layer-dropout", "2"],
+    proc = subprocess.run([sys.executable, "-m", "layerskip_ext.cli"] + base + ["--layer-dropout", "2"],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=PYTHON_DIR))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: layer-dropout p_max must be in [0, 1], got 2.0"]
@@ -560,3 +560,28 @@ def test_two_ranks_ddp_equal_gradients_and_single_process_loss(tmp_path, corpus,
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     log = [json.loads(x) for x in (tmp_path / "ddp" / "training" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_autocast_auto_picks_what_this_machine_runs_faster(monkeypatch):
+    from layerskip_ext.training import machine
+
+    rates = {}
+    monkeypatch.setattr(machine, "matmul_gflops", lambda dtype, device, shape=None: rates[dtype])
+    cpu = torch.device("cpu")
+    rates.update({torch.float32: 150.0, torch.bfloat16: 3.0})  # AVX2: no native bf16
+    a = machine.choose_autocast("auto", cpu)
+    assert a.choice == "none" and "fp32 is faster" in a.reason
+    rates.update({torch.float32: 150.0, torch.bfloat16: 390.0})  # AVX-512-BF16
+    assert machine.choose_autocast("auto", cpu).choice == "bf16"
+    assert machine.choose_autocast("none", cpu).choice == "none" and machine.choose_autocast("bf16", cpu).choice == "bf16"
+
+
+def test_train_flops_per_token_counts_layers_attention_and_exit_heads():
+    from layerskip_ext.config import LlamaConfig
+    from layerskip_ext.training.machine import train_flops_per_token
+
+    c = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1)
+    per_layer = 2 * (8 * 8 * 2 + 8 * 4 * 2 + 3 * 8 * 16) + 4 * (3 + 1) / 2 * 8
+    assert train_flops_per_token(c, 3, exits_per_step=1) == 3 * (2 * per_layer + 2 * 100 * 8)
+    assert train_flops_per_token(c, 3, 2, kept_layer_fraction=0.5) == 3 * (per_layer + 2 * 2 * 100 * 8)

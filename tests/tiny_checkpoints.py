@@ -18,7 +18,7 @@ import torch
 
 from layerskip_ext.io import Tokenizer, save_hf_folder
 from layerskip_ext.io.gguf_file import hf_to_gguf_name, permute_qk
-from layerskip_ext.model.config import LlamaConfig
+from layerskip_ext.config import LlamaConfig
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch  # libtorch must be loaded before _C
 
+from ._version import __version__
+
 NOT_BUILT_MESSAGE = ("layerskip_ext native extension is not built: pip install --no-build-isolation -e . "
                      "(from the repository root; needs a C++20 compiler, CMake >= 3.25 and ninja; "
                      "LAYERSKIP_CUDA=0 for a CPU-only build)")
@@ -54,7 +56,6 @@ def build_info() -> dict[str, Any]:
         info: dict[str, Any] = dict(_C.build_info())
         info["native"] = True
     else:
-        from . import __version__  # lazily: the package may import this module while it initialises
 
         info = {"native": False, "version": __version__, "torch": None, "cuda_compiled": False, "cuda_archs": [],
                 "cpu_isa": None, "cpu_features": {}, "max_head_dim": None, "error": _load_error}

@@ -11,3 +11,8 @@ class CheckpointError(LayerSkipError):
 
 class GenerationError(LayerSkipError):
     """Invalid generation arguments (lengths, sampling parameters, prompt longer than the context)."""
+
+
+class TrainingError(LayerSkipError):
+    """Invalid training input: unknown scale or curriculum names, out-of-range rates, empty or too small
+    datasets, a resume whose configuration differs from the checkpoint's, a checkpoint of another model."""

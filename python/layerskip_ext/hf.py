@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
+from .config import LlamaConfig
 from .errors import LayerSkipError
 from .generation import generate as _generate
-from .model.config import LlamaConfig
 from .model.llama import LlamaForCausalLM
 
 _ENGINE_ATTR = "_layerskip_engine"
@@ -23,8 +23,6 @@ _ENGINE_ATTR = "_layerskip_engine"
 
 def from_hf(hf_model, backend: str = "auto") -> LlamaForCausalLM:
     """Our model over the very parameters of a transformers Llama model (changes to either are seen by both)."""
-    from . import ops
-
     cached = getattr(hf_model, _ENGINE_ATTR, None)
     if cached is not None:
         return cached
@@ -38,11 +36,9 @@ def from_hf(hf_model, backend: str = "auto") -> LlamaForCausalLM:
     if missing:
         raise LayerSkipError(f"the Hugging Face model lacks {sorted(missing)[0]!r}; is it a Llama model?")
     model.load_state_dict(params, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     model.eval()
-    if backend == "native" or (backend == "auto" and ops.native_available()):
-        model.use_native_ops(True)
+    model.build_decoder(backend)
     object.__setattr__(hf_model, _ENGINE_ATTR, model)  # not a submodule: keeps hf_model's state_dict unchanged
     return model
 

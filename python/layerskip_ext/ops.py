@@ -33,6 +33,8 @@ on how many other rows were computed with it (batch invariance, needed for lossl
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,12 +308,17 @@ def layer_range_forward_reference(h, weights, k_caches, v_caches, start, positio
 
 def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads: int,
                           num_kv_heads: int, eps: float, scale: float, norm_weight, norm_eps: float, lm_head,
-                          vocab_subset, num_drafts: int, *, layer_range_fn, head_argmax_fn):
+                          vocab_subset, num_drafts: int, stop_below: float = 0.0, *, layer_range_fn, head_argmax_fn,
+                          head_log_softmax_fn=None):
     """The greedy draft stage from separate layer-range / exit-head functions: d + 1 steps of embedding, layers
     [0, E) at position start + i, and (but after the last) the exit head's argmax as the next token.
-    -> drafts [B, d] int64, hidden [B, d+1, H] (layer E's output per step)."""
+    -> drafts [B, d] int64, hidden [B, d+1, H] (layer E's output per step).
+
+    stop_below > 0 (dynamic drafting, csrc/draft.cpp): the head is head_log_softmax_fn's most probable column; a row
+    whose top probability falls below stop_below proposes -1 from then on, and the stage ends when no row proposes
+    (d' < d drafts, d' + 1 hidden states)."""
     B = tokens.shape[0]
-    token, drafts, hidden = tokens, [], []
+    token, drafts, hidden, active = tokens, [], [], None
     for i in range(num_drafts + 1):
         pos = start + i
         h = layer_range_fn(torch.nn.functional.embedding(token.view(B, 1), embed), weights, k_caches, v_caches, pos,
@@ -319,20 +326,31 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
         hidden.append(h)
         if i == num_drafts:
             break
-        token = head_argmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
-        drafts.append(token)
+        if stop_below <= 0:
+            token = head_argmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
+            drafts.append(token)
+            continue
+        top, col = head_log_softmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset).max(-1)
+        token = col if vocab_subset is None else vocab_subset[col]
+        confident = top >= math.log(stop_below)
+        active = confident if active is None else active & confident
+        drafts.append(torch.where(active, token, -1))
+        if not bool(active.any()):
+            drafts.pop()
+            break
     drafts = torch.stack(drafts, dim=1) if drafts else tokens.new_empty(B, 0)
     return drafts, torch.cat(hidden, dim=1)
 
 
 def draft_greedy_reference(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads: int,
                            num_kv_heads: int, eps: float, scale: float, norm_weight, norm_eps: float, lm_head,
-                           vocab_subset, num_drafts: int):
+                           vocab_subset, num_drafts: int, stop_below: float = 0.0):
     """Plain-PyTorch greedy draft stage (writes the caches of layers < E in place, like the native op)."""
     return draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads,
                                  num_kv_heads, eps, scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts,
-                                 layer_range_fn=layer_range_forward_reference,
-                                 head_argmax_fn=exit_head_argmax_reference)
+                                 stop_below, layer_range_fn=layer_range_forward_reference,
+                                 head_argmax_fn=exit_head_argmax_reference,
+                                 head_log_softmax_fn=exit_head_log_softmax_reference)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -490,16 +508,17 @@ def draft_greedy(tokens: torch.Tensor, embed: torch.Tensor, weights: list[torch.
                  v_caches: list[torch.Tensor], start: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  num_heads: int, num_kv_heads: int, eps: float, scale: float, norm_weight: torch.Tensor,
                  norm_eps: float, lm_head: torch.Tensor, vocab_subset: torch.Tensor | None,
-                 num_drafts: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_drafts: int, stop_below: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Native :func:`draft_greedy_reference`: the greedy draft stage in one call, bitwise
     :func:`draft_greedy_native_composed` (the native layer-range and exit-head ops step by step)."""
     return _draft_greedy_op(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads, num_kv_heads, eps,
-                            scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts)
+                            scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts, stop_below)
 
 
 def draft_greedy_native_composed(*args) -> tuple[torch.Tensor, torch.Tensor]:
     """The draft stage step by step with the native ops (what draft_greedy must equal bitwise)."""
-    return draft_greedy_composed(*args, layer_range_fn=layer_range_forward, head_argmax_fn=exit_head_argmax)
+    return draft_greedy_composed(*args, layer_range_fn=layer_range_forward, head_argmax_fn=exit_head_argmax,
+                                 head_log_softmax_fn=exit_head_log_softmax)
 
 
 def layer_range_forward_native_composed(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
@@ -583,12 +602,13 @@ if _native.native_available():
 
     @torch.library.register_fake("layerskip::draft_greedy")
     def _draft_greedy_fake(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads, num_kv_heads, eps,
-                           scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts):
+                           scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts, stop_below=0.0):
         torch._check(tokens.dim() == 1, lambda: f"draft_greedy: tokens must be 1-D [B], got {tokens.dim()}-D")
         torch._check(embed.dim() == 2, lambda: f"draft_greedy: embed must be 2-D [V, H], got {embed.dim()}-D")
         torch._check(num_drafts >= 0, lambda: f"draft_greedy: num_drafts must be >= 0, got {num_drafts}")
         B = tokens.shape[0]
-        return tokens.new_empty(B, num_drafts), embed.new_empty(B, num_drafts + 1, embed.shape[1])
+        d = num_drafts if stop_below <= 0 else torch.library.get_ctx().new_dynamic_size(max=num_drafts)
+        return tokens.new_empty(B, d), embed.new_empty(B, d + 1, embed.shape[1])
 
     @torch.library.register_fake("layerskip::layer_range_forward")
     def _layer_range_forward_fake(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,

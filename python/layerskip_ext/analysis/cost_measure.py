@@ -47,19 +47,20 @@ def measure_stage_costs(model, position: int, depths: Iterable[int], ar_step_s: 
     whose KV cache holds ``position`` tokens; ``ar_step_s`` (measured by decoding) gives the overhead.
     draft_vocab (ids): also time the draft's head over that subset (StageCosts.draft_head_s)."""
     L = model.num_layers
+    dec = model.decoder
     Ts = sorted({1} | {int(d) + 1 for d in depths})
     context = model.config.max_position_embeddings
     position = max(0, min(position, context - max(Ts)))
     cache = model.new_cache(1, position + max(Ts))
     ks = sorted({1, (L + 1) // 2, L}) if L > 1 else [0, 1]
-    start = torch.tensor([position], dtype=torch.int64)
+    start = torch.tensor([position], dtype=torch.int64, device=model.device)
     layer_s, call_s, head_s = {}, {}, {}
     for T in Ts:
         tokens = torch.full((1, T), model.config.bos_token_id or 0, dtype=torch.int64)
 
         def run(k: int) -> None:
-            st = model.forward_state(start, T, cache)
-            model.forward_layers(model.embed(tokens.to(model.device)), 0, k, st)
+            st = dec.state(start, T, cache)
+            dec.layers(dec.embed(tokens.to(model.device)), 0, k, st)
             _sync(model)
 
         times = [_median_time(lambda k=k: run(k), repeats) for k in ks]
@@ -67,7 +68,7 @@ def measure_stage_costs(model, position: int, depths: Iterable[int], ar_step_s: 
         h = torch.randn(1, T, model.config.hidden_size, dtype=model.dtype, device=model.device)
 
         def head() -> None:
-            model.head_argmax(h)
+            dec.head_argmax(h)
             _sync(model)
 
         head_s[T] = _median_time(head, repeats)
@@ -77,7 +78,7 @@ def measure_stage_costs(model, position: int, depths: Iterable[int], ar_step_s: 
         h1 = torch.randn(1, model.config.hidden_size, dtype=model.dtype, device=model.device)
 
         def draft_head() -> None:
-            model.head_argmax(h1, draft_vocab)
+            dec.head_argmax(h1, draft_vocab)
             _sync(model)
 
         draft_head_s = _median_time(draft_head, repeats)
@@ -106,7 +107,7 @@ def measure_agreement(model, prompts: Sequence[Sequence[int]], outputs: Sequence
         hidden = model.hidden_states(seq)
         target = torch.tensor(list(out), dtype=torch.int64)
         for E in exits:
-            pred = model.head_argmax(hidden[E - 1][0, p - 1:p - 1 + n]).cpu()
+            pred = model.decoder.head_argmax(hidden[E - 1][0, p - 1:p - 1 + n]).cpu()
             agreements[E].append((pred == target).tolist())
     alpha = {}
     for E in exits:

@@ -11,6 +11,11 @@ import math
 from typing import Iterable, Optional
 
 import torch
+from tqdm import tqdm
+
+from ..errors import TrainingError
+from ..training.early_exit import default_chunk
+from ..training.prepare import layer_outputs, model_kind
 
 
 @dataclasses.dataclass
@@ -24,7 +29,6 @@ class LayerMetrics:
 
 
 def _head_fn(model):
-    from ..training.prepare import model_kind
 
     if model_kind(model) == "layerskip":
         return model.head
@@ -35,9 +39,6 @@ def _head_fn(model):
 def per_layer_metrics(model, sequences: torch.Tensor, batch_size: int = 4, layers: Optional[Iterable[int]] = None,
                       chunk_tokens: Optional[int] = None, progress: bool = False) -> list[LayerMetrics]:
     """sequences [n, T + 1] token ids (inputs + targets). ``layers``: 1-based layer numbers (default all)."""
-    from ..training.common import TrainingError
-    from ..training.early_exit import default_chunk
-    from ..training.prepare import layer_outputs
 
     was_training = model.training
     model.eval()
@@ -57,7 +58,6 @@ def per_layer_metrics(model, sequences: torch.Tensor, batch_size: int = 4, layer
         total = 0
         batches = range(0, sequences.shape[0], batch_size)
         if progress:
-            from tqdm import tqdm
             batches = tqdm(batches, desc="analyzing", unit="batch")
         for s in batches:
             seq = sequences[s:s + batch_size].to(dev)

@@ -6,14 +6,21 @@ outputs equal the baseline's token for token. The baseline is measured before an
 so a machine whose load drifts during the run biases no cell's speedup in one direction only.
 Tokens per second counts decode only (tokens after each prompt's first, over the time after the prefill), as
 ``layerskip generate`` reports it: the prefill is the same full-model pass for every strategy.
+
+Dynamic drafting (``draft_stops``): cells that draft up to d tokens but stop a round's draft where the exit head's
+top probability falls below a threshold, measured on the same prompts against the same baseline, so the best
+dynamic cell compares directly with the best static (E, d).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Iterable, Optional, Sequence
 
+from tqdm import tqdm
+
 from ..errors import LayerSkipError
 from ..generation import generate
+from .cost_measure import measure_agreement, measure_stage_costs
 from .cost_model import Prediction, StageCosts, predict, rank_of
 
 
@@ -43,6 +50,7 @@ class RunStats:
 class Cell:
     exit_layer: int
     num_speculations: int
+    draft_stop: float = 0.0    # dynamic drafting threshold (0: static, always d drafts)
     acceptance: Optional[float] = None
     tokens_per_round: Optional[float] = None
     tokens_per_s: Optional[float] = None
@@ -53,6 +61,10 @@ class Cell:
     @property
     def key(self) -> tuple[int, int]:
         return self.exit_layer, self.num_speculations
+
+    @property
+    def dynamic(self) -> bool:
+        return self.draft_stop > 0
 
     @property
     def measured(self) -> bool:
@@ -67,12 +79,25 @@ class SweepResult:
     alpha: dict[int, float]
     stage_costs: Optional[StageCosts]
     settings: dict
+    dynamic: list[Cell] = dataclasses.field(default_factory=list)   # draft_stop > 0, same prompts and baseline
 
-    def best(self) -> Optional[Cell]:
-        """Highest measured speedup among cells whose outputs equal the baseline's (all cells if none does)."""
-        measured = [c for c in self.cells if c.measured]
+    @staticmethod
+    def _best_of(cells: Sequence[Cell]) -> Optional[Cell]:
+        measured = [c for c in cells if c.measured]
         lossless = [c for c in measured if c.equal_to_ar] or measured
         return max(lossless, key=lambda c: c.speedup) if lossless else None
+
+    def best(self) -> Optional[Cell]:
+        """Highest measured speedup among the static cells whose outputs equal the baseline's (all cells if none
+        does)."""
+        return self._best_of(self.cells)
+
+    def best_dynamic(self) -> Optional[Cell]:
+        return self._best_of(self.dynamic)
+
+    def best_overall(self) -> Optional[Cell]:
+        """The faster of the best static and the best dynamic cell (lossless ones first)."""
+        return self._best_of([c for c in (self.best(), self.best_dynamic()) if c is not None])
 
     def predicted_best(self) -> Optional[Cell]:
         predicted = [c for c in self.cells if c.predicted is not None]
@@ -106,14 +131,17 @@ def default_exit_layers(num_layers: int, count: int = 6) -> list[int]:
 
 
 def run_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Iterable[int],
-                exit_layer: Optional[int] = None, num_speculations: Optional[int] = None) -> RunStats:
-    """Greedy decoding of each prompt alone; autoregressive when exit_layer is None."""
+                exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
+                draft_stop: float = 0.0) -> RunStats:
+    """Greedy decoding of each prompt alone; autoregressive when exit_layer is None. Self-speculation drafts
+    exactly as asked: draft_stop 0 is static (a model's tuned threshold is not applied behind the caller's back)."""
     strategy = "autoregressive" if exit_layer is None else "self_speculative"
     stats = RunStats([])
     stops = list(stop_ids)
+    extra = {} if exit_layer is None else {"draft_stop": float(draft_stop)}
     for p in prompts:
         r = generate(model, [list(p)], strategy=strategy, max_new_tokens=max_new_tokens, stop_token_ids=stops,
-                     exit_layer=exit_layer, num_speculations=num_speculations)
+                     exit_layer=exit_layer, num_speculations=num_speculations, **extra)
         tokens = r.sequences[0].tokens
         stats.outputs.append(tokens)
         stats.decode_tokens += max(0, len(tokens) - 1)
@@ -132,7 +160,6 @@ def warm_up(model, prompt: Sequence[int], exit_layer: int, d: int, stop_ids: Ite
 
 def predict_grid(model, prompts, ar: RunStats, exit_layers, depths, max_new_tokens: int, repeats: int = 5):
     """-> (alpha, stage costs, {(E, d): Prediction}) from one teacher-forced pass per prompt + microbenchmarks."""
-    from .cost_measure import measure_agreement, measure_stage_costs
 
     alpha, agreements = measure_agreement(model, prompts, ar.outputs, exit_layers)
     ar_step_s = ar.decode_s / ar.decode_tokens if ar.decode_tokens else 0.0
@@ -143,12 +170,25 @@ def predict_grid(model, prompts, ar: RunStats, exit_layers, depths, max_new_toke
     return alpha, costs, preds
 
 
+def check_draft_stops(draft_stops: Sequence[float]) -> None:
+    for s in draft_stops:
+        if not 0.0 < s < 1.0:
+            raise LayerSkipError(f"draft-stop threshold {s} must be a probability strictly between 0 and 1")
+
+
 def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int], depths: Sequence[int],
               max_new_tokens: int, stop_ids: Iterable[int], *, measure: bool = True, with_prediction: bool = True,
-              progress: bool = False, settings: Optional[dict] = None) -> SweepResult:
-    """The autoregressive baseline, then (with_prediction) the cost model, then (measure) every grid cell."""
+              progress: bool = False, settings: Optional[dict] = None, draft_stops: Sequence[float] = (),
+              dynamic_depths: Optional[Sequence[int]] = None) -> SweepResult:
+    """The autoregressive baseline, then (with_prediction) the cost model, then (measure) every grid cell, then
+    (draft_stops) the dynamic cells: every exit layer x dynamic_depths (default: the grid's deepest d) x
+    threshold."""
     exit_layers, depths = sorted(set(exit_layers)), sorted(set(depths))
     check_grid(model.num_layers, exit_layers, depths)
+    draft_stops = sorted(set(float(s) for s in draft_stops))
+    check_draft_stops(draft_stops)
+    dynamic_depths = sorted(set(dynamic_depths or [depths[-1]]))
+    check_grid(model.num_layers, exit_layers, dynamic_depths)
     if not prompts:
         raise LayerSkipError("no prompts to sweep over")
     if max_new_tokens < 2:
@@ -163,19 +203,18 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
         alpha, costs, preds = predict_grid(model, prompts, ar, exit_layers, depths, max_new_tokens)
         for key, pred in preds.items():
             cells[key].predicted = pred
+    dynamic = [Cell(E, d, s) for E in exit_layers for d in dynamic_depths for s in draft_stops] if measure else []
     if measure:
-        measured = {}
-        keys = list(cells)
+        todo = list(cells.values()) + dynamic
         if progress:
-            from tqdm import tqdm
-            keys = tqdm(keys, desc="sweeping (E, d)", unit="cell")
-        for E, d in keys:
-            measured[(E, d)] = run_prompts(model, prompts, max_new_tokens, stop_ids, E, d)
+            todo = tqdm(todo, desc="sweeping (E, d)", unit="cell")
+        measured = [(c, run_prompts(model, prompts, max_new_tokens, stop_ids, c.exit_layer, c.num_speculations,
+                                    c.draft_stop)) for c in todo]
         runs.append(run_prompts(model, prompts, max_new_tokens, stop_ids).tokens_per_s)
         base = sum(runs) / len(runs)
-        for key, st in measured.items():
-            c = cells[key]
+        for c, st in measured:
             c.acceptance, c.tokens_per_round, c.tokens_per_s = st.acceptance, st.tokens_per_round, st.tokens_per_s
             c.speedup = st.tokens_per_s / base if base > 0 else 0.0
             c.equal_to_ar = st.outputs == ar.outputs
-    return SweepResult(list(cells.values()), sum(runs) / len(runs), runs, alpha, costs, dict(settings or {}))
+    return SweepResult(list(cells.values()), sum(runs) / len(runs), runs, alpha, costs, dict(settings or {}),
+                       dynamic)

@@ -14,6 +14,8 @@ def _r(x: Optional[float], digits: int = 4) -> Optional[float]:
 
 def cell_dict(c: Cell) -> dict:
     out = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
+    if c.dynamic:
+        out["draft_stop"] = c.draft_stop
     if c.measured:
         out.update(acceptance=_r(c.acceptance), tokens_per_round=_r(c.tokens_per_round),
                    tokens_per_s=_r(c.tokens_per_s, 2), speedup=_r(c.speedup), equal_to_ar=c.equal_to_ar)
@@ -28,7 +30,22 @@ def cell_dict(c: Cell) -> dict:
 
 
 def _key(c: Optional[Cell]) -> Optional[dict]:
-    return None if c is None else {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
+    if c is None:
+        return None
+    out = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
+    if c.dynamic:
+        out["draft_stop"] = c.draft_stop
+    return out
+
+
+def _best_dict(c: Optional[Cell]) -> Optional[dict]:
+    return dict(_key(c), speedup=_r(c.speedup), acceptance=_r(c.acceptance)) if c is not None else None
+
+
+def dynamic_gain(res: SweepResult) -> Optional[float]:
+    """Best dynamic cell's speedup over the best static one's, minus 1 (None without both)."""
+    b, dyn = res.best(), res.best_dynamic()
+    return dyn.speedup / b.speedup - 1.0 if b is not None and dyn is not None and b.speedup else None
 
 
 def to_json(res: SweepResult) -> dict:
@@ -40,7 +57,11 @@ def to_json(res: SweepResult) -> dict:
         "alpha": {str(E): _r(a) for E, a in sorted(res.alpha.items())},
         "stage_costs": res.stage_costs.to_dict() if res.stage_costs else None,
         "cells": [cell_dict(c) for c in res.cells],
-        "best": dict(_key(best), speedup=_r(best.speedup), acceptance=_r(best.acceptance)) if best else None,
+        "dynamic_cells": [cell_dict(c) for c in res.dynamic],
+        "best": _best_dict(best),
+        "best_dynamic": _best_dict(res.best_dynamic()),
+        "dynamic_gain": _r(dynamic_gain(res)),
+        "best_overall": _best_dict(res.best_overall()),
         "predicted_best": dict(_key(pbest), speedup=_r(pbest.predicted.speedup)) if pbest else None,
         "predicted_best_rank": res.predicted_best_rank(),
         "cells_measured": sum(1 for c in res.cells if c.measured),
@@ -75,7 +96,9 @@ def format_markdown(res: SweepResult, title: str) -> str:
         best = res.best()
         lines += ["", f"Best: E={best.exit_layer}, d={best.num_speculations}: {best.speedup:.2f}x, "
                       f"acceptance {best.acceptance:.3f}, {best.tokens_per_s:.2f} tokens/s", ""]
-        if not all(c.equal_to_ar for c in res.cells if c.measured):
+        if res.dynamic:
+            lines += dynamic_table(res)
+        if not all(c.equal_to_ar for c in res.cells + res.dynamic if c.measured):
             lines += ["≠AR: the cell's greedy outputs differ from the autoregressive ones (not lossless).", ""]
     if any(c.predicted is not None for c in res.cells):
         lines += ["## Predicted by the cost model: speedup (acceptance); exact-replay speedup", ""]
@@ -95,6 +118,24 @@ def format_markdown(res: SweepResult, title: str) -> str:
                       f"call {1e3 * c.call_s[1]:.3f}, step overhead {1e3 * c.overhead_s:.3f}, "
                       f"autoregressive step {1e3 * c.ar_step_s:.3f}", ""]
     return "\n".join(lines)
+
+
+def dynamic_table(res: SweepResult) -> list[str]:
+    """Markdown: the dynamic-drafting cells (a round stops drafting where the exit head's top probability falls
+    below the threshold), and the best of them against the best static cell."""
+    lines = ["## Dynamic drafting: speedup (acceptance, tokens per round)", "",
+             "| E | max d | stop below | speedup | acceptance | tokens/round | output |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
+    for c in sorted(res.dynamic, key=lambda c: (c.exit_layer, c.num_speculations, c.draft_stop)):
+        if c.measured:
+            lines.append(f"| {c.exit_layer} | {c.num_speculations} | {c.draft_stop:g} | {c.speedup:.2f}x | "
+                         f"{c.acceptance:.2f} | {c.tokens_per_round:.2f} | {'=AR' if c.equal_to_ar else '≠AR'} |")
+    b, dyn, gain = res.best(), res.best_dynamic(), dynamic_gain(res)
+    if gain is not None:
+        lines += ["", f"Best dynamic: E={dyn.exit_layer}, d<={dyn.num_speculations}, stop below {dyn.draft_stop:g}: "
+                      f"{dyn.speedup:.2f}x against the best static E={b.exit_layer}, d={b.num_speculations}: "
+                      f"{b.speedup:.2f}x ({100 * gain:+.1f}%)"]
+    return lines + [""]
 
 
 def write_reports(res: SweepResult, out_dir: str, title: str) -> tuple[list[str], Optional[str]]:

@@ -1,8 +1,8 @@
 """``layerskip demo``: the flagship command. One prompt, decoded self-speculatively and autoregressively:
 both completions, whether they are token-identical, both speeds, the speedup and the acceptance rate.
 
-    layerskip demo                              # packaged LayerSkip adapter on HumanEval prompt 0
-    layerskip demo --prompt-index 3 --json
+    layerskip demo                              # both shipped LayerSkip models on HumanEval prompt 0
+    layerskip demo --model nano-layerskip --prompt-index 3 --json
     layerskip demo --model path/to/model --prompt "def fib(n):" --exit-layer 8 --num-speculations 4
 """
 from __future__ import annotations
@@ -14,20 +14,36 @@ import sys
 import time
 
 from ..errors import LayerSkipError
-from .common import prompt_texts, setup_threads
+from ..generation import generate
+from ..generation.defaults import default_speculation, resolve_strategy
+from ..io import packaged
+from ..model import load_model
+from .common import add_runtime_args, prompt_texts, setup_threads
+
+NAME = "demo"
+HELP = "self-speculative vs autoregressive on one prompt: outputs, speed, acceptance"
 
 DEFAULT_MODEL = "smollm2-135m-layerskip"
 FALLBACK_MODEL = "smollm2-135m"
+NANO_MODEL = "nano-layerskip"
+# What each shipped model is, said before its numbers (the demo shows both by default).
+LABELS = {
+    DEFAULT_MODEL: "SmolLM2-135M-Instruct with the LayerSkip LoRA adapter trained here (continual pretraining on "
+                   "~1M tokens of a CPU: self-speculation about at parity)",
+    NANO_MODEL: "nano-layerskip: a small model trained from scratch on this project's 2-core CPU by `layerskip "
+                "reproduce` (LayerSkip recipe, Python's standard library); a demonstration, not a useful assistant",
+}
 DEFAULT_SPECULATIONS = 4  # what `layerskip generate --strategy self_speculative` uses without a tuned setting
 WARMUP_TOKENS = 4
 
 
-def add_demo_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Decode one prompt with self-speculation and autoregressively; show both completions, "
                      "whether they are token-identical, both speeds, the speedup and the acceptance rate.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"default {DEFAULT_MODEL} (the packaged LayerSkip adapter; {FALLBACK_MODEL} when it is "
-                        f"not installed); or an HF folder, .gguf file, adapter folder")
+    p.add_argument("--model", default=None,
+                   help=f"default: both shipped LayerSkip models in turn, {DEFAULT_MODEL} (the packaged adapter; "
+                        f"{FALLBACK_MODEL} when it is not installed) and {NANO_MODEL}; or a packaged name, an HF "
+                        f"folder, .gguf file, adapter folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: a HumanEval prompt)")
     src.add_argument("--prompt-index", type=int, default=0, help="HumanEval prompt number (default 0)")
@@ -36,16 +52,12 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="E (default: the model's tuned setting, else a quarter of its depth)")
     p.add_argument("--num-speculations", type=int, default=None,
                    help=f"d (default: the model's tuned setting, else {DEFAULT_SPECULATIONS})")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def resolve_demo_model(name: str) -> tuple[str, str | None]:
     """-> (model to load, note or None): the packaged adapter falls back to its base when it is not installed."""
-    from ..io import packaged
-
     key = name.lower()
     if key in packaged.PACKAGED_ADAPTERS and not os.path.exists(os.path.expanduser(name)):
         folder = os.path.join(packaged.MODELS_DIR, packaged.PACKAGED_ADAPTERS[key])
@@ -57,8 +69,6 @@ def resolve_demo_model(name: str) -> tuple[str, str | None]:
 
 def choose_setting(model, source: str, exit_layer, num_speculations) -> tuple[int, int, str]:
     """-> (E, d, where they came from): the flags, else the model's tuned setting, else the fallbacks."""
-    from ..generation.defaults import default_speculation
-
     tuned = default_speculation(model, source)
     origin = "flags" if exit_layer is not None and num_speculations is not None else (
         "the model's tuned setting" if tuned else "defaults")
@@ -90,21 +100,39 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def cmd_demo(args) -> int:
-    from ..generation import generate
-    from ..model import load_model
+def default_models() -> list[str]:
+    """The shipped LayerSkip models, those installed (the adapter always: it falls back to its base)."""
+    names = [DEFAULT_MODEL]
+    if os.path.isfile(os.path.join(packaged.MODELS_DIR, packaged.PACKAGED_FOLDERS[NANO_MODEL], "config.json")):
+        names.append(NANO_MODEL)
+    else:
+        print(f"note: {NANO_MODEL} is not installed with this package; showing {DEFAULT_MODEL} only",
+              file=sys.stderr)
+    return names
 
+
+def run(args) -> int:
     if args.max_new_tokens < 1:
         raise LayerSkipError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     setup_threads(args.threads)
     prompt, label = _prompt(args)
-    name, note = resolve_demo_model(args.model)
+    names = [args.model] if args.model is not None else default_models()
+    for i, name in enumerate(names):
+        if len(names) > 1 and not args.json:
+            print(("\n" if i else "") + f"##### {name}: {LABELS.get(name, name)}")
+        demo_one(args, name, prompt, label)
+    return 0
+
+
+def demo_one(args, name: str, prompt: str, label: str) -> None:
+    """Both decodes of one model, printed (or one JSON line)."""
+    name, note = resolve_demo_model(name)
     if note:
         print(note, file=sys.stderr)
     t0 = time.perf_counter()
     print(f"loading {name} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(name, dtype=args.dtype, backend=args.backend, progress=True)
-    print(f"loaded in {time.perf_counter() - t0:.1f}s ({model.num_layers} layers, {model.ops.name} kernels)",
+    model, tokenizer = load_model(name, dtype=args.dtype, backend=args.backend, progress=True, device=args.device)
+    print(f"loaded in {time.perf_counter() - t0:.1f}s ({model.num_layers} layers, {model.decoder.name} kernels)",
           file=sys.stderr)
     if tokenizer is None:
         raise LayerSkipError(f"{name} has no tokenizer; the demo needs one")
@@ -136,7 +164,9 @@ def cmd_demo(args) -> int:
                  stop_token_ids=stops, **kw)
     if not args.json:
         print(f"=== {label} ({len(ids)} tokens) ===\n{prompt}")
-    ss = run("self_speculative", f"self-speculative completion (E={E}, d={d}: {origin})")
+    stop = resolve_strategy(model, "self_speculative", E, d, None, f"{name} {getattr(model, 'source', '')}")[3]
+    dyn = f", drafts stop below top probability {stop:g}" if stop else ""
+    ss = run("self_speculative", f"self-speculative completion (E={E}, d={d}{dyn}: {origin})")
     ar = run("autoregressive", "autoregressive completion")
     ss_tokens, ar_tokens = ss.sequences[0].tokens, ar.sequences[0].tokens
     diff = _first_difference(ss_tokens, ar_tokens)
@@ -155,8 +185,9 @@ def cmd_demo(args) -> int:
                                      rounds=rounds, tokens_per_round=round(tokens_per_round, 3)),
             "autoregressive": part(ar, ar_tokens),
             "identical": diff is None, "first_difference": diff, "speedup": round(speedup, 3),
-            "dtype": args.dtype, "backend": model.ops.name}))
-        return 0
+            "draft_stop": ss.stats.get("draft_stop", 0.0), "about": LABELS.get(name),
+            "dtype": args.dtype, "backend": model.decoder.name}))
+        return
     print("\n=== summary ===")
     same = "yes" if diff is None else f"NO (first difference at new token {diff})"
     print(f"token-identical:   {same} ({len(ss_tokens)} vs {len(ar_tokens)} new tokens)")
@@ -164,4 +195,3 @@ def cmd_demo(args) -> int:
           f"{ss.stats.get('acceptance_rate', 0.0):.1%}, {tokens_per_round:.2f} tokens per round")
     print(f"autoregressive:    {ar.decode_tokens_per_s:.1f} tokens/s")
     print(f"speedup:           {speedup:.2f}x (decode tokens/s, after a warm-up)")
-    return 0

@@ -7,9 +7,14 @@ import json
 import sys
 
 from ..errors import LayerSkipError
+from ..io import load_checkpoint
+from ..model.draft_vocab import build_draft_vocab, default_draft_vocab_path, save_draft_vocab
+
+NAME = "draft-vocab"
+HELP = "store a frequency-ranked draft vocabulary with a model (cheaper self-speculative drafts, same output)"
 
 
-def add_draft_vocab_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, .gguf file, adapter folder, or a packaged name")
     p.add_argument("--data", required=True, help="corpus: a folder (every text file below it), JSONL or text file")
     p.add_argument("--size", type=int, default=8192, help="tokens to keep (special / EOS tokens always included)")
@@ -22,10 +27,7 @@ def add_draft_vocab_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
-def cmd_draft_vocab(args) -> int:
-    from ..io import load_checkpoint
-    from ..model.draft_vocab import build_draft_vocab, default_draft_vocab_path, save_draft_vocab
-
+def run(args) -> int:
     if args.size < 1:
         raise LayerSkipError(f"--size must be >= 1, got {args.size}")
     # Only the tokenizer and config are needed, but every format stores them with the weights.

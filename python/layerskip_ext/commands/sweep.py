@@ -3,6 +3,7 @@
     layerskip sweep --model smollm2-135m-layerskip --out sweep/            # measured grid + predictions
     layerskip sweep --model smollm2-135m-layerskip --predict               # cost model only (fast)
     layerskip sweep --model smollm2-135m-layerskip --write-default         # store the best (E, d) in its config
+    layerskip sweep --model nano-layerskip --draft-stops 0.3,0.5 --dynamic-depths 6,8   # + dynamic drafting
 """
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ import argparse
 import os
 import sys
 
+import torch
+
+from ..analysis.sweep import check_draft_stops, check_grid, default_exit_layers, run_sweep
+from ..analysis.sweep_report import format_markdown, write_reports
 from ..errors import LayerSkipError
-from .common import int_list, prompt_texts, setup_threads
+from ..io.layerskip_block import layerskip_config_path, write_layerskip_block
+from ..model import load_model
+from .common import add_runtime_args, int_list, prompt_texts, setup_threads
+
+NAME = "sweep"
+HELP = "acceptance and speedup over a grid of exit layers and depths, cost model"
 
 
-def add_sweep_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Measure self-speculative decoding (acceptance rate, tokens/s, speedup over autoregressive "
                      "decoding measured in the same run) over a grid of exit layers E and speculation depths d, "
                      "with the cost model's prediction for every cell. Writes DIR/sweep.json, DIR/sweep.md and "
@@ -24,14 +34,17 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="exit layers to try (default: a spread of about six over the depth)")
     p.add_argument("--num-speculations", default="1,2,3,4,6", metavar="D1,D2,...",
                    help="speculation depths to try (default 1,2,3,4,6)")
+    p.add_argument("--draft-stops", default="", metavar="P1,P2,...",
+                   help="dynamic drafting: also measure every exit layer with these thresholds (a round stops "
+                        "drafting where the exit head's top probability falls below one; default none)")
+    p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
+                   help="the most drafts a dynamic round may make (default: the deepest --num-speculations)")
     p.add_argument("--prompts", default="humaneval",
                    help="'humaneval' (default), a JSONL(.gz) with a 'prompt' field, or a text file of prompts "
                         "separated by blank lines")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_runtime_args(p)
     p.add_argument("--out", default="layerskip_sweep", help="output folder (default layerskip_sweep)")
     p.add_argument("--predict", action="store_true",
                    help="only the cost model: predicted table and best (E, d) without decoding the full grid")
@@ -40,9 +53,21 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                         "(adapter) or config.json (HF folder), which --strategy auto then uses")
 
 
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LayerSkipError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
 def _check_args(args) -> tuple[list[int] | None, list[int]]:
     exits = int_list(args.exit_layers, "--exit-layers") if args.exit_layers is not None else None
     depths = int_list(args.num_speculations, "--num-speculations")
+    args.draft_stops = _float_list(args.draft_stops, "--draft-stops")
+    check_draft_stops(args.draft_stops)
+    args.dynamic_depths = int_list(args.dynamic_depths, "--dynamic-depths") if args.dynamic_depths else None
+    if args.dynamic_depths and any(d < 1 for d in args.dynamic_depths):
+        raise LayerSkipError("--dynamic-depths: every depth must be >= 1")
     if exits is not None and not exits:
         raise LayerSkipError("empty grid: --exit-layers lists no exit layer")
     if not depths:
@@ -57,34 +82,29 @@ def _check_args(args) -> tuple[list[int] | None, list[int]]:
     return exits, depths
 
 
-def cmd_sweep(args) -> int:
-    import torch
-
-    from ..analysis.sweep import check_grid, default_exit_layers, run_sweep
-    from ..analysis.sweep_report import format_markdown, write_reports
-    from ..model import load_model
-
+def run(args) -> int:
     exits, depths = _check_args(args)
     setup_threads(args.threads)
     texts = prompt_texts(args.prompts)[:args.num_prompts]  # before loading: a bad prompts file fails fast
     if args.write_default:
-        from ..io.layerskip_block import layerskip_config_path
 
         layerskip_config_path(args.model)  # a GGUF has nowhere to store it: say so before the long run
-    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend, progress=True,
+                                  device=args.device)
     if tokenizer is None:
         raise LayerSkipError(f"{args.model} has no tokenizer")
     exits = exits if exits is not None else default_exit_layers(model.num_layers)
     check_grid(model.num_layers, exits, depths)
     prompts = [tokenizer.encode(t) for t in texts]
     stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
-    settings = {"model": args.model, "dtype": args.dtype, "backend": model.ops.name,
+    settings = {"model": args.model, "dtype": args.dtype, "backend": model.decoder.name,
                 "threads": torch.get_num_threads(), "prompts": args.prompts, "num_prompts": len(prompts),
                 "max_new_tokens": args.max_new_tokens, "load_average_1m": round(os.getloadavg()[0], 2)}
     print(f"sweeping {len(exits)} exit layers x {len(depths)} depths over {len(prompts)} prompts"
           + (" (cost model only)" if args.predict else ""), file=sys.stderr)
     res = run_sweep(model, prompts, exits, depths, args.max_new_tokens, stop_ids, measure=not args.predict,
-                    with_prediction=True, progress=True, settings=settings)
+                    with_prediction=True, progress=True, settings=settings, draft_stops=args.draft_stops,
+                    dynamic_depths=args.dynamic_depths)
     title = f"{args.model} ({args.dtype}, {settings['threads']} threads)"
     print(format_markdown(res, title))
     paths, note = write_reports(res, args.out, title)
@@ -92,19 +112,19 @@ def cmd_sweep(args) -> int:
         print(note, file=sys.stderr)
     print("wrote " + ", ".join(paths), file=sys.stderr)
 
-    best = res.predicted_best() if args.predict else res.best()
+    best = res.predicted_best() if args.predict else res.best_overall()
     speedup = best.predicted.speedup if args.predict else best.speedup
     label = "predicted best" if args.predict else "best"
-    print(f"{label}: E={best.exit_layer} d={best.num_speculations} ({speedup:.2f}x vs autoregressive)")
+    stop = f" draft-stop {best.draft_stop:g}" if best.dynamic else ""
+    print(f"{label}: E={best.exit_layer} d={best.num_speculations}{stop} ({speedup:.2f}x vs autoregressive)")
     if args.write_default:
         _write_default(args.model, best, speedup, args.predict)
     return 0
 
 
 def _write_default(model: str, best, speedup: float, predicted: bool) -> None:
-    from ..io.layerskip_block import write_layerskip_block
-
-    extra = {"speedup": round(speedup, 3), "source": "layerskip sweep" + (" --predict" if predicted else "")}
+    extra = {"speedup": round(speedup, 3), "source": "layerskip sweep" + (" --predict" if predicted else ""),
+             "draft_stop": best.draft_stop}
     if not predicted:
         extra["acceptance"] = round(best.acceptance, 4)
     path = write_layerskip_block(model, best.exit_layer, best.num_speculations, extra)

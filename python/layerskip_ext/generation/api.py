@@ -7,26 +7,30 @@ import torch
 
 from .. import ops
 from ..errors import GenerationError
+from ..model.draft_vocab import DraftVocabError, check_draft_vocab
 from .autoregressive import generate_autoregressive
 from .batch import DecodeBatch
 from .core import GenerationResult, SequenceOutput, StopRules, TokenCallback, check_prompts
+from .defaults import resolve_strategy
 from .sampling import SamplingParams
 from .self_speculative import generate_self_speculative
 
-STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
+STRATEGIES = ("auto", "autoregressive", "early_exit", "self_speculative")
 
 
-def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "autoregressive",
+def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "auto",
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: Optional[int] = None, stop_token_ids: Optional[Iterable[int]] = None,
              exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
              on_token: Optional[TokenCallback] = None, draft_vocab="auto",
-             cuda_graph: bool = False) -> GenerationResult:
+             cuda_graph: bool = False, draft_stop: Optional[float] = None) -> GenerationResult:
     """Generate continuations of token-id prompts (one list, or a batch of lists of any lengths).
 
     strategy: "autoregressive" (all layers, one token per pass), "early_exit" (layers < exit_layer, then the
-    shared head: lossy), or "self_speculative" (draft num_speculations tokens with layers < exit_layer, verify
-    with the rest: output as the full model's). Stops at any of ``stop_token_ids`` (default: the model config's
+    shared head: lossy), "self_speculative" (draft num_speculations tokens with layers < exit_layer, verify
+    with the rest: output as the full model's; the model's tuned setting fills what is not given), or "auto"
+    (the default: self_speculative with the model's tuned (E, d) when it has one that pays, see
+    generation/defaults.py, else autoregressive). Stops at any of ``stop_token_ids`` (default: the model config's
     EOS ids), after ``max_new_tokens``, or when a sequence reaches the model's context length
     (finish_reason "context_full").
 
@@ -37,17 +41,28 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
 
     cuda_graph (self_speculative, greedy, model on a CUDA device): replay each full-length round as a CUDA graph
     (generation/cuda_graph.py). Same output; fewer launches and no Python between them.
+
+    draft_stop (self_speculative, greedy): dynamic drafting: a round drafts up to num_speculations tokens, stopping
+    where the exit head's top probability falls below draft_stop (None: the model's tuned setting, else 0 = off).
+    Same output; it saves the drafts (and their verification) that would likely be rejected.
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # a single prompt
     prompts = [list(map(int, p)) for p in prompts]
     config = model.config
+    decoder = model.decoder
+    decoder.check_current(model)
     check_prompts(prompts, config.vocab_size, config.max_position_embeddings)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     if strategy not in STRATEGIES:
         raise GenerationError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    asked_stop = draft_stop
+    strategy, exit_layer, num_speculations, draft_stop = resolve_strategy(model, strategy, exit_layer,
+                                                                          num_speculations, draft_stop)
+    if asked_stop is None and not sampling.greedy:
+        draft_stop = 0.0  # a tuned dynamic-drafting threshold is for greedy decoding
     if strategy == "autoregressive" and exit_layer not in (None, model.num_layers):
         raise GenerationError("exit_layer applies to the early_exit and self_speculative strategies")
     if strategy != "autoregressive":
@@ -60,9 +75,15 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
             raise GenerationError(f"num_speculations={num_speculations} does not fit the remaining context: the "
                                   f"longest prompt leaves {room} of {config.max_position_embeddings} positions")
 
+    if not (isinstance(draft_stop, (int, float)) and 0.0 <= draft_stop <= 1.0):
+        raise GenerationError(f"draft_stop must be a probability in [0, 1], got {draft_stop!r}")
+    if draft_stop and (strategy != "self_speculative" or not sampling.greedy):
+        raise GenerationError("draft_stop (dynamic drafting) applies to greedy self_speculative decoding only")
     if cuda_graph:
         if strategy != "self_speculative" or not sampling.greedy:
             raise GenerationError("cuda_graph applies to greedy self_speculative decoding only")
+        if draft_stop:
+            raise GenerationError("cuda_graph replays fixed-length rounds: it does not combine with draft_stop")
         if model.device.type != "cuda":
             raise GenerationError(f"cuda_graph needs the model on a CUDA device; it is on {model.device}")
     subset = resolve_draft_vocab(model, draft_vocab) if strategy == "self_speculative" else None
@@ -73,12 +94,13 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     result = GenerationResult(rules.outputs, strategy)
     if max_new_tokens == 0:
         return result
-    batch = DecodeBatch(model, rules, capacity)
+    batch = DecodeBatch(decoder, rules, capacity)
     if strategy == "self_speculative":
-        result = generate_self_speculative(model, batch, sampling, result, exit_layer, num_speculations, subset,
-                                           cuda_graph)
+        result = generate_self_speculative(decoder, batch, sampling, result, exit_layer, num_speculations, subset,
+                                           cuda_graph, draft_stop)
+        result.stats["draft_stop"] = draft_stop
     else:
-        result = generate_autoregressive(model, batch, sampling, result,
+        result = generate_autoregressive(decoder, batch, sampling, result,
                                          exit_layer=exit_layer if strategy == "early_exit" else None)
         if strategy == "early_exit":
             result.stats["exit_layer"] = exit_layer
@@ -88,8 +110,6 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
 
 def resolve_draft_vocab(model, draft_vocab) -> Optional[torch.Tensor]:
     """generate's draft_vocab argument -> ascending int64 ids on the model's device, or None (all tokens)."""
-    from ..model.draft_vocab import DraftVocabError, check_draft_vocab
-
     if isinstance(draft_vocab, str):
         if draft_vocab != "auto":
             raise GenerationError(f"draft_vocab must be 'auto', None, or token ids; got {draft_vocab!r}")

@@ -18,20 +18,32 @@ from .core import StopRules, to_tensor
 
 
 class DecodeBatch:
-    def __init__(self, model, rules: StopRules, capacity: int):
-        self.model = model
+    """rows / positions / last_tokens are attributes for the live rows (views of pos and last, writes go
+    through), and top the largest newest-token position among them: the decode loops read them every step, so
+    they are kept current (by emit and drop_finished) rather than recomputed."""
+
+    def __init__(self, decoder, rules: StopRules, capacity: int):
+        self.decoder = decoder
         self.rules = rules
         self.outputs = rules.outputs
-        self.cache = model.new_cache(len(self.outputs), capacity)
+        self.cache = decoder.new_cache(len(self.outputs), capacity)
         self.capacity = capacity
         self.active = list(range(len(self.outputs)))
-        dev = model.device
+        dev = decoder.device
         self.pos = torch.tensor([len(o.prompt_tokens) - 1 for o in self.outputs], dtype=torch.int64, device=dev)
         self.last = torch.tensor([o.prompt_tokens[-1] for o in self.outputs], dtype=torch.int64, device=dev)
+        self._live()
 
-    @property
-    def rows(self) -> slice:
-        return slice(0, len(self.active))
+    def _live(self) -> None:
+        n = len(self.active)
+        self.rows = slice(0, n)
+        self.positions = self.pos[:n]    # [n] each live sequence's newest position: where the next call starts
+        self.last_tokens = self.last[:n]  # [n] its newest token (emitted, not yet in the cache)
+        self.top = max([self._newest(b) for b in self.active], default=-1)
+
+    def _newest(self, b: int) -> int:
+        """The position of sequence b's newest token, from what it emitted (no device read)."""
+        return len(self.outputs[b].prompt_tokens) + len(self.outputs[b].tokens) - 1
 
     def prefill(self, exit_layer: int | None = None) -> torch.Tensor:
         """Each prompt in one pass into its own cache row. -> last position's hidden state [B, H] (only that
@@ -39,46 +51,32 @@ class DecodeBatch:
         last = []
         for b in self.active:
             tokens = to_tensor(self.outputs[b].prompt_tokens).view(1, -1)
-            h = self.model.forward_hidden(tokens, start=to_tensor([0]), cache=self.cache, exit_layer=exit_layer,
-                                          rows=slice(b, b + 1))
+            h = self.decoder.forward_hidden(tokens, None, self.cache, exit_layer, slice(b, b + 1))
             last.append(h[0, -1])
         return torch.stack(last)
 
-    def last_tokens(self) -> torch.Tensor:
-        """[n] the newest token of each live sequence (emitted but not yet in the cache): a view of ``last``."""
-        return self.last[self.rows]
-
-    def positions(self) -> torch.Tensor:
-        """[n] the position of each live sequence's newest token, where the next forward call starts: a view of
-        ``pos`` (writes go through)."""
-        return self.pos[self.rows]
-
-    def max_position(self) -> int:
-        """max over live sequences of the newest token's position, from the emitted tokens (no device read)."""
-        return max(len(self.outputs[b].prompt_tokens) + len(self.outputs[b].tokens) for b in self.active) - 1
-
     def room(self) -> int:
         """How many positions past the newest token every live sequence still has in the cache."""
-        return self.capacity - 1 - self.max_position()
+        return self.capacity - 1 - self.top
 
-    def emit(self, row: int, tokens) -> int:
-        """Emit tokens for the sequence in cache row `row` until it finishes. -> how many were emitted."""
+    def emit(self, row: int, tokens) -> None:
+        """Emit tokens for the sequence in cache row `row`, stopping where it finishes."""
         b = self.active[row]
-        for n, t in enumerate(tokens, 1):
-            if not self.rules.emit(b, int(t)):
-                return n
-        return len(tokens)
+        for t in tokens:
+            if not self.rules.emit(b, t):
+                break
+        self.top = max(self.top, len(self.outputs[b].prompt_tokens) + len(self.outputs[b].tokens) - 1)
 
     def emit_first(self, first: torch.Tensor) -> None:
         """The prompt pass's token of every sequence: emitted, and the newest token at position len(prompt)."""
         for row, t in enumerate(first.tolist()):
             self.emit(row, [t])
-        self.last[self.rows] = first.to(self.last.device)
-        self.pos[self.rows] += 1
+        self.last_tokens.copy_(first.to(self.last.device))
+        self.positions += 1
         self.drop_finished()
 
     def drop_finished(self) -> None:
-        keep = [i for i, b in enumerate(self.active) if not self.rules.done(b)]
+        keep = [i for i, b in enumerate(self.active) if self.outputs[b].finish_reason is None]
         if len(keep) == len(self.active):
             return
         if keep and keep != list(range(len(keep))):
@@ -89,6 +87,4 @@ class DecodeBatch:
             for t in (self.pos, self.last):
                 t[:len(keep)] = t.index_select(0, index.to(t.device))
         self.active = [self.active[i] for i in keep]
-
-    def done(self) -> bool:
-        return not self.active
+        self._live()

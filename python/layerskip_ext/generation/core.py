@@ -73,16 +73,14 @@ class StopRules:
     def done(self, b: int) -> bool:
         return self.outputs[b].finish_reason is not None
 
-    def all_done(self) -> bool:
-        return all(self.done(b) for b in range(len(self.outputs)))
-
     def emit(self, b: int, token: int) -> bool:
-        """Append a token to sequence b; returns False once the sequence is finished (the token is still kept)."""
+        """Append a token (a Python int) to sequence b; returns False once the sequence is finished (the token is
+        still kept)."""
         out = self.outputs[b]
-        out.tokens.append(int(token))
+        out.tokens.append(token)
         if self.on_token is not None:
-            self.on_token(b, int(token))
-        if int(token) in self.stop_ids:
+            self.on_token(b, token)
+        if token in self.stop_ids:
             out.finish_reason = "stop"
         elif len(out.tokens) >= self.max_new_tokens:
             out.finish_reason = "length"

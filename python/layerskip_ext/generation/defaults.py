@@ -1,4 +1,4 @@
-"""Which (exit layer, speculations) a model self-speculates with when the caller does not say."""
+"""Which strategy and (exit layer, speculations) a model decodes with when the caller does not say."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,15 +8,40 @@ from typing import Optional
 KNOWN_CHECKPOINTS = {
     "layerskip-llama2-7b": (8, 6),
 }
+DEFAULT_SPECULATIONS = 4
 
 
 def default_speculation(model, source: str = "") -> Optional[tuple[int, int]]:
-    """(E, d) from the model's own config (``layerskip`` block), else from the table, else None."""
+    """(E, d) from the model's own config (``layerskip`` block), else from the table by the model's source (and
+    `source`), else None."""
     block = getattr(model.config, "layerskip", None) or {}
     if "exit_layer" in block:
-        return int(block["exit_layer"]), int(block.get("num_speculations", 4))
-    name = source.lower()
+        return int(block["exit_layer"]), int(block.get("num_speculations", DEFAULT_SPECULATIONS))
+    name = f"{source} {getattr(model, 'source', '')}".lower()
     for key, setting in KNOWN_CHECKPOINTS.items():
         if key in name:
             return setting
     return None
+
+
+def resolve_strategy(model, strategy: str, exit_layer: Optional[int], num_speculations: Optional[int],
+                     draft_stop: Optional[float] = None,
+                     source: str = "") -> tuple[str, Optional[int], Optional[int], float]:
+    """-> (strategy, E, d, draft_stop): "auto" self-speculates with the model's tuned (E, d) (or when the caller
+    gave an exit layer), unless the model's recorded speedup (``layerskip sweep --write-default``) is not above 1,
+    and decodes autoregressively otherwise; self-speculation fills the E, d and draft_stop the caller left out from
+    the tuned setting (draft_stop: 0 when it has none)."""
+    tuned = default_speculation(model, source)
+    block = getattr(model.config, "layerskip", None) or {}
+    if strategy == "auto":
+        slower = isinstance(block.get("speedup"), (int, float)) and block["speedup"] <= 1.0
+        strategy = "self_speculative" if (tuned and not slower) or exit_layer is not None else "autoregressive"
+    if strategy == "self_speculative":
+        if tuned:
+            exit_layer = tuned[0] if exit_layer is None else exit_layer
+            num_speculations = tuned[1] if num_speculations is None else num_speculations
+        if num_speculations is None:
+            num_speculations = DEFAULT_SPECULATIONS
+        if draft_stop is None and tuned and exit_layer == tuned[0]:
+            draft_stop = float(block.get("draft_stop", 0.0))
+    return strategy, exit_layer, num_speculations, float(draft_stop or 0.0)

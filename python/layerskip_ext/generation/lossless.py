@@ -38,7 +38,7 @@ def check_lossless(model, prompts: list[list[int]], pairs: list[tuple[int, int]]
                    stop_token_ids=None, progress=None) -> list[PairReport]:
     reports = [PairReport(E, d) for E, d in pairs]
     for i, prompt in enumerate(prompts):
-        expected = generate(model, prompt, max_new_tokens=max_new_tokens,
+        expected = generate(model, prompt, strategy="autoregressive", max_new_tokens=max_new_tokens,
                             stop_token_ids=stop_token_ids).sequences[0].tokens
         for report in reports:
             r = generate(model, prompt, strategy="self_speculative", exit_layer=report.exit_layer,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -16,6 +16,7 @@ class SamplingParams:
     top_k: int = 0            # 0 = off
     top_p: float = 1.0        # 1 = off
     seed: Optional[int] = None
+    greedy: bool = field(init=False, repr=False)  # temperature == 0
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -24,10 +25,8 @@ class SamplingParams:
             raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "greedy", self.temperature == 0)  # a plain attribute: read on every step
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
     def generator(self, device: torch.device | str = "cpu") -> Optional[torch.Generator]:
         if self.greedy:
@@ -58,54 +57,27 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
-def _fused_head_sample(fused, model, hidden: torch.Tensor, params: SamplingParams,
-                       uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return model.run_fused_head(fused, hidden, uniforms.reshape(-1).contiguous(), params.temperature,
-                                params.top_k, params.top_p, None)
-
-
-def sample_with_probs(model, hidden: torch.Tensor, params: SamplingParams,
+def sample_with_probs(decoder, hidden: torch.Tensor, params: SamplingParams,
                       generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling (not greedy) through the shared exit head: hidden [..., H] -> (tokens [...] int64, the filtered
-    distribution they were drawn from [..., V] float32: speculative sampling's q).
-
-    With a fused sampling head (the native op set) one native call computes the logits, filters them and draws each
-    token by inverse CDF from one uniform of ``generator``; otherwise filtered_probs(head(hidden)) and
-    torch.multinomial. Either way: the same seed, the same tokens."""
-    fused = model.fused_head("exit_head_sample")
-    if fused is None:
-        probs = filtered_probs(model.head(hidden), params)
-        tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-        return tokens.view(hidden.shape[:-1]), probs
+    distribution they were drawn from [..., V] float32: speculative sampling's q). One uniform of ``generator``
+    per row draws its token by inverse CDF (the decoder's exit_head_sample: native or its reference, the same
+    tokens for the same seed)."""
     uniforms = torch.rand(hidden.shape[:-1], generator=generator, device=hidden.device)
-    return _fused_head_sample(fused, model, hidden, params, uniforms)
+    return decoder.head_sample(hidden, uniforms, params.temperature, params.top_k, params.top_p)
 
 
-def head_probs(model, hidden: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def head_probs(decoder, hidden: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The filtered distribution [..., V] float32 of the exit head at hidden [..., H] (speculative sampling's
-    target p), through the fused sampling head where the op set has one (its token is not used, so its uniforms are
-    zeros: no generator state is consumed)."""
-    fused = model.fused_head("exit_head_sample")
-    if fused is None:
-        return filtered_probs(model.head(hidden), params)
+    target p); its token is not used, so its uniforms are zeros: no generator state is consumed."""
     uniforms = torch.zeros(hidden.shape[:-1], device=hidden.device)
-    return _fused_head_sample(fused, model, hidden, params, uniforms)[1]
+    return decoder.head_sample(hidden, uniforms, params.temperature, params.top_k, params.top_p)[1]
 
 
-def head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
-    """log_softmax of the exit head's logits at hidden [..., H] -> [..., V] float32 (scoring, evaluation), through
-    the fused log-probs head where the op set has one."""
-    fused = model.fused_head("exit_head_log_softmax")
-    if fused is None:
-        return torch.log_softmax(model.head(hidden).float(), dim=-1)
-    return model.run_fused_head(fused, hidden, None)
-
-
-def choose_tokens(model, hidden: torch.Tensor, params: SamplingParams,
+def choose_tokens(decoder, hidden: torch.Tensor, params: SamplingParams,
                   generator: Optional[torch.Generator]) -> torch.Tensor:
-    """hidden [B, H] (a layer's output) -> token ids [B] (int64), through the model's shared exit head.
-
-    Neither greedy nor (with the native op set) sampling materialises logits outside the fused native call."""
+    """hidden [B, H] (a layer's output) -> token ids [B] (int64), through the shared exit head. Neither greedy nor
+    sampling materialises logits outside the decoder's exit-head kernel."""
     if params.greedy:
-        return model.head_argmax(hidden)
-    return sample_with_probs(model, hidden, params, generator)[0]
+        return decoder.head_argmax(hidden)
+    return sample_with_probs(decoder, hidden, params, generator)[0]

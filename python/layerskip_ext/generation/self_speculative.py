@@ -3,8 +3,8 @@
 One round, for every live sequence at once (each at its own position p, the newest token x0 not yet cached):
   1. draft: x0, y1, ..., yd each go through layers < E one at a time (T = 1), writing those layers' KV at
      p .. p+d in place; the shared exit head on layer E's output proposes y1 .. yd. The exit-layer hidden states
-     h_E(x0), h_E(y1) .. h_E(yd) are kept (yd needs no head: it is only verified). Greedy drafts are one native
-     call (ops.draft_greedy through model.draft_greedy), bitwise these steps; sampling runs them here.
+     h_E(x0), h_E(y1) .. h_E(yd) are kept (yd needs no head: it is only verified). Greedy drafts are one decoder
+     call (decoder.draft_greedy: the native op, or ops.draft_greedy_composed's steps); sampling runs them here.
   2. verify: ONE pass of layers >= E over those d+1 hidden states (T = d+1), writing the deep layers' KV at
      p .. p+d. Layers < E are never recomputed.
   3. accept the longest prefix of drafts the full model agrees with, then one token of the full model's own
@@ -14,7 +14,7 @@ One round, for every live sequence at once (each at its own position p, the newe
 Greedy output equals autoregressive greedy output exactly when every op is batch-invariant (a row's result
 does not depend on T), which the native kernels guarantee. Sampling follows Leviathan et al.: accept y with
 probability min(1, p(y)/q(y)), else resample from norm(max(p - q, 0)); emitted tokens follow the full model.
-Acceptance is the op set's verify_greedy / verify_sampling (native kernels, or their PyTorch references).
+Acceptance is the decoder's verify_greedy / verify_sampling (native kernels, or their PyTorch references).
 
 Draft vocabulary (greedy only): the draft's exit head may score only a subset of the vocabulary (``draft_vocab``,
 e.g. a corpus's 8k most frequent tokens: model/draft_vocab.py), which cuts a shallow draft's head cost. Output is
@@ -24,99 +24,107 @@ lossless under the acceptance rule, but the native sampling path takes full-voca
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import torch
 
 from .batch import DecodeBatch
 from .core import GenerationResult, Timer
+from .cuda_graph import RoundGraphs
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
-def _draft(model, batch: DecodeBatch, st, exit_layer: int, d: int, sampling: SamplingParams, generator,
-           draft_vocab):
-    """-> drafts [n, d], draft probs q [n, d, V] (None when greedy), exit-layer hidden states [n, d+1, H].
-    st: the round's forward state (its d + 1 positions). Greedy drafts are one native call where the model has one
-    (model.draft_greedy), else the same steps here."""
-    if sampling.greedy:
-        native = model.draft_greedy(batch.last_tokens(), st, exit_layer, d, draft_vocab)
-        if native is not None:
-            return native[0], None, native[1]
-    rows, start = batch.rows, batch.positions()
-    top = batch.max_position()  # known from the emitted tokens: forward_state reads no tensor back
-    token = batch.last_tokens().view(-1, 1)
+def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sampling: SamplingParams, generator):
+    """The sampling draft: -> drafts [n, d], their draft distributions q [n, d, V], layer exit_layer's outputs
+    [n, d + 1, H]. (The greedy draft is one decoder call: decoder.draft_greedy.) st: the round's state."""
+    rows, start, top = batch.rows, batch.positions, batch.top
+    token = batch.last_tokens.view(-1, 1)
     hidden, drafts, q = [], [], []
     for i in range(d + 1):
-        st = model.forward_state(start + i, 1, batch.cache, rows, max_start=top + i)
-        h = model.forward_layers(model.embed(token.to(model.device)), 0, exit_layer, st)
+        step = st if d == 0 else decoder.state(start + i, 1, batch.cache, rows, max_start=top + i)
+        h = decoder.layers(decoder.embed(token), 0, exit_layer, step)
         hidden.append(h)
         if i == d:
             break
-        if sampling.greedy:
-            token = model.head_argmax(h[:, -1], draft_vocab).view(-1, 1)
-        else:
-            token, probs = sample_with_probs(model, h[:, -1], sampling, generator)  # fused native head if any
-            q.append(probs)
-            token = token.view(-1, 1)
+        token, probs = sample_with_probs(decoder, h[:, -1], sampling, generator)
+        token = token.view(-1, 1)
+        q.append(probs)
         drafts.append(token)
-    drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(len(batch.active), 0, dtype=torch.int64,
-                                                                 device=model.device)
-    return drafts, (torch.stack(q, dim=1) if q else None), torch.cat(hidden, dim=1)
+    n = len(batch.active)
+    drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(n, 0, dtype=torch.int64, device=decoder.device)
+    q = torch.stack(q, dim=1) if q else hidden[0].new_empty(n, 0, decoder.config.vocab_size, dtype=torch.float32)
+    return drafts, q, torch.cat(hidden, dim=1)
 
 
-def _round(model, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
-           draft_vocab=None) -> torch.Tensor:
-    """One draft-verify round, all on the model's device: -> [n, d + 2] int64 per row: accepted count, the full
-    model's correction / bonus token, the d drafts (one tensor: the host reads a round in one transfer). Advances
-    the batch's positions (by accepted + 1, inside the verification op) and newest tokens in place, so the next
-    round reads them from the same tensors (what lets a CUDA graph replay rounds: generation/cuda_graph.py)."""
-    # One state for the round's d + 1 positions: the native draft and the verification both run on it.
-    st = model.forward_state(batch.positions(), d + 1, batch.cache, batch.rows, max_start=batch.max_position())
-    drafts, q, hidden = _draft(model, batch, st, exit_layer, d, sampling, generator, draft_vocab)
-    deep = model.forward_layers(hidden, exit_layer, model.num_layers, st)
+def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
+           draft_vocab=None, draft_stop: float = 0.0) -> torch.Tensor:
+    """One draft-verify round, all on the model's device: -> [n, d + 2] int64 (see RoundRow: one tensor, so the
+    host reads a round in one transfer). Advances the batch's positions (by accepted + 1, inside the verification
+    op) and newest tokens in place, so the next round reads them from the same tensors (what lets a CUDA graph
+    replay rounds: generation/cuda_graph.py)."""
+    # One state for the round's d + 1 positions: the draft and the verification both run on it.
+    st = decoder.state(batch.positions, d + 1, batch.cache, batch.rows, max_start=batch.top)
+    if sampling.greedy:
+        drafts, hidden = decoder.draft_greedy(batch.last_tokens, st, exit_layer, d, draft_vocab, draft_stop)
+        if drafts.shape[1] < d:  # dynamic drafting stopped early: verify the positions drafted
+            st = dataclasses.replace(st, positions=st.positions[:, :drafts.shape[1] + 1].contiguous())
+    else:
+        drafts, q, hidden = _draft_sampled(decoder, batch, st, exit_layer, d, sampling, generator)
+    deep = decoder.layers(hidden, exit_layer, decoder.num_layers, st)
     n = drafts.shape[0]
     if sampling.greedy:
-        target = model.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
-        accepted, next_token = model.ops.verify_greedy(drafts, target, batch.positions())
+        target = decoder.head_argmax(deep)  # [n, d+1]: the full model's choice at each verified position
+        accepted, next_token = decoder.verify_greedy(drafts, target, batch.positions)
     else:
-        p = head_probs(model, deep, sampling).contiguous()  # [n, d+1, V]
-        if q is None:
-            q = p.new_empty(n, 0, p.shape[-1])
+        p = head_probs(decoder, deep, sampling)  # [n, d+1, V]
         uniforms = torch.rand(n, d + 1, generator=generator, device=p.device)
-        accepted, next_token = model.ops.verify_sampling(drafts, q.contiguous(), p, uniforms, batch.positions())
-    batch.last_tokens().copy_(next_token)
+        accepted, next_token = decoder.verify_sampling(drafts, q, p, uniforms, batch.positions)
+    batch.last_tokens.copy_(next_token)
     return torch.cat([accepted.view(n, 1), next_token.view(n, 1), drafts], dim=1)
 
 
+class RoundRow(NamedTuple):
+    """One sequence's round, read from _round's [n, d + 2] result; it emits drafts[:accepted] + [next_token]."""
+    accepted: int       # how many drafts the full model agreed with
+    next_token: int     # its own token after them: the correction, or the bonus when all d were accepted
+    drafts: list[int]   # the d drafted tokens (-1: not proposed, dynamic drafting)
+
+
 @torch.no_grad()
-def generate_self_speculative(model, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
+def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
                               exit_layer: int, num_speculations: int, draft_vocab=None,
-                              cuda_graph: bool = False) -> GenerationResult:
+                              cuda_graph: bool = False, draft_stop: float = 0.0) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
-    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs."""
-    generator = sampling.generator(model.device)
+    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. draft_stop (greedy):
+    dynamic drafting, a round drafts up to num_speculations tokens while the exit head's top probability stays
+    >= draft_stop (0: always num_speculations)."""
+    generator = sampling.generator(decoder.device)
     timer = Timer()
-    batch.emit_first(choose_tokens(model, batch.prefill(), sampling, generator))
+    batch.emit_first(choose_tokens(decoder, batch.prefill(), sampling, generator))
     result.prefill_s = timer.lap()
     if not sampling.greedy:
         draft_vocab = None  # see the module docstring
     graphs = None
     if cuda_graph:
-        from .cuda_graph import RoundGraphs
-        graphs = RoundGraphs(lambda d: _round(model, batch, exit_layer, d, sampling, generator, draft_vocab),
-                             model.device)
+        graphs = RoundGraphs(lambda d: _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab),
+                             decoder.device)
 
     drafted = accepted_total = rounds = 0
-    while not batch.done():
+    longest = batch.rules.max_new_tokens
+    while batch.active:
         # Never draft past the cache or past what any live sequence may still emit.
-        remaining = max(batch.rules.max_new_tokens - len(batch.outputs[b].tokens) for b in batch.active)
-        d = max(0, min(num_speculations, batch.room(), remaining - 1))
-        if graphs is not None and d == num_speculations:
+        remaining = longest - min([len(batch.outputs[b].tokens) for b in batch.active])
+        d = max(0, min(num_speculations, batch.capacity - 1 - batch.top, remaining - 1))
+        if graphs is not None and d == num_speculations:  # (a graph needs fixed shapes: not with draft_stop)
             out = graphs.run(d, len(batch.active))
         else:
-            out = _round(model, batch, exit_layer, d, sampling, generator, draft_vocab)
-        for row, r in enumerate(out.tolist()):  # the round's only host read
-            batch.emit(row, r[2:2 + r[0]] + [r[1]])
-            accepted_total += r[0]
-        drafted += d * len(batch.active)
+            out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab, draft_stop)
+        for row, (accepted, next_token, *drafts) in enumerate(out.tolist()):  # the round's only host read
+            r = RoundRow(accepted, next_token, drafts)
+            batch.emit(row, r.drafts[:r.accepted] + [r.next_token])
+            accepted_total += r.accepted
+            drafted += len(r.drafts) if not draft_stop else sum(t >= 0 for t in r.drafts)
         rounds += 1
         batch.drop_finished()
     result.decode_s = timer.lap()

@@ -12,12 +12,13 @@ A folder holding an ``adapter_config.json`` loads anywhere a checkpoint does (``
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 
@@ -34,7 +35,6 @@ def save_adapter(folder: str, tensors: dict[str, torch.Tensor], *, base_model: s
                  targets, layerskip: Optional[dict] = None, training: Optional[dict] = None,
                  dtype: torch.dtype = torch.bfloat16) -> str:
     """Write the adapter (tensors stored as ``dtype``: bf16 halves the artefact; merge math is float32)."""
-    from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     meta = {"format": FORMAT, "version": 1, "base_model": base_model, "rank": int(rank), "alpha": float(alpha),
@@ -55,8 +55,6 @@ def save_adapter(folder: str, tensors: dict[str, torch.Tensor], *, base_model: s
 
 def read_adapter(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (config dict, {name: float32 tensor}); CheckpointError on anything malformed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     cfg_path = os.path.join(folder, ADAPTER_CONFIG)
     try:
@@ -90,29 +88,24 @@ def resolve_base(folder: str, base: str) -> str:
     return local if not os.path.isabs(base) and os.path.exists(local) else base
 
 
-def load_adapter_checkpoint(folder: str, dtype: torch.dtype, progress: bool = False):
-    """Base checkpoint (float32) + merged adapter, converted to ``dtype``: a plain ``Checkpoint``."""
-    from ..model.lora import merge_adapter_into_state_dict_
-    from .checkpoint import load_checkpoint
-
-    meta, tensors = read_adapter(folder)
-    base = resolve_base(folder, str(meta["base_model"]))
-    if is_adapter_folder(base):
-        raise CheckpointError(f"{folder}: the base model of an adapter cannot itself be an adapter")
-    ckpt = load_checkpoint(base, dtype=torch.float32, progress=progress)
-    state = dict(ckpt.state_dict)
-    expected_a = {k for k in tensors if k.endswith(".lora_a")}
-    for k in expected_a:
-        if tensors[k].shape[0] != meta["rank"]:
-            raise CheckpointError(f"{folder}: {k} has rank {tensors[k].shape[0]}, the config says {meta['rank']}")
-    if progress:
-        import sys
-        print(f"merging LoRA adapter {folder} (rank {meta['rank']}, {len(expected_a)} layers) into {base}",
-              file=sys.stderr)
-    merge_adapter_into_state_dict_(state, tensors, float(meta["alpha"]) / meta["rank"])
-    if dtype != torch.float32:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    config = ckpt.config
-    if meta.get("layerskip"):
-        config = dataclasses.replace(config, layerskip=dict(meta["layerskip"]))
-    return dataclasses.replace(ckpt, config=config, state_dict=state, source=f"{ckpt.source} + adapter {folder}")
+def merge_adapter_into_state_dict_(state_dict: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                                   scaling: float) -> int:
+    """Add ``scaling * B @ A`` to each adapted weight of an HF-named state dict (float32 math); -> count merged."""
+    pairs = {}
+    for k in tensors:
+        if k.endswith(".lora_a") or k.endswith(".lora_b"):
+            pairs.setdefault(k.rsplit(".", 1)[0], {})[k.rsplit(".", 1)[1]] = tensors[k]
+        else:
+            raise CheckpointError(f"adapter tensor {k!r} is neither a lora_a nor a lora_b")
+    for base, ab in pairs.items():
+        if set(ab) != {"lora_a", "lora_b"}:
+            raise CheckpointError(f"adapter for {base} lacks {'lora_b' if 'lora_a' in ab else 'lora_a'}")
+        key = f"{base}.weight"
+        if key not in state_dict:
+            raise CheckpointError(f"adapter targets {key}, which the base model does not have")
+        w, a, b = state_dict[key], ab["lora_a"].float(), ab["lora_b"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise CheckpointError(f"adapter for {key}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the "
+                                  f"weight {tuple(w.shape)}")
+        state_dict[key] = (w.float() + (b @ a) * scaling).to(w.dtype)
+    return len(pairs)

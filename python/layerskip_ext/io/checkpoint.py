@@ -8,9 +8,8 @@ from typing import Optional
 
 import torch
 
+from ..config import LlamaConfig
 from ..errors import CheckpointError
-from ..model.config import LlamaConfig
-from .packaged import resolve_model_path
 from .tokenizer import Tokenizer
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -102,19 +101,3 @@ def sniff_format(path: str) -> str:
         raise CheckpointError(f"{path} is not a GGUF file (bad magic {magic!r})")
     raise CheckpointError(f"{path}: unrecognised checkpoint (expected a Hugging Face model folder "
                           f"or a .gguf file)")
-
-
-def load_checkpoint(path_or_name: str, dtype: torch.dtype = torch.float32, progress: bool = False) -> Checkpoint:
-    """Load a Llama checkpoint: a Hugging Face folder, a GGUF file, a LoRA adapter folder (merged into its base),
-    or a packaged model name."""
-    check_dtype(dtype)
-    path = resolve_model_path(path_or_name)
-    fmt = sniff_format(path)
-    if fmt == "gguf":
-        from .gguf_file import load_gguf
-        return load_gguf(path, dtype=dtype, progress=progress)
-    from .adapter import is_adapter_folder, load_adapter_checkpoint
-    if is_adapter_folder(path):
-        return load_adapter_checkpoint(path, dtype=dtype, progress=progress)
-    from .hf_folder import load_hf_folder
-    return load_hf_folder(path, dtype=dtype, progress=progress)

@@ -10,13 +10,17 @@ import os
 import re
 from typing import Optional
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
+from tqdm import tqdm
 
+from ..config import LlamaConfig
 from ..errors import CheckpointError
-from ..model.config import LlamaConfig
 from .checkpoint import Checkpoint, check_dtype, dtype_name, finalize_state_dict
 from .tokenizer import Tokenizer
+from .vocab_build import build_byte_level_bpe, build_spm_bpe
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
@@ -77,7 +81,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _open_reader(path: str):
-    import gguf
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # ValueError, IndexError, struct errors, unknown enum values, mmap errors...
@@ -187,7 +190,6 @@ def _config_from_metadata(meta: dict, tensors: dict, path: str, dtype: torch.dty
 
 def tokenizer_from_metadata(meta: dict, path: str = "GGUF") -> Optional[Tokenizer]:
     """The tokenizer described by GGUF ``tokenizer.*`` metadata, or None when there is none."""
-    from .vocab_build import build_byte_level_bpe, build_spm_bpe
 
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -230,7 +232,6 @@ def tokenizer_from_metadata(meta: dict, path: str = "GGUF") -> Optional[Tokenize
 
 
 def _dequantize(t, path: str) -> np.ndarray:
-    from gguf.quants import dequantize
     kind = t.tensor_type.name
     if kind not in SUPPORTED_TYPES:
         raise CheckpointError(f"{path}: tensor {t.name} has unsupported type {kind} "
@@ -261,7 +262,6 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: bool = Fa
     state: dict[str, torch.Tensor] = {}
     items = list(tensors.values())
     if progress:
-        from tqdm import tqdm
         items = tqdm(items, desc="dequantising", unit="tensor")
     for t in items:
         if t.name in _IGNORED:

@@ -7,9 +7,12 @@ import os
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
+from ..config import LlamaConfig
 from ..errors import CheckpointError
-from ..model.config import LlamaConfig
 from .checkpoint import Checkpoint, check_dtype, dtype_name, finalize_state_dict
 from .tokenizer import Tokenizer
 
@@ -100,7 +103,6 @@ def hf_name(key: str) -> Optional[str]:
 def _iter_tensors(path: str, kind: str, dtype: torch.dtype):
     """Yields (hf_name, tensor) from one weight file, converting to ``dtype`` tensor by tensor."""
     if kind == "safetensors":
-        from safetensors import safe_open
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 keys = list(f.keys())
@@ -135,7 +137,6 @@ def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32, progress: bo
     state: dict[str, torch.Tensor] = {}
     iterator = files
     if progress and len(files) > 1:
-        from tqdm import tqdm
         iterator = tqdm(files, desc="loading shards", unit="file")
     for path in iterator:
         for name, t in _iter_tensors(path, kind, dtype):
@@ -155,7 +156,6 @@ def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32, progress: bo
 def save_hf_folder(out_dir, config: LlamaConfig, state_dict: dict[str, torch.Tensor],
                    tokenizer: Optional[Tokenizer] = None, dtype: Optional[torch.dtype] = None) -> None:
     """Write config.json, model.safetensors (no lm_head when tied) and, with a tokenizer, its files."""
-    from safetensors.torch import save_file
 
     if dtype is not None:
         check_dtype(dtype)

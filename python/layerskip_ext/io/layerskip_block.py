@@ -10,12 +10,12 @@ import os
 from typing import Optional
 
 from ..errors import LayerSkipError
+from .adapter import ADAPTER_CONFIG, is_adapter_folder
+from .packaged import resolve_model_path
 
 
 def layerskip_config_path(model: str) -> str:
     """The JSON file holding ``model``'s layerskip block (model: a path or a packaged name)."""
-    from .adapter import ADAPTER_CONFIG, is_adapter_folder
-    from .packaged import resolve_model_path
 
     path = resolve_model_path(model)
     if is_adapter_folder(path):

@@ -15,6 +15,10 @@ PACKAGED_MODELS = {
 PACKAGED_ADAPTERS = {
     "smollm2-135m-layerskip": "smollm2-135m-layerskip",
 }
+# name -> folder under layerskip_ext/models/ holding a whole HF model folder (config.json, model.safetensors, ...)
+PACKAGED_FOLDERS = {
+    "nano-layerskip": "nano-layerskip",   # trained from scratch here by `layerskip reproduce` (its README.md)
+}
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
@@ -51,6 +55,11 @@ def resolve_model_path(name_or_path: str) -> str:
         if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
             raise CheckpointError(f"model {raw!r}: its adapter is missing from {folder} (a broken install?)")
         return folder
-    known = ", ".join(sorted(PACKAGED_MODELS) + sorted(PACKAGED_ADAPTERS))
+    if raw.lower() in PACKAGED_FOLDERS:
+        folder = os.path.join(MODELS_DIR, PACKAGED_FOLDERS[raw.lower()])
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise CheckpointError(f"model {raw!r}: its files are missing from {folder} (a broken install?)")
+        return folder
+    known = ", ".join(sorted(PACKAGED_MODELS) + sorted(PACKAGED_ADAPTERS) + sorted(PACKAGED_FOLDERS))
     raise CheckpointError(f"checkpoint not found: {raw!r} is neither an existing path nor a packaged model "
                           f"name (packaged: {known})")

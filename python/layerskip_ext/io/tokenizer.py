@@ -1,8 +1,8 @@
 """The tokenizer wrapper used everywhere in layerskip_ext.
 
-Backed by a `tokenizers.Tokenizer` (built from tokenizer.json, a SentencePiece tokenizer.model, or GGUF
-vocabulary metadata). BOS is handled here, not by the backend's post-processor, so ``encode(add_bos=...)``
-means the same thing for every source.
+Backed by a `tokenizers.Tokenizer` (from tokenizer.json or GGUF vocabulary metadata) or by the sentencepiece
+library (a tokenizer.model, BPE or Unigram: io/spm_backend.py). BOS is handled here, not by the backend's
+post-processor, so ``encode(add_bos=...)`` means the same thing for every source.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tokenizers import processors
 
 from ..errors import CheckpointError, GenerationError
 from .chat_template import render_chat_template
+from .spm_backend import MODEL_FILE, SentencePieceBackend
 
 
 def _token_content(value) -> Optional[str]:
@@ -80,7 +81,7 @@ class StreamDecoder:
 class Tokenizer:
     """Tokenizer with model defaults (BOS/EOS ids, add_bos default, chat template)."""
 
-    def __init__(self, backend: HFTokenizer, bos_token_id: Optional[int] = None,
+    def __init__(self, backend: "HFTokenizer | SentencePieceBackend", bos_token_id: Optional[int] = None,
                  eos_token_ids: Iterable[int] = (), chat_template: Optional[str] = None,
                  add_bos_token: bool = False, eos_token_id: Optional[int] = None):
         self.backend = backend
@@ -167,10 +168,14 @@ class Tokenizer:
         return tok
 
     def save(self, out_dir) -> None:
-        """Write tokenizer.json and tokenizer_config.json (loadable by this class and by transformers)."""
+        """Write tokenizer.json (or the SentencePiece tokenizer.model) and tokenizer_config.json (loadable by this
+        class and by transformers)."""
         out_dir = os.fspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-        self._backend_for_save().save(os.path.join(out_dir, "tokenizer.json"))
+        if isinstance(self.backend, SentencePieceBackend):
+            self.backend.save(out_dir)
+        else:
+            self._backend_for_save().save(os.path.join(out_dir, "tokenizer.json"))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
@@ -193,25 +198,14 @@ class Tokenizer:
         ``model_config`` is the parsed config.json (for bos/eos ids); generation_config.json is read too.
         """
         tj = os.path.join(folder, "tokenizer.json")
-        sp = os.path.join(folder, "tokenizer.model")
+        sp = os.path.join(folder, MODEL_FILE)
         if os.path.isfile(tj):
             try:
                 backend = HFTokenizer.from_file(tj)
             except Exception as e:
                 raise CheckpointError(f"cannot read {tj}: {str(e).splitlines()[0] if str(e) else e}") from None
         elif os.path.isfile(sp):
-            from .spm_proto import parse_spm_model, SPM_BPE
-            from .vocab_build import build_spm_bpe
-            try:
-                with open(sp, "rb") as f:
-                    spm = parse_spm_model(f.read(), sp)
-            except OSError as e:
-                raise CheckpointError(f"cannot read {sp}: {e}") from None
-            if spm.model_type != SPM_BPE:
-                raise CheckpointError(f"{sp}: only SentencePiece BPE models are supported without "
-                                      f"tokenizer.json (this one is type {spm.model_type}); add a tokenizer.json")
-            backend = build_spm_bpe(spm.pieces, spm.scores, spm.types, add_space_prefix=spm.add_dummy_prefix,
-                                    byte_fallback=spm.byte_fallback or None)
+            backend = SentencePieceBackend.from_file(sp)
         else:
             return None
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import warnings
 
-from tokenizers import AddedToken, Regex
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from ..errors import CheckpointError
 

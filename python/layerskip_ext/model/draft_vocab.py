@@ -23,7 +23,10 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from ..corpus import read_corpus, tokenize_corpus
 from ..errors import LayerSkipError
+from ..io import packaged
+from ..io.packaged import PACKAGED_MODELS
 
 FORMAT = "layerskip-draft-vocab"
 FILE_NAME = "draft_vocab.json"
@@ -84,7 +87,6 @@ def build_draft_vocab(corpus: str, tokenizer, config, size: int, text_field: str
                       ) -> tuple[torch.Tensor, dict]:
     """Count the tokenizer's ids over a corpus (a folder, JSONL or text file) and pick the draft vocabulary.
     exclude: paths inside a folder corpus to leave out. -> (ascending ids, metadata for :func:`save_draft_vocab`)."""
-    from ..training.data import read_corpus, tokenize_corpus
 
     kw = dict(exclude=exclude) if exclude else {}
     docs = read_corpus(corpus, text_field=text_field, max_bytes=max_bytes, **kw)
@@ -162,12 +164,13 @@ def default_draft_vocab_path(path_or_name: str) -> str:
     a folder model (HF or adapter): ``<folder>/draft_vocab.json``; a packaged model name: the package's own
     ``layerskip_ext/models/<name>/draft_vocab.json`` (the model file lives in another pip package, which we leave
     alone); a file (GGUF): ``<file without extension>.draft_vocab.json`` beside it."""
-    from ..io.packaged import PACKAGED_MODELS
 
     raw = os.fspath(path_or_name)
     path = os.path.expanduser(raw)
     if not os.path.exists(path) and raw.lower() in PACKAGED_MODELS:
         return os.path.join(PACKAGE_MODELS_DIR, raw.lower(), FILE_NAME)
+    if not os.path.exists(path) and raw.lower() in packaged.PACKAGED_FOLDERS:
+        return os.path.join(PACKAGE_MODELS_DIR, packaged.PACKAGED_FOLDERS[raw.lower()], FILE_NAME)
     if os.path.isdir(path):
         return os.path.join(path, FILE_NAME)
     return os.path.splitext(path)[0] + "." + FILE_NAME
@@ -176,7 +179,6 @@ def default_draft_vocab_path(path_or_name: str) -> str:
 def stored_draft_vocab_path(path_or_name: str) -> Optional[str]:
     """The draft vocabulary stored with a model, or None: :func:`default_draft_vocab_path`, else (for a LoRA
     adapter folder, which keeps its base's tokenizer) its base model's."""
-    from ..io import packaged
 
     first = default_draft_vocab_path(path_or_name)
     if os.path.isfile(first):

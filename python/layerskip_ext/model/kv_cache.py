@@ -4,6 +4,9 @@ The cache holds no lengths: every forward call says where its tokens go (``start
 new token of sequence b) and attention reads slots [0, start[b] + t]. Rolling back rejected speculative tokens is
 therefore just starting the next call at a lower position: stale slots are never read, and are overwritten by
 the next write, so nothing is copied or cropped.
+
+The cache also owns the per-layer views the kernels take (lists of [rows, nKV, S, D] tensors per layer range):
+they are made on first use and live exactly as long as the cache, so a finished generation frees its memory.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class StaticKVCache:
         self.v = [buffer[1, i] for i in range(num_layers)]
         self.capacity = capacity
         self.batch_size = batch_size
+        self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @classmethod
     def for_model(cls, config, batch_size: int, capacity: int, dtype: torch.dtype, device="cpu") -> "StaticKVCache":
@@ -42,3 +46,13 @@ class StaticKVCache:
         if rows is None:
             return self.k[index], self.v[index]
         return self.k[index][rows], self.v[index][rows]
+
+    def layer_views(self, start_layer: int, end_layer: int,
+                    rows: slice | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([k], [v]) views of layers [start_layer, end_layer) for the given rows, made once per (range, rows)."""
+        key = (start_layer, end_layer) if rows is None else (start_layer, end_layer, rows.start, rows.stop)
+        views = self._views.get(key)
+        if views is None:
+            pairs = [self.layer(i, rows) for i in range(start_layer, end_layer)]
+            views = self._views[key] = ([k for k, _ in pairs], [v for _, v in pairs])
+        return views

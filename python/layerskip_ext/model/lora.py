@@ -157,26 +157,3 @@ def merge_lora_(model: nn.Module) -> nn.Module:
                 w.requires_grad_(False)
                 setattr(parent, attr, lin.base)
     return model
-
-
-def merge_adapter_into_state_dict_(state_dict: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                                   scaling: float) -> int:
-    """Add ``scaling * B @ A`` to each adapted weight of an HF-named state dict (float32 math); -> count merged."""
-    pairs = {}
-    for k in tensors:
-        if k.endswith(".lora_a") or k.endswith(".lora_b"):
-            pairs.setdefault(k.rsplit(".", 1)[0], {})[k.rsplit(".", 1)[1]] = tensors[k]
-        else:
-            raise CheckpointError(f"adapter tensor {k!r} is neither a lora_a nor a lora_b")
-    for base, ab in pairs.items():
-        if set(ab) != {"lora_a", "lora_b"}:
-            raise CheckpointError(f"adapter for {base} lacks {'lora_b' if 'lora_a' in ab else 'lora_a'}")
-        key = f"{base}.weight"
-        if key not in state_dict:
-            raise CheckpointError(f"adapter targets {key}, which the base model does not have")
-        w, a, b = state_dict[key], ab["lora_a"].float(), ab["lora_b"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise CheckpointError(f"adapter for {key}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the "
-                                  f"weight {tuple(w.shape)}")
-        state_dict[key] = (w.float() + (b @ a) * scaling).to(w.dtype)
-    return len(pairs)

@@ -1,16 +1,9 @@
-"""Errors and small helpers shared by the training modules."""
+"""Small helpers shared by the training modules."""
 from __future__ import annotations
 
 import os
 
 import torch
-
-from ..errors import LayerSkipError
-
-
-class TrainingError(LayerSkipError):
-    """Invalid training input: unknown scale or curriculum names, out-of-range rates, empty or too small
-    datasets, a resume whose configuration differs from the checkpoint's, a checkpoint of another model."""
 
 
 def dist_info() -> tuple[int, int]:

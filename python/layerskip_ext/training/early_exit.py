@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import TrainingError
+from ..errors import TrainingError
 from .scales import EXIT_CURRICULA, EXIT_LOSS_SCALES, canonical, exit_scale
 
 IGNORE_INDEX = -100

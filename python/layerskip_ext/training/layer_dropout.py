@@ -23,8 +23,10 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .common import TrainingError, dist_info, mix_seed
+from ..errors import TrainingError
+from .common import dist_info, mix_seed
 from .scales import LAYER_SCALES, TIME_CURRICULA, canonical, layer_scale, time_scale
 
 
@@ -236,7 +238,6 @@ class LayerSkipLayer(nn.Module):
 
     def _run(self, *args, **kwargs):
         if self.checkpoint and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
             return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
         return self.layer(*args, **kwargs)
 

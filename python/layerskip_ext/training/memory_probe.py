@@ -36,9 +36,10 @@ def _reset_peak() -> bool:
 
 
 def child(args) -> dict:
+    # Imported here, in the measuring child, so its baseline resident memory is taken before torch is loaded.
     import torch
 
-    from ..model.config import LlamaConfig
+    from ..config import LlamaConfig
     from ..model.llama import LlamaForCausalLM
     from .early_exit import EarlyExitLossConfig
     from .prepare import LayerSkipLoss, TrainingForward, prepare_model

@@ -15,20 +15,21 @@ calls, so it is not used.)
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .common import TrainingError
-from .early_exit import IGNORE_INDEX, EarlyExitLossConfig, default_chunk, exit_head_loss, exit_weights, \
-    naive_exit_loss
+from ..errors import TrainingError
+from ..model.llama import LlamaForCausalLM
+from ..model.lora import adapters_disabled, has_lora
+from .early_exit import IGNORE_INDEX, EarlyExitLossConfig, default_chunk, exit_head_loss, exit_weights, naive_exit_loss
 from .layer_dropout import LayerDropout, LayerDropoutConfig, LayerSkipLayer
 
 
 def model_kind(model: nn.Module) -> str:
     """'layerskip' (ours), 'hf' (a transformers Llama-style causal LM), else TrainingError."""
-    from ..model.llama import LlamaForCausalLM
 
     if isinstance(model, LlamaForCausalLM):
         return "layerskip"
@@ -268,7 +269,6 @@ def layer_outputs(model: nn.Module, tokens: torch.Tensor) -> dict[int, torch.Ten
 def reference_last_hidden(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The base model's last-layer output [B, T, H] for a LoRA-adapted ``model``: the same forward with the
     adapters switched off, in eval mode (no layer dropout), without gradients."""
-    from ..model.lora import adapters_disabled, has_lora
     if not has_lora(model):
         raise TrainingError("the anchor's reference is the base model under LoRA adapters; this model has none "
                             "(train with --lora-rank, or set the anchor weight to 0)")
@@ -290,9 +290,13 @@ class TrainingForward(nn.Module):
         self.model = model
         object.__setattr__(self, "loss_fn", loss_fn)
         self.last: Optional[LossOutput] = None
+        self.loss_s = 0.0  # wall time in the early-exit loss (its fused heads compute their gradients there too)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor):
         anchor = reference_last_hidden(self.model, tokens) if self.loss_fn.config.anchor > 0 else None
-        out = self.loss_fn(layer_outputs(self.model, tokens), labels, anchor_hidden=anchor)
+        hidden = layer_outputs(self.model, tokens)
+        t = time.perf_counter()
+        out = self.loss_fn(hidden, labels, anchor_hidden=anchor)
+        self.loss_s += time.perf_counter() - t
         object.__setattr__(self, "last", out)
         return out.loss, out.exit_losses, out.distill_losses

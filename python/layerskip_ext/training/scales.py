@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from .common import TrainingError
+from ..errors import TrainingError
 
 _ALIASES = {"exp": "exponential", "lin": "linear", "sin": "sine", "one": "uniform", "constant": "uniform",
             "sum_l": "sum-l", "linear_l": "linear-l", "l": "linear-l", "sqrt_l": "sqrt-l", "inv_l": "inv-l",

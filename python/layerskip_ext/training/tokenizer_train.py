@@ -7,7 +7,11 @@ document, used as EOS; no BOS is added).
 """
 from __future__ import annotations
 
-from .common import TrainingError
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ..errors import TrainingError
+from ..io import Tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|pad|>"]
@@ -16,10 +20,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 def train_bpe_tokenizer(docs: list[str], vocab_size: int, max_chars: int = 50_000_000):
     """-> io.Tokenizer trained on (at most ``max_chars`` of) ``docs``."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from ..io import Tokenizer
 
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise TrainingError(f"--train-tokenizer vocabulary size must be an integer >= {MIN_VOCAB} "

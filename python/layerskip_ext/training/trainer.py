@@ -25,17 +25,34 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from ..errors import CheckpointError, LayerSkipError
+from ..config import LlamaConfig
+from ..corpus import read_corpus, tokenize_corpus
+from ..errors import CheckpointError, LayerSkipError, TrainingError
+from ..io import Tokenizer, load_checkpoint, save_hf_folder
+from ..io.adapter import read_adapter, save_adapter
+from ..model.llama import LlamaForCausalLM
+from ..model.lora import ALL_LINEARS, adapter_state_dict, apply_lora, load_adapter_state_
 from .checkpoint import STATE_VERSION, clean_stale, load_state, save_state
-from .common import TrainingError, fsync_dir
-from .data import BatchOrder, PackedSequences, read_corpus, stream_fingerprint, tokenize_corpus
+from .common import fsync_dir
+from .data import BatchOrder, PackedSequences, stream_fingerprint
 from .early_exit import EarlyExitLossConfig
 from .layer_dropout import LayerDropoutConfig
+from .machine import choose_autocast, throughput
 from .prepare import TrainingForward, prepare_model
+from .tokenizer_train import MIN_VOCAB, train_bpe_tokenizer
 
 if TYPE_CHECKING:
-    from ..model.config import LlamaConfig
+    from ..config import LlamaConfig
 
 
 @dataclasses.dataclass
@@ -72,7 +89,7 @@ class TrainConfig:
     distill: float = 0.0
     anchor: float = 0.0                    # KL(base final || final) weight; LoRA only (base = adapters off)
     loss_chunk: Optional[int] = None
-    autocast: str = "bf16"                 # bf16 | none
+    autocast: str = "auto"                 # auto (bf16 where measured faster: training/machine.py) | bf16 | none
     init_std: float = 0.02
     seed: int = 0
     save_every: int = 0                    # steps between state saves (0: only at the end)
@@ -97,7 +114,6 @@ class TrainConfig:
             raise TrainingError("a model from --init-config needs a tokenizer: --train-tokenizer VOCAB_SIZE or "
                                 "--tokenizer FOLDER")
         if self.train_tokenizer is not None:
-            from .tokenizer_train import MIN_VOCAB
             if not isinstance(self.train_tokenizer, int) or self.train_tokenizer < MIN_VOCAB:
                 raise TrainingError(f"--train-tokenizer vocabulary size must be an integer >= {MIN_VOCAB} "
                                     f"(256 bytes + special tokens), got {self.train_tokenizer!r}")
@@ -117,8 +133,8 @@ class TrainConfig:
             raise TrainingError(f"--lr-layer-dropout must be > 0, got {self.lr_layer_dropout}")
         if self.warmup is not None and self.warmup < 0:
             raise TrainingError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.autocast not in ("bf16", "none"):
-            raise TrainingError(f"--autocast must be bf16 or none, got {self.autocast!r}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise TrainingError(f"--autocast must be auto, bf16 or none, got {self.autocast!r}")
         if self.dist not in ("ddp", "fsdp"):
             raise TrainingError(f"--dist must be ddp or fsdp, got {self.dist!r}")
         if self.save_every < 0:
@@ -181,7 +197,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 def setup_distributed() -> tuple[int, int, int, bool]:
     """(rank, world size, local rank, created): initialises the process group under torchrun."""
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     created = False
@@ -211,7 +226,6 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def read_init_config(path: str, tokenizer) -> "LlamaConfig":
-    from ..model.config import LlamaConfig
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -293,7 +307,6 @@ def check_resume(state: dict, cfg: TrainConfig, model_config: dict, fingerprint:
 
 def export_hf(out: str, config, state_dict: dict, tokenizer) -> None:
     """Write the HF folder into ``out`` file by file via a temp folder + os.replace (never half-written)."""
-    from ..io import save_hf_folder
 
     tmp = os.path.join(out, f".export.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -311,303 +324,345 @@ def export_hf(out: str, config, state_dict: dict, tokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the run
+# the run, in stages (each usable alone: tests and the reproduce pipeline call them)
 # ---------------------------------------------------------------------------------------------------------------
-def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
-    """Train as configured; returns a summary dict (rank 0's view)."""
-    import torch.distributed as dist
-    from ..io import Tokenizer, load_checkpoint
-    from ..model.llama import LlamaForCausalLM
+class TrainingRun:
+    """One training run: ``open`` (processes, folders, the saved state), ``load_data`` (corpus, tokenizer,
+    token stream), ``build_model`` (model, LayerSkip hooks, parallelism), ``build_optimizer`` (and resume),
+    ``train`` (the steps, logged, saved), ``finish`` (export). ``run_training`` runs them all."""
 
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, world, local_rank, created_group = setup_distributed()
-    is_main = rank == 0
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    say = (lambda msg: log(msg)) if is_main else (lambda msg: None)
-    distributed = world > 1
+    def __init__(self, cfg: TrainConfig, log: Optional[Callable[[str], None]] = None):
+        cfg.validate()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.rank, self.world, local_rank, self.created_group = setup_distributed()
+        self.is_main = self.rank == 0
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.distributed = self.world > 1
+        self.device = pick_device(cfg.device, local_rank)
+        self.out = os.path.abspath(os.path.expanduser(cfg.out))
+        self.tdir = os.path.join(self.out, "training")
+        self.state_path = os.path.join(self.tdir, "state.pt")
+        self.tok_dir = os.path.join(self.tdir, "tokenizer")
+        self.log_path = os.path.join(self.tdir, "log.jsonl")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise TrainingError(f"--out {self.out} exists and is not a folder")
+        if self.is_main:
+            os.makedirs(self.tdir, exist_ok=True)
+            removed = clean_stale(self.state_path)
+            if removed:
+                self.say(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
+            if cfg.fresh and os.path.exists(self.state_path):
+                os.unlink(self.state_path)
+                shutil.rmtree(self.tok_dir, ignore_errors=True)
+        self.barrier()
+        self.state = load_state(self.state_path)
+        self.autocast = choose_autocast(cfg.autocast, self.device)
+        self.say(f"autocast: {self.autocast.choice} ({self.autocast.reason})")
 
-    def barrier():
-        if distributed:
+    def say(self, msg: str) -> None:
+        if self.is_main:
+            self._log(msg)
+
+    def barrier(self) -> None:
+        if self.distributed:
             dist.barrier()
 
-    device = pick_device(cfg.device, local_rank)
-    out = os.path.abspath(os.path.expanduser(cfg.out))
-    tdir = os.path.join(out, "training")
-    state_path = os.path.join(tdir, "state.pt")
-    tok_dir = os.path.join(tdir, "tokenizer")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise TrainingError(f"--out {out} exists and is not a folder")
-    if is_main:
-        os.makedirs(tdir, exist_ok=True)
-        removed = clean_stale(state_path)
-        if removed:
-            say(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
-        if cfg.fresh and os.path.exists(state_path):
-            os.unlink(state_path)
-            shutil.rmtree(tok_dir, ignore_errors=True)
-    barrier()
-    state = load_state(state_path)
-
-    # ---- data, tokenizer, model ------------------------------------------------------------------------------
-    docs = read_corpus(cfg.data, cfg.text_field, cfg.max_data_bytes, cfg.exclude)
-    ckpt = None
-    if cfg.model:
-        ckpt = load_checkpoint(cfg.model, dtype=torch.float32)
-    if state is not None and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        tokenizer = Tokenizer.from_hf_folder(tok_dir)
-    elif cfg.train_tokenizer is not None:
-        from .tokenizer_train import train_bpe_tokenizer
-        if is_main:
-            say(f"training a {cfg.train_tokenizer}-token byte-level BPE tokenizer on {len(docs)} documents")
-            tokenizer = train_bpe_tokenizer(docs, cfg.train_tokenizer)
-            tokenizer.save(tok_dir)
-        barrier()
-        if not is_main:
-            tokenizer = Tokenizer.from_hf_folder(tok_dir)
-    elif cfg.tokenizer:
-        tokenizer = Tokenizer.from_hf_folder(os.path.expanduser(cfg.tokenizer))
-        if tokenizer is None:
-            raise TrainingError(f"--tokenizer {cfg.tokenizer}: no tokenizer.json or tokenizer.model there")
-    else:
-        tokenizer = ckpt.tokenizer
-        if tokenizer is None:
-            raise TrainingError(f"{cfg.model} has no tokenizer; pass --tokenizer FOLDER")
-    if is_main and not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        tokenizer.save(tok_dir)
-
-    if ckpt is not None:
-        model_config = ckpt.config
-        model = LlamaForCausalLM.from_state_dict(ckpt.config, ckpt.state_dict, dtype=torch.float32)
-        del ckpt
-    else:
-        model_config = read_init_config(cfg.init_config, tokenizer)
-        model = LlamaForCausalLM(model_config)
-        init_weights(model, cfg.init_std, cfg.seed)
-    lora_alpha = None
-    if cfg.lora_rank:
-        from ..model.lora import ALL_LINEARS, apply_lora
-        lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank)
-        apply_lora(model, cfg.lora_rank, lora_alpha, ALL_LINEARS, seed=cfg.seed)
-        if cfg.init_adapter and state is None:
-            from ..io.adapter import read_adapter
-            from ..model.lora import load_adapter_state_
-            meta, tensors = read_adapter(os.path.expanduser(cfg.init_adapter))
-            if meta["rank"] != cfg.lora_rank or float(meta["alpha"]) != lora_alpha:
-                raise TrainingError(f"--init-adapter has rank {meta['rank']} / alpha {meta['alpha']}; this run "
-                                    f"uses --lora-rank {cfg.lora_rank} / alpha {lora_alpha}")
-            load_adapter_state_(model, tensors)
-            say(f"starting from adapter {cfg.init_adapter}")
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    model.use_native_ops(False)
-    model.train()
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                            f"{model_config.vocab_size}")
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (model_config.eos_token_ids or [None])[0]
-    stream = tokenize_corpus(docs, tokenizer, eos)
-    del docs
-    fingerprint = stream_fingerprint(stream)
-    data = PackedSequences(stream, cfg.seq_len)
-    if cfg.seq_len > model_config.max_position_embeddings:
-        raise TrainingError(f"--seq-len {cfg.seq_len} exceeds the model's context "
-                            f"({model_config.max_position_embeddings})")
-    mconf = dataclasses.asdict(model_config)
-    if state is not None:
-        check_resume(state, cfg, mconf, fingerprint, world, state_path)
-
-    # ---- LayerSkip hooks, parallelism, optimizer -------------------------------------------------------------
-    loss_fn = prepare_model(model, layer_dropout=cfg.dropout_config(), early_exit_loss=cfg.exit_config(),
-                            activation_checkpointing=cfg.activation_checkpointing)
-    fwd = TrainingForward(model, loss_fn).to(device)
-    if state is not None and cfg.lora_rank:
-        from ..model.lora import load_adapter_state_
-        load_adapter_state_(model, state["model"])
-    elif state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"training state {state_path} does not fit this model: "
-                                  f"{str(e).splitlines()[0]}") from None
-        if loss_fn.layer_dropout is not None:
-            loss_fn.layer_dropout.load_state_dict(state["layer_dropout"])
-    runner: torch.nn.Module = fwd
-    fsdp = False
-    if distributed:
-        if cfg.dist == "fsdp":
-            try:
-                from torch.distributed.fsdp import fully_shard
-            except ImportError:
-                raise TrainingError("--dist fsdp needs torch.distributed.fsdp.fully_shard (FSDP2; torch >= 2.6)") \
-                    from None
-            try:
-                for layer in model.model.layers:
-                    fully_shard(layer)
-                fully_shard(fwd)
-            except Exception as e:  # noqa: BLE001
-                raise TrainingError(f"FSDP2 is not usable here ({type(e).__name__}: {e}); use --dist ddp") \
-                    from None
-            fsdp = True
+    # ---- data ----------------------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        """The corpus, the tokenizer (trained, given, or the checkpoint's), the token stream and its packing."""
+        cfg = self.cfg
+        docs = read_corpus(cfg.data, cfg.text_field, cfg.max_data_bytes, cfg.exclude)
+        self.ckpt = load_checkpoint(cfg.model, dtype=torch.float32) if cfg.model else None
+        if self.state is not None and os.path.isfile(os.path.join(self.tok_dir, "tokenizer.json")):
+            tokenizer = Tokenizer.from_hf_folder(self.tok_dir)
+        elif cfg.train_tokenizer is not None:
+            if self.is_main:
+                self.say(f"training a {cfg.train_tokenizer}-token byte-level BPE tokenizer on {len(docs)} documents")
+                tokenizer = train_bpe_tokenizer(docs, cfg.train_tokenizer)
+                tokenizer.save(self.tok_dir)
+            self.barrier()
+            if not self.is_main:
+                tokenizer = Tokenizer.from_hf_folder(self.tok_dir)
+        elif cfg.tokenizer:
+            tokenizer = Tokenizer.from_hf_folder(os.path.expanduser(cfg.tokenizer))
+            if tokenizer is None:
+                raise TrainingError(f"--tokenizer {cfg.tokenizer}: no tokenizer.json or tokenizer.model there")
         else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            runner = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        # compile each decoder layer in place (parameter names unchanged); dynamic shapes because the number of
-        # kept rows changes from step to step under layer dropout
-        for layer in model.model.layers:
-            layer.layer.compile(dynamic=True)
-    trainable = [p for p in fwd.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.base_lr(), betas=tuple(cfg.betas))
+            tokenizer = self.ckpt.tokenizer
+            if tokenizer is None:
+                raise TrainingError(f"{cfg.model} has no tokenizer; pass --tokenizer FOLDER")
+        if self.is_main and not os.path.isfile(os.path.join(self.tok_dir, "tokenizer.json")):
+            tokenizer.save(self.tok_dir)
+        self.tokenizer = tokenizer
+        self.model_config = self.ckpt.config if self.ckpt is not None else read_init_config(cfg.init_config,
+                                                                                             tokenizer)
+        if tokenizer.vocab_size > self.model_config.vocab_size:
+            raise TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                                f"{self.model_config.vocab_size}")
+        if cfg.seq_len > self.model_config.max_position_embeddings:
+            raise TrainingError(f"--seq-len {cfg.seq_len} exceeds the model's context "
+                                f"({self.model_config.max_position_embeddings})")
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else \
+            (self.model_config.eos_token_ids or [None])[0]
+        self.stream = tokenize_corpus(docs, tokenizer, eos)
+        self.fingerprint = stream_fingerprint(self.stream)
+        self.data = PackedSequences(self.stream, cfg.seq_len)
+        self.mconf = dataclasses.asdict(self.model_config)
+        if self.state is not None:
+            check_resume(self.state, cfg, self.mconf, self.fingerprint, self.world, self.state_path)
 
-    start_step = 0
-    order = BatchOrder(data, cfg.seed)
-    if state is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(fwd, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    # ---- model ---------------------------------------------------------------------------------------------
+    def build_model(self) -> None:
+        """The model (a checkpoint, or new weights), LoRA adapters, the LayerSkip hooks, DDP / FSDP2."""
+        cfg = self.cfg
+        if self.ckpt is not None:
+            model = LlamaForCausalLM.from_state_dict(self.ckpt.config, self.ckpt.state_dict, dtype=torch.float32)
+            self.ckpt = None
         else:
-            opt.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        order.consumed = int(state["data_consumed"])
+            model = LlamaForCausalLM(self.model_config)
+            init_weights(model, cfg.init_std, cfg.seed)
+        self.lora_alpha = None
+        if cfg.lora_rank:
+            self.lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank)
+            apply_lora(model, cfg.lora_rank, self.lora_alpha, ALL_LINEARS, seed=cfg.seed)
+            if cfg.init_adapter and self.state is None:
+                meta, tensors = read_adapter(os.path.expanduser(cfg.init_adapter))
+                if meta["rank"] != cfg.lora_rank or float(meta["alpha"]) != self.lora_alpha:
+                    raise TrainingError(f"--init-adapter has rank {meta['rank']} / alpha {meta['alpha']}; this "
+                                        f"run uses --lora-rank {cfg.lora_rank} / alpha {self.lora_alpha}")
+                load_adapter_state_(model, tensors)
+                self.say(f"starting from adapter {cfg.init_adapter}")
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        model.train()
+        self.model = model
+        self.loss_fn = prepare_model(model, layer_dropout=cfg.dropout_config(), early_exit_loss=cfg.exit_config(),
+                                     activation_checkpointing=cfg.activation_checkpointing)
+        self.fwd = TrainingForward(model, self.loss_fn).to(self.device)
+        state = self.state
+        if state is not None and cfg.lora_rank:
+            load_adapter_state_(model, state["model"])
+        elif state is not None:
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as e:
+                raise CheckpointError(f"training state {self.state_path} does not fit this model: "
+                                      f"{str(e).splitlines()[0]}") from None
+            if self.loss_fn.layer_dropout is not None:
+                self.loss_fn.layer_dropout.load_state_dict(state["layer_dropout"])
+        self.runner: torch.nn.Module = self.fwd
+        self.fsdp = False
+        if self.distributed:
+            if cfg.dist == "fsdp":
+                try:  # FSDP2: torch >= 2.6, and only where torch.distributed is built
+                    from torch.distributed.fsdp import fully_shard
+                except ImportError:
+                    raise TrainingError("--dist fsdp needs torch.distributed.fsdp.fully_shard (FSDP2; torch >= "
+                                        "2.6)") from None
+                try:
+                    for layer in model.model.layers:
+                        fully_shard(layer)
+                    fully_shard(self.fwd)
+                except Exception as e:  # noqa: BLE001
+                    raise TrainingError(f"FSDP2 is not usable here ({type(e).__name__}: {e}); use --dist ddp") \
+                        from None
+                self.fsdp = True
+            else:
+                self.runner = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            # compile each decoder layer in place (parameter names unchanged); dynamic shapes because the number of
+            # kept rows changes from step to step under layer dropout
+            for layer in model.model.layers:
+                layer.layer.compile(dynamic=True)
+
+    # ---- optimizer and resume ------------------------------------------------------------------------------
+    def build_optimizer(self) -> None:
+        cfg = self.cfg
+        self.params = [p for p in self.fwd.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.base_lr(),
+                                     betas=tuple(cfg.betas))
+        self.start_step = 0
+        self.order = BatchOrder(self.data, cfg.seed)
+        state = self.state
+        if state is None:
+            return
+        if self.fsdp:
+            set_optimizer_state_dict(self.fwd, self.opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(state["optimizer"])
+        self.start_step = int(state["step"])
+        self.order.consumed = int(state["data_consumed"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
-        if start_step >= cfg.steps:
-            say(f"{out}: training already complete ({start_step}/{cfg.steps} steps)")
+        if self.start_step >= cfg.steps:
+            self.say(f"{self.out}: training already complete ({self.start_step}/{cfg.steps} steps)")
         else:
-            say(f"resuming {out} at step {start_step}/{cfg.steps}")
+            self.say(f"resuming {self.out} at step {self.start_step}/{cfg.steps}")
 
-    # ---- loop ------------------------------------------------------------------------------------------------
-    end_step = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    end_step = max(end_step, start_step)
-    global_micro = cfg.batch_size * world
-    amp = contextlib.nullcontext() if cfg.autocast == "none" else \
-        torch.autocast(device.type, dtype=torch.bfloat16)
-    params = trainable
-    log_path = os.path.join(tdir, "log.jsonl")
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main), unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    tokens_per_step = global_micro * cfg.grad_accum * cfg.seq_len
-    last_loss, last_exits = float("nan"), {}
-    t0 = time.time()
-
-    def save(step: int) -> dict:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-                get_optimizer_state_dict
+    # ---- state ---------------------------------------------------------------------------------------------
+    def save(self, step: int) -> dict:
+        """The resumable state at ``step`` (rank 0 writes it); -> the model's state dict."""
+        cfg = self.cfg
+        if self.fsdp:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            msd = get_model_state_dict(fwd, options=opts)
+            msd = get_model_state_dict(self.fwd, options=opts)
             msd = {k[len("model."):]: v for k, v in msd.items() if k.startswith("model.")}
-            osd = get_optimizer_state_dict(fwd, opt, options=opts)
+            osd = get_optimizer_state_dict(self.fwd, self.opt, options=opts)
         elif cfg.lora_rank:
-            from ..model.lora import adapter_state_dict
-            msd = adapter_state_dict(model)     # the resumable state holds the adapters only: small
-            osd = opt.state_dict()
+            msd = adapter_state_dict(self.model)     # the resumable state holds the adapters only: small
+            osd = self.opt.state_dict()
         else:
-            msd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            osd = opt.state_dict()
-        if is_main:
+            msd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            osd = self.opt.state_dict()
+        if self.is_main:
+            ld = self.loss_fn.layer_dropout
             blob = {"version": STATE_VERSION, "step": step, "model": msd, "optimizer": osd,
-                    "data_consumed": order.consumed, "model_config": mconf,
-                    "train_config": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
-                    "world_size": world,
-                    "layer_dropout": loss_fn.layer_dropout.state_dict() if loss_fn.layer_dropout else None,
+                    "data_consumed": self.order.consumed, "model_config": self.mconf,
+                    "train_config": dataclasses.asdict(cfg), "data_fingerprint": self.fingerprint,
+                    "world_size": self.world, "layer_dropout": ld.state_dict() if ld else None,
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                             "numpy": np.random.get_state()}}
-            save_state(blob, state_path)
-        barrier()
+            save_state(blob, self.state_path)
+        self.barrier()
         return msd
 
-    if is_main and os.path.isfile(log_path):
-        # steps logged after the state we resume from (a crash between saves) are dropped from the log
-        with open(log_path, encoding="utf-8") as f:
-            kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-        with open(log_path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-    try:
-        for step in range(start_step, end_step):
-            loss_fn.set_step(step, cfg.steps)
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            exits, _, kl_w = loss_fn.exits(step)
-            acc = torch.zeros(1 + 2 * len(exits), dtype=torch.float32, device=device)
-            for micro in range(cfg.grad_accum):
-                batch = order.next_batch(global_micro, rank, world).to(device, non_blocking=True)
-                tokens, labels = batch[:, :-1], batch[:, 1:]
-                last_micro = micro == cfg.grad_accum - 1
-                if fsdp:
-                    fwd.set_requires_gradient_sync(last_micro)
-                    sync = contextlib.nullcontext()
-                elif distributed and not last_micro:
-                    sync = runner.no_sync()
-                else:
-                    sync = contextlib.nullcontext()
-                with sync:
-                    with amp:
-                        loss, ce, kl = runner(tokens, labels)
-                    (loss / cfg.grad_accum).backward()
-                acc += torch.cat([loss.detach().float().view(1), ce.float(), kl.float()]) / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if distributed:
-                dist.all_reduce(acc)
-                acc /= world
-            vals = acc.tolist()
-            if not all(math.isfinite(v) for v in vals[:1]):
-                raise TrainingError(f"loss is not finite at step {step} ({vals[0]}); lower --lr")
-            last_loss = vals[0]
-            last_exits = dict(zip(exits, vals[1:1 + len(exits)]))
-            kls = dict(zip(exits, vals[1 + len(exits):]))
-            if is_main:
+    # ---- the steps -----------------------------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        """One optimizer step (its micro steps, the gradient sync, the update) -> the averaged metrics."""
+        cfg = self.cfg
+        self.loss_fn.set_step(step, cfg.steps)
+        lr = lr_at(step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        exits, _, kl_w = self.loss_fn.exits(step)
+        acc = torch.zeros(1 + 2 * len(exits), dtype=torch.float32, device=self.device)
+        global_micro = cfg.batch_size * self.world
+        for micro in range(cfg.grad_accum):
+            batch = self.order.next_batch(global_micro, self.rank, self.world).to(self.device, non_blocking=True)
+            tokens, labels = batch[:, :-1], batch[:, 1:]
+            last_micro = micro == cfg.grad_accum - 1
+            if self.fsdp:
+                self.fwd.set_requires_gradient_sync(last_micro)
+                sync = contextlib.nullcontext()
+            elif self.distributed and not last_micro:
+                sync = self.runner.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+            with sync:
+                with self.autocast.context():
+                    loss, ce, kl = self.runner(tokens, labels)
+                (loss / cfg.grad_accum).backward()
+            acc += torch.cat([loss.detach().float().view(1), ce.float(), kl.float()]) / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.distributed:
+            dist.all_reduce(acc)
+            acc /= self.world
+        vals = acc.tolist()
+        if not math.isfinite(vals[0]):
+            raise TrainingError(f"loss is not finite at step {step} ({vals[0]}); lower --lr")
+        return dict(lr=lr, loss=vals[0], exits=dict(zip(exits, vals[1:1 + len(exits)])),
+                    kls=dict(zip(exits, vals[1 + len(exits):])), kl_w=kl_w)
+
+    def train(self) -> dict:
+        """The steps from the resumed one to --steps (or --stop-at), logged to training/log.jsonl, saved every
+        --save-every steps. -> throughput figures (tokens/s, achieved GFLOP/s, the exit loss's share)."""
+        cfg = self.cfg
+        start = self.start_step
+        end_step = max(cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at), start)
+        self.end_step = end_step
+        tokens_per_step = cfg.batch_size * self.world * cfg.grad_accum * cfg.seq_len
+        self.tokens_per_step = tokens_per_step
+        if self.is_main and os.path.isfile(self.log_path):
+            # steps logged after the state we resume from (a crash between saves) are dropped from the log
+            with open(self.log_path, encoding="utf-8") as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+            with open(self.log_path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and self.is_main), unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        self.last = dict(loss=float("nan"), exits={})
+        t0 = time.time()
+        self.fwd.loss_s = 0.0
+        try:
+            for step in range(start, end_step):
+                m = self.step(step)
+                self.last = m
                 elapsed = time.time() - t0
-                rate = tokens_per_step * (step + 1 - start_step) / max(elapsed, 1e-9)
-                shown = " ".join(f"L{e} {v:.2f}" for e, v in last_exits.items())
-                bar.set_postfix_str(f"loss {last_loss:.3f} | {shown} | lr {lr:.2e} | {rate:.0f} tok/s")
+                rate = tokens_per_step * (step + 1 - start) / max(elapsed, 1e-9)
+                shown = " ".join(f"L{e} {v:.2f}" for e, v in m["exits"].items())
+                bar.set_postfix_str(f"loss {m['loss']:.3f} | {shown} | lr {m['lr']:.2e} | {rate:.0f} tok/s")
                 bar.update(1)
-                rec = {"step": step + 1, "loss": round(last_loss, 5), "lr": lr,
-                       "exits": {str(e): round(v, 5) for e, v in last_exits.items()},
-                       "tokens": tokens_per_step * (step + 1), "time_s": round(elapsed, 2)}
-                if any(k > 0 for k in kl_w):
-                    L = model_config.num_hidden_layers
-                    rec["distill"] = {str(e): round(v, 5) for e, v in kls.items() if e < L}
-                    if cfg.anchor:
-                        rec["anchor_kl"] = round(kls[L], 5)
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-            done = step + 1
-            if cfg.save_every and done % cfg.save_every == 0 and done < end_step:
-                save(done)
-    finally:
-        bar.close()
-    exported = os.path.join(out, "adapter_config.json" if cfg.lora_rank else "model.safetensors")
-    if start_step < end_step or not os.path.isfile(exported):
-        msd = save(end_step)
-        if is_main and cfg.lora_rank:
-            from ..io.adapter import save_adapter
-            from ..model.lora import ALL_LINEARS
-            base = cfg.model if not os.path.exists(os.path.expanduser(cfg.model)) else \
-                os.path.abspath(os.path.expanduser(cfg.model))
-            save_adapter(out, msd, base_model=base, rank=cfg.lora_rank, alpha=lora_alpha, targets=ALL_LINEARS,
-                         training={"steps": end_step, "tokens": tokens_per_step * end_step,
-                                   "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                              if k not in ("out", "progress", "fresh", "threads", "device")}})
-        elif is_main:
-            export_hf(out, model_config, msd, tokenizer)
-            say(f"saved {'model' if end_step == cfg.steps else f'step {end_step} model'} to {out}")
-    barrier()
-    if created_group and dist.is_initialized():
-        dist.destroy_process_group()
-    return {"out": out, "step": end_step, "steps": cfg.steps, "loss": last_loss,
-            "exit_losses": last_exits, "tokens_seen": tokens_per_step * end_step,
-            "time_s": round(time.time() - t0, 2), "world_size": world, "dataset_tokens": int(len(stream))}
+                if self.is_main:
+                    self._log_step(step + 1, m, elapsed)
+                done = step + 1
+                if cfg.save_every and done % cfg.save_every == 0 and done < end_step:
+                    self.save(done)
+        finally:
+            bar.close()
+        elapsed = time.time() - t0
+        steps = end_step - start
+        self.train_s = elapsed
+        return throughput(self.model_config, self.loss_fn, cfg, tokens_per_step, steps, elapsed,
+                          self.fwd.loss_s, self.autocast)
+
+    def _log_step(self, step: int, m: dict, elapsed: float) -> None:
+        rec = {"step": step, "loss": round(m["loss"], 5), "lr": m["lr"],
+               "exits": {str(e): round(v, 5) for e, v in m["exits"].items()},
+               "tokens": self.tokens_per_step * step, "time_s": round(elapsed, 2),
+               "exit_loss_s": round(self.fwd.loss_s, 3)}
+        if any(k > 0 for k in m["kl_w"]):
+            L = self.model_config.num_hidden_layers
+            rec["distill"] = {str(e): round(v, 5) for e, v in m["kls"].items() if e < L}
+            if self.cfg.anchor:
+                rec["anchor_kl"] = round(m["kls"][L], 5)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ---- the end -------------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Save the final state and export the model (HF folder) or the adapter into --out."""
+        cfg = self.cfg
+        exported = os.path.join(self.out, "adapter_config.json" if cfg.lora_rank else "model.safetensors")
+        if self.start_step < self.end_step or not os.path.isfile(exported):
+            msd = self.save(self.end_step)
+            if self.is_main and cfg.lora_rank:
+                base = cfg.model if not os.path.exists(os.path.expanduser(cfg.model)) else \
+                    os.path.abspath(os.path.expanduser(cfg.model))
+                save_adapter(self.out, msd, base_model=base, rank=cfg.lora_rank, alpha=self.lora_alpha,
+                             targets=ALL_LINEARS,
+                             training={"steps": self.end_step, "tokens": self.tokens_per_step * self.end_step,
+                                       "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                                  if k not in ("out", "progress", "fresh", "threads", "device")}})
+            elif self.is_main:
+                export_hf(self.out, self.model_config, msd, self.tokenizer)
+                self.say(f"saved {'model' if self.end_step == cfg.steps else f'step {self.end_step} model'} to "
+                         f"{self.out}")
+        self.barrier()
+        if self.created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_training(cfg: TrainConfig, log: Callable[[str], None] = None) -> dict:
+    """Train as configured; returns a summary dict (rank 0's view)."""
+    run = TrainingRun(cfg, log)
+    run.load_data()
+    run.build_model()
+    run.build_optimizer()
+    perf = run.train()
+    run.finish()
+    return {"out": run.out, "step": run.end_step, "steps": cfg.steps, "loss": run.last["loss"],
+            "exit_losses": run.last["exits"], "tokens_seen": run.tokens_per_step * run.end_step,
+            "time_s": round(run.train_s, 2), "world_size": run.world, "dataset_tokens": int(len(run.stream)),
+            "throughput": perf}

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)

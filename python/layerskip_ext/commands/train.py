@@ -1,36 +1,23 @@
-"""``layerskip train`` and ``layerskip analyze``: argument definitions and command bodies.
+"""``layerskip train``: the LayerSkip recipe (layer dropout + early-exit loss), a new model or continued training.
 
-Wire into the CLI with::
-
-    p = sub.add_parser("train", help=...);   add_train_args(p);   p.set_defaults(func=cmd_train)
-    p = sub.add_parser("analyze", help=...); add_analyze_args(p); p.set_defaults(func=cmd_analyze)
-
-(``python -m layerskip_ext.training {train,analyze} ...`` runs them stand-alone.) Bad input raises
-``LayerSkipError`` subclasses; the CLI prints them as one line.
+Under torchrun: ``torchrun --nproc_per_node N -m layerskip_ext.cli train ...`` (DDP or FSDP2).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 
 from ..errors import LayerSkipError
-from .scales import EXIT_CURRICULA, EXIT_LOSS_SCALES, LAYER_SCALES, TIME_CURRICULA
+from ..training.scales import EXIT_CURRICULA, EXIT_LOSS_SCALES, LAYER_SCALES, TIME_CURRICULA
+from ..training.trainer import TrainConfig, run_training
+from .common import layer_list, str_list
+
+NAME = "train"
+HELP = "train with layer dropout + early-exit loss (LayerSkip recipe)"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
-
-
-def _str_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Train with LayerSkip (layer dropout + early-exit loss): continual pretraining or fine-tuning "
                      "of --model, or a new model from --init-config. Re-running with the same --out resumes.")
     src = p.add_argument_group("model and data")
@@ -42,7 +29,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", required=True, help="corpus: a folder of text/code files, a .jsonl, or a text file")
     src.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     src.add_argument("--max-data-mb", type=float, default=None, help="read at most this many MB of text")
-    src.add_argument("--exclude", type=_str_list, default=None, metavar="PATH1,PATH2",
+    src.add_argument("--exclude", type=str_list, default=None, metavar="PATH1,PATH2",
                      help="paths inside a folder --data to leave out (e.g. a held-out split)")
     src.add_argument("--out", required=True, help="output folder: the trained model (HF format) + training state")
 
@@ -59,7 +46,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    opt.add_argument("--autocast", default="bf16", choices=("bf16", "none"), help="bf16 autocast (default) or fp32")
+    opt.add_argument("--autocast", default="auto", choices=("auto", "bf16", "none"),
+                     help="bf16 autocast, or fp32 (none); auto (default): bf16 where this machine runs it faster")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--init-std", type=float, default=0.02, help="weight init std for --init-config")
 
@@ -75,7 +63,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--ee-rotation", type=int, default=2, metavar="R", help="rotational curriculum: every R-th layer")
     ls.add_argument("--ee-gradual-fraction", type=float, default=0.5,
                     help="gradual curriculum: fraction of training after which every exit is on")
-    ls.add_argument("--ee-layers", type=_int_list, default=None, metavar="E1,E2,...",
+    ls.add_argument("--ee-layers", type=layer_list, default=None, metavar="E1,E2,...",
                     help="candidate exits (1-based layer numbers; default all; the last layer is always one)")
     ls.add_argument("--distill", type=float, default=0.0,
                     help="self-distillation weight: KL(final || exit) added per exit, weighted like its loss")
@@ -106,9 +94,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
-def train_config_from_args(args):
-    from .trainer import TrainConfig
-
+def train_config_from_args(args) -> TrainConfig:
     if args.max_data_mb is not None and args.max_data_mb <= 0:
         raise LayerSkipError(f"--max-data-mb must be > 0, got {args.max_data_mb}")
     return TrainConfig(
@@ -120,7 +106,8 @@ def train_config_from_args(args):
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, layer_dropout=args.layer_dropout,
         ld_scale=args.ld_scale, ld_time=args.ld_time, early_exit=args.early_exit, ee_scale=args.ee_scale,
         ee_curriculum=args.ee_curriculum, ee_rotation=args.ee_rotation,
-        ee_gradual_fraction=args.ee_gradual_fraction, ee_layers=args.ee_layers, distill=args.distill, anchor=args.anchor,
+        ee_gradual_fraction=args.ee_gradual_fraction, ee_layers=args.ee_layers, distill=args.distill,
+        anchor=args.anchor,
         loss_chunk=args.loss_chunk, autocast=args.autocast, init_std=args.init_std, seed=args.seed,
         save_every=args.save_every, stop_at=args.stop_at, dist=args.dist,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile, device=args.device,
@@ -128,9 +115,7 @@ def train_config_from_args(args):
         lora_alpha=args.lora_alpha, init_adapter=args.init_adapter)
 
 
-def cmd_train(args) -> int:
-    from .trainer import run_training
-
+def run(args) -> int:
     summary = run_training(train_config_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -140,69 +125,10 @@ def cmd_train(args) -> int:
         exits = " ".join(f"L{e} {v:.3f}" for e, v in summary["exit_losses"].items())
         print(f"trained {summary['step']}/{summary['steps']} steps ({summary['tokens_seen']} tokens, "
               f"{summary['time_s']:.0f}s); last loss {summary['loss']:.4f}; per exit: {exits}")
+        perf = summary["throughput"]
+        if "tokens_per_s" in perf:
+            print(f"{perf['tokens_per_s']:.0f} tokens/s, {perf['achieved_gflops']:.0f} GFLOP/s = "
+                  f"{perf['fraction_of_matmul_rate']:.0%} of this machine's {perf['autocast']} matmul rate; exit loss "
+                  f"{perf['exit_loss_share']:.0%} of the time (autocast {perf['autocast']}: {perf['reason']})")
         print(f"model: {summary['out']}")
-    return 0
-
-
-def add_analyze_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Per-layer early-exit quality of a model on a corpus: next-token accuracy, perplexity and "
-                     "top-1 agreement with the last layer, as a table and a PNG plot.")
-    p.add_argument("--model", required=True, help="HF folder, .gguf file, or a packaged name")
-    p.add_argument("--data", required=True, help="corpus: a folder of text/code files, a .jsonl, or a text file")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=32768, help="evaluate about this many tokens, spread evenly "
-                                                                  "over the corpus (default 32768)")
-    p.add_argument("--max-data-mb", type=float, default=None, help="read at most this many MB of text")
-    p.add_argument("--exclude", type=_str_list, default=None, metavar="PATH1,PATH2",
-                   help="paths inside a folder --data to leave out")
-    p.add_argument("--layers", type=_int_list, default=None, help="1-based layers to report (default all)")
-    p.add_argument("--plot", default="layerskip_analyze.png", help="PNG path (default layerskip_analyze.png)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--backend", default="auto", choices=("auto", "native", "reference"),
-                   help="native kernels or the plain PyTorch reference (auto: native when built)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-
-
-def cmd_analyze(args) -> int:
-    import torch
-
-    from ..analysis import format_table, per_layer_metrics, plot_metrics
-    from ..model import load_model
-    from .common import TrainingError
-    from .data import evaluation_sequences, read_corpus, tokenize_corpus
-
-    for name in ("seq_len", "batch_size", "max_tokens"):
-        if getattr(args, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, backend=args.backend)
-    if tokenizer is None:
-        raise TrainingError(f"{args.model} has no tokenizer; analysis needs one to read the corpus")
-    if args.seq_len > model.config.max_position_embeddings:
-        raise TrainingError(f"--seq-len {args.seq_len} exceeds the model's context "
-                            f"({model.config.max_position_embeddings})")
-    max_bytes = None if args.max_data_mb is None else int(args.max_data_mb * 1e6)
-    docs = read_corpus(args.data, args.text_field, max_bytes, args.exclude)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (model.config.eos_token_ids or [None])[0]
-    stream = tokenize_corpus(docs, tokenizer, eos)
-    seqs = evaluation_sequences(stream, args.seq_len, max(1, args.max_tokens // args.seq_len))
-    metrics = per_layer_metrics(model, seqs, batch_size=args.batch_size, layers=args.layers,
-                                progress=not args.json)
-    title = f"{args.model} on {args.data}"
-    note = None
-    if not args.no_plot:
-        note = plot_metrics(metrics, args.plot, title)
-    if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, "tokens": metrics[0].tokens,
-                          "layers": [m.__dict__ for m in metrics],
-                          "plot": None if (args.no_plot or note) else args.plot, "plot_note": note}))
-    else:
-        print(format_table(metrics, title))
-        if not args.no_plot:
-            print(note if note else f"plot: {args.plot}", file=sys.stderr if note else sys.stdout)
     return 0

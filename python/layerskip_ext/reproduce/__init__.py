@@ -1,0 +1,1 @@
+"""layerskip reproduce: train a LayerSkip model and its control from scratch on the standard library, measure both."""

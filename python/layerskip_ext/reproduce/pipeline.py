@@ -1,0 +1,392 @@
+"""``layerskip reproduce``: the stages, each resumable (its result is a JSON file under OUT/stages/; a stage whose
+file exists is not run again, and training resumes from its saved state).
+
+    data      the tokenizer (trained by the recipe on the training split), held-out evaluation sequences, prompts
+    plan      candidate shapes timed on this machine, the cost model's pick, the step count that fits the budget
+    baseline  training from scratch: next-token loss only
+    layerskip training from scratch: same shape, tokenizer, data order, token count and seed, plus layer dropout
+              and the early-exit loss
+    export    both models as bf16 HF folders (OUT/export/NAME): what is evaluated is exactly what ships
+    evaluate  for both: the per-layer table on held-out code, the (E, d) sweep with dynamic drafting on held-out
+              prompts, where a decode step's time goes, what verification costs; the LayerSkip model's tuned
+              setting is written into its config
+    report    OUT/report.md, OUT/report.json, plots
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+from ..analysis.per_layer import format_table, per_layer_metrics, plot_metrics
+from ..analysis.step_profile import floors, timed_decode, verify_cost
+from ..analysis.sweep import default_exit_layers, run_sweep
+from ..analysis.sweep_report import to_json, write_reports
+from ..corpus import read_corpus, tokenize_corpus
+from ..errors import TrainingError
+from ..io import load_checkpoint, save_hf_folder
+from ..io.layerskip_block import write_layerskip_block
+from ..model import load_model
+from ..prompts import humaneval_path, read_prompts
+from ..training.data import evaluation_sequences
+from ..training.machine import matmul_gflops
+from ..training.tokenizer_train import train_bpe_tokenizer
+from ..training.trainer import TrainConfig, run_training
+from . import plan as planning
+from .report import write_report
+from .data import HELD_OUT, function_prompts, held_out_text, stdlib_dir, training_exclusions
+
+# The LayerSkip run's recipe (chosen by measurement: docs/reproduce.md). Fixed exits at shallow layers, where a
+# draft is cheap, instead of a rotation over every layer: each exit adds ~11% to a step of this size.
+LAYERSKIP_RECIPE = dict(layer_dropout=0.1, ld_scale="exponential", early_exit=1.0, ee_scale="uniform",
+                        ee_curriculum="none", ee_layers_fraction=(0.125, 0.25, 0.5), distill=1.0)
+
+
+@dataclasses.dataclass
+class ReproduceConfig:
+    out: str
+    budget_min: float = 60.0
+    data: Optional[str] = None           # a folder of code (default: this Python's standard library)
+    held_out: tuple = HELD_OUT           # sub-folders of data held out for evaluation
+    arch: Optional[str] = None           # "layers,hidden,heads,kv_heads,intermediate" (default: planned)
+    vocab: int = 4096
+    steps: Optional[int] = None          # default: what fits the budget
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    eval_sequences: int = 128            # held-out sequences of seq_len + 1 tokens for the per-layer table
+    function_prompts: int = 12           # held-out function headers + docstrings
+    humaneval_prompts: int = 12
+    max_new_tokens: int = 96
+    depths: tuple = (1, 2, 3, 4, 6)
+    draft_stops: tuple = (0.3, 0.5, 0.7)
+    dynamic_depths: tuple = (6, 8)
+    exit_layers: Optional[tuple] = None  # default: a spread over the shallow half
+    candidates: Optional[tuple] = None   # Arch strings to plan over (default plan.CANDIDATES)
+    threads: Optional[int] = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not (isinstance(self.budget_min, (int, float)) and self.budget_min > 0 and math.isfinite(self.budget_min)):
+            raise TrainingError(f"--budget-min must be > 0, got {self.budget_min!r}")
+        if self.steps is not None and self.steps < 1:
+            raise TrainingError(f"--steps must be >= 1, got {self.steps}")
+        for name in ("eval_sequences", "function_prompts", "max_new_tokens", "batch_size", "seq_len", "vocab"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.humaneval_prompts < 0:
+            raise TrainingError(f"--humaneval-prompts must be >= 0, got {self.humaneval_prompts}")
+        if self.arch is not None:
+            try:
+                planning.Arch.parse(self.arch)
+            except (TypeError, ValueError):
+                raise TrainingError(f"--arch {self.arch!r}: expected layers,hidden,heads,kv_heads,intermediate "
+                                    f"(five integers)") from None
+
+
+# settings a resumed run may change (they do not change what is trained or measured)
+RESUMABLE = {"out", "budget_min", "threads", "progress"}
+
+
+class Reproduction:
+    """The stages over one output folder. ``run()`` runs what is not done yet."""
+
+    def __init__(self, cfg: ReproduceConfig, log: Optional[Callable[[str], None]] = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = os.path.abspath(os.path.expanduser(cfg.out))
+        self.stages = os.path.join(self.out, "stages")
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.t0 = time.time()
+        os.makedirs(self.stages, exist_ok=True)
+        self._check_resume()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+
+    def say(self, msg: str) -> None:
+        self._log(f"[reproduce {self.elapsed_min():5.1f} min] {msg}")
+
+    def elapsed_min(self) -> float:
+        return (time.time() - self.t0) / 60 + self._spent_before
+
+    def _check_resume(self) -> None:
+        path = os.path.join(self.out, "reproduce.json")
+        mine = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.cfg).items()}
+        self._spent_before = 0.0
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            for k, v in old.get("config", {}).items():
+                if k not in RESUMABLE and mine.get(k) != v:
+                    raise TrainingError(f"{self.out} holds a reproduction with --{k.replace('_', '-')} {v!r} (now "
+                                        f"{mine.get(k)!r}); use another --out, or the same settings to resume")
+            self._spent_before = float(old.get("minutes_spent", 0.0))
+        self._write_meta(mine)
+
+    def _write_meta(self, mine: Optional[dict] = None) -> None:
+        path = os.path.join(self.out, "reproduce.json")
+        if mine is None:
+            with open(path, encoding="utf-8") as f:
+                mine = json.load(f)["config"]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"config": mine, "minutes_spent": round(self.elapsed_min(), 2)}, f, indent=1)
+
+    # ---- stage bookkeeping ---------------------------------------------------------------------------------
+    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
+        path = os.path.join(self.stages, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        self.say(f"stage {name}")
+        t = time.time()
+        result = fn()
+        result["stage_minutes"] = round((time.time() - t) / 60, 2)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+        self._write_meta()
+        with open(path, encoding="utf-8") as f:  # what a resumed run reads: the same types either way
+            return json.load(f)
+
+    def run(self) -> dict:
+        data = self.stage("data", self.prepare_data)
+        plan = self.stage("plan", lambda: self.plan(data))
+        runs = {}
+        for name in ("baseline", "layerskip"):
+            runs[name] = self.stage(f"train_{name}", lambda n=name: self.train(n, plan, data))
+        evals = {}
+        for name in ("baseline", "layerskip"):
+            self.stage(f"export_{name}", lambda n=name: self.export(n))
+            evals[name] = self.stage(f"evaluate_{name}", lambda n=name: self.evaluate(n, data, plan))
+        report = write_report(self.out, self.cfg, data, plan, runs, evals, self.elapsed_min())
+        self._write_meta()
+        self.say(f"wrote {report['markdown']} ({self.elapsed_min():.1f} min in all)")
+        return report
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    def data_root(self) -> str:
+        root = os.path.abspath(os.path.expanduser(self.cfg.data)) if self.cfg.data else stdlib_dir()
+        if not os.path.isdir(root):
+            raise TrainingError(f"--data {root} is not a folder")
+        return root
+
+    def held_out(self, root: str) -> list[str]:
+        dirs = [os.path.join(root, n) for n in self.cfg.held_out if os.path.isdir(os.path.join(root, n))]
+        if not dirs:
+            raise TrainingError(f"none of the held-out folders {', '.join(self.cfg.held_out)} is under {root}")
+        return dirs
+
+    def exclusions(self, root: str) -> list[str]:
+        if self.cfg.data:
+            return [n for n in self.cfg.held_out if os.path.exists(os.path.join(root, n))]
+        return training_exclusions(root)
+
+    def prepare_data(self) -> dict:
+        cfg = self.cfg
+        root = self.data_root()
+        exclude = self.exclusions(root)
+        docs = read_corpus(root, "text", None, exclude)
+        if not docs:
+            raise TrainingError(f"no training documents under {root}")
+        tok_dir = os.path.join(self.out, "tokenizer")
+        self.say(f"training a {cfg.vocab}-token BPE tokenizer on {len(docs)} files "
+                 f"({sum(map(len, docs)) / 1e6:.1f} MB; held out: {', '.join(cfg.held_out)})")
+        tokenizer = train_bpe_tokenizer(docs, cfg.vocab)
+        tokenizer.save(tok_dir)
+        stream = tokenize_corpus(docs, tokenizer, tokenizer.eos_token_id)
+        held = self.held_out(root)
+        text = held_out_text(held)
+        ids = tokenize_corpus(text, tokenizer, tokenizer.eos_token_id)
+        if len(ids) < cfg.seq_len + 1:
+            raise TrainingError(f"the held-out text has {len(ids)} tokens: fewer than one sequence of "
+                                f"{cfg.seq_len + 1}")
+        eval_seqs = evaluation_sequences(ids, cfg.seq_len, cfg.eval_sequences).tolist()
+        n = len(eval_seqs)
+        prompts = [{"source": "held-out functions", "text": t}
+                   for t in function_prompts(held, cfg.function_prompts)]
+        if cfg.humaneval_prompts:
+            try:
+                prompts += [{"source": "HumanEval", "text": t}
+                            for t in read_prompts(humaneval_path())[:cfg.humaneval_prompts]]
+            except Exception as e:  # noqa: BLE001 - an optional extra: say so and go on with the held-out prompts
+                self.say(f"no HumanEval prompts ({e})")
+        with open(os.path.join(self.stages, "eval_sequences.json"), "w", encoding="utf-8") as f:
+            json.dump(eval_seqs, f)
+        return {"root": root, "exclude": exclude, "held_out": [os.path.relpath(d, root) for d in held],
+                "training_files": len(docs), "training_bytes": sum(map(len, docs)),
+                "training_tokens": int(len(stream)), "held_out_tokens": int(len(ids)),
+                "eval_sequences": n, "eval_tokens": n * cfg.seq_len, "prompts": prompts,
+                "tokenizer": tok_dir, "vocab": tokenizer.vocab_size}
+
+    # ---- plan ----------------------------------------------------------------------------------------------
+    def train_config(self, name: str, arch: planning.Arch, steps: int, vocab: int) -> TrainConfig:
+        cfg = self.cfg
+        init = os.path.join(self.out, "arch.json")
+        fields = dataclasses.asdict(arch.config(vocab, context=max(1024, cfg.seq_len)))
+        with open(init, "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in fields.items() if k not in ("bos_token_id", "eos_token_id", "layerskip")},
+                      f, indent=1)
+        root = self.data_root()
+        tc = TrainConfig(out=os.path.join(self.out, name), data=root, init_config=init,
+                         tokenizer=os.path.join(self.out, "tokenizer"), exclude=self.exclusions(root),
+                         steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=cfg.seed,
+                         autocast="auto", save_every=max(1, min(50, steps // 4)), threads=cfg.threads,
+                         progress=cfg.progress)
+        if name == "layerskip":
+            r = LAYERSKIP_RECIPE
+            L = arch.layers
+            exits = sorted({max(1, round(f * L)) for f in r["ee_layers_fraction"]} - {L})
+            tc.layer_dropout, tc.ld_scale = r["layer_dropout"], r["ld_scale"]
+            tc.early_exit, tc.ee_scale, tc.ee_curriculum = r["early_exit"], r["ee_scale"], r["ee_curriculum"]
+            tc.ee_layers, tc.distill = exits, r["distill"]
+        return tc
+
+    def plan(self, data: dict) -> dict:
+        cfg = self.cfg
+        vocab = data["vocab"]
+        budget_s = cfg.budget_min * 60
+        depths = list(cfg.depths)
+        if cfg.arch:
+            candidates = [planning.Arch.parse(cfg.arch)]
+        elif cfg.candidates:
+            candidates = [planning.Arch.parse(a) for a in cfg.candidates]
+        else:
+            candidates = list(planning.CANDIDATES)
+        rows = []
+        for arch in candidates:
+            self.say(f"timing {arch}: decode stages and training steps")
+            row = planning.decode_costs(arch, vocab, depths)
+            mconf = arch.config(vocab, context=max(1024, cfg.seq_len))
+            row["train_step_s"] = {n: round(planning.time_training_steps(self.train_config(n, arch, 100, vocab),
+                                                                         mconf), 3)
+                                   for n in ("baseline", "layerskip")}
+            row["eval_s"] = round(self.eval_estimate_s(arch, row["ar_step_ms"] / 1e3, data), 1)
+            rows.append(row)
+        spent_s = self.elapsed_min() * 60
+        for row in rows:
+            per_pair = sum(row["train_step_s"].values())
+            left = budget_s - spent_s - row["eval_s"] - 60  # a minute for loading, the report and slack
+            row["steps_in_budget"] = max(0, int(left / per_pair)) if per_pair > 0 else 0
+            row["tokens_in_budget"] = row["steps_in_budget"] * cfg.batch_size * cfg.seq_len
+        # the fastest predicted shape among those that see at least ~70% of the best-funded shape's tokens
+        most = max(r["tokens_in_budget"] for r in rows)
+        feasible = [r for r in rows if r["tokens_in_budget"] >= 0.7 * most] or rows
+        chosen = max(feasible, key=lambda r: r["best"]["speedup"])
+        steps = cfg.steps or chosen["steps_in_budget"]
+        if steps < 1:
+            raise TrainingError(f"--budget-min {cfg.budget_min} leaves no time to train {chosen['label']} "
+                                f"(a step pair takes {sum(chosen['train_step_s'].values()):.1f} s); raise it")
+        self.say(f"plan: {chosen['label']}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens per model "
+                 f"(cost model's best under the prior agreement: E={chosen['best']['exit_layer']} "
+                 f"d={chosen['best']['num_speculations']} {chosen['best']['speedup']:.2f}x)")
+        return {"candidates": rows, "chosen": chosen["arch"], "label": chosen["label"], "steps": steps,
+                "tokens_per_model": steps * cfg.batch_size * cfg.seq_len,
+                "prior_agreement": planning.PRIOR_AGREEMENT}
+
+    def exit_layers(self, num_layers: int) -> list[int]:
+        if self.cfg.exit_layers:
+            return sorted(set(self.cfg.exit_layers))
+        # a draft pays only through the shallow layers; the deepest spread point keeps the comparison honest
+        picks = {max(1, round(f * num_layers)) for f in (0.125, 0.1875, 0.25, 0.375, 0.5)}
+        return sorted(e for e in picks if e < num_layers) or default_exit_layers(num_layers)
+
+    def eval_estimate_s(self, arch: planning.Arch, ar_step_s: float, data: dict) -> float:
+        """Seconds both evaluations take: every sweep cell decodes every prompt (about one AR step per token;
+        self-speculation is rarely much faster at this size), the baseline twice, plus measurement overheads."""
+        cfg = self.cfg
+        E = len(self.exit_layers(arch.layers))
+        cells = E * len(cfg.depths) + E * len(cfg.dynamic_depths) * len(cfg.draft_stops) + 4
+        tokens = len(data["prompts"]) * cfg.max_new_tokens
+        return 2 * (cells * tokens * ar_step_s * 1.1 + 45)
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def train(self, name: str, plan: dict, data: dict) -> dict:
+        arch = planning.Arch(**plan["chosen"])
+        tc = self.train_config(name, arch, plan["steps"], data["vocab"])
+        self.say(f"training the {name} model from scratch ({plan['steps']} steps)")
+        summary = run_training(tc, log=self.say)
+        summary["train_config"] = {k: v for k, v in dataclasses.asdict(tc).items()
+                                   if k not in ("progress", "threads", "fresh", "device")}
+        return summary
+
+    # ---- export and evaluation -----------------------------------------------------------------------------
+    def export_dir(self, name: str) -> str:
+        return os.path.join(self.out, "export", name)
+
+    def export(self, name: str) -> dict:
+        """The trained model as a bf16 HF folder (half the bytes; evaluated from there in fp32, so the measured
+        model is the shipped one, bf16 rounding included)."""
+        ckpt = load_checkpoint(os.path.join(self.out, name), dtype=torch.float32)
+        folder = self.export_dir(name)
+        save_hf_folder(folder, ckpt.config, ckpt.state_dict, tokenizer=ckpt.tokenizer, dtype=torch.bfloat16)
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        return {"folder": folder, "bytes": size,
+                "weights_bytes": os.path.getsize(os.path.join(folder, "model.safetensors"))}
+
+    def evaluate(self, name: str, data: dict, plan: dict) -> dict:
+        cfg = self.cfg
+        folder = self.export_dir(name)
+        eval_dir = os.path.join(self.out, "eval", name)
+        os.makedirs(eval_dir, exist_ok=True)
+        model, tokenizer = load_model(folder, backend="auto")
+        L = model.num_layers
+        with open(os.path.join(self.stages, "eval_sequences.json"), encoding="utf-8") as f:
+            seqs = torch.tensor(json.load(f), dtype=torch.int64)
+        self.say(f"{name}: per-layer accuracy, perplexity and agreement on {seqs[:, 1:].numel()} held-out tokens")
+        metrics = per_layer_metrics(model, seqs, batch_size=8)
+        table = format_table(metrics, f"{name} model, held-out code")
+        png = os.path.join(eval_dir, "per_layer.png")
+        note = plot_metrics(metrics, png, f"{name}: exit quality by layer (held-out code)")
+        prompts = [tokenizer.encode(p["text"]) for p in data["prompts"]]
+        stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
+        exits = self.exit_layers(L)
+        self.say(f"{name}: sweep over E {exits} x d {list(cfg.depths)} and dynamic drafting (stop below "
+                 f"{list(cfg.draft_stops)}, d <= {list(cfg.dynamic_depths)}) on {len(prompts)} prompts")
+        settings = {"model": name, "backend": model.decoder.name, "threads": torch.get_num_threads(),
+                    "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+                    "load_average_1m": round(os.getloadavg()[0], 2)}
+        res = run_sweep(model, prompts, exits, list(cfg.depths), cfg.max_new_tokens, stop_ids,
+                        progress=cfg.progress, settings=settings, draft_stops=list(cfg.draft_stops),
+                        dynamic_depths=[d for d in cfg.dynamic_depths])
+        write_reports(res, os.path.join(eval_dir, "sweep"), f"{name} model")
+        best = res.best_overall()
+        # where a step goes, and what a round's verification costs, at the best setting
+        prompt = prompts[0]
+        ar_prof = [timed_decode(model, prompt, cfg.max_new_tokens, strategy="autoregressive") for _ in range(3)]
+        ss_prof = [timed_decode(model, prompt, cfg.max_new_tokens, strategy="self_speculative",
+                                exit_layer=best.exit_layer, num_speculations=best.num_speculations,
+                                draft_stop=best.draft_stop) for _ in range(3)]
+        fl = floors(model, matmul_gflops(torch.float32, torch.device("cpu")))
+        out = {"per_layer": [dataclasses.asdict(m) for m in metrics], "per_layer_table": table,
+               "per_layer_png": None if note else png, "sweep": to_json(res),
+               "step_profile": {"autoregressive": _median_dict(ar_prof),
+                                "self_speculative": _median_dict(ss_prof),
+                                "self_speculative_setting": _key_of(best)},
+               "floors": fl, "verify_cost": verify_cost(res.stage_costs, best.exit_layer, cfg.depths)
+               if res.stage_costs else [],
+               "fp32_matmul_gflops": round(matmul_gflops(torch.float32, torch.device("cpu")), 1)}
+        if name == "layerskip":
+            path = write_layerskip_block(folder, best.exit_layer, best.num_speculations,
+                                         {"draft_stop": best.draft_stop, "speedup": round(best.speedup, 3),
+                                          "acceptance": round(best.acceptance, 4),
+                                          "source": "layerskip reproduce (sweep on held-out prompts)"})
+            out["tuned"] = {"exit_layer": best.exit_layer, "num_speculations": best.num_speculations,
+                            "draft_stop": best.draft_stop, "speedup": best.speedup, "config": path}
+        return out
+
+
+def _key_of(c) -> dict:
+    return {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations, "draft_stop": c.draft_stop}
+
+
+def _median_dict(runs: list[dict]) -> dict:
+    keys = runs[0].keys()
+    return {k: round(sorted(r[k] for r in runs)[len(runs) // 2], 4) for k in keys}

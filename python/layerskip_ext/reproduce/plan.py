@@ -1,0 +1,129 @@
+"""Before training: choose the architecture by the cost model, and the number of steps by the budget.
+
+For each candidate shape a random-weight model is built and its decode stages are timed on this machine (one layer
+at T = 1 and at T = d + 1, the exit head, an autoregressive step: analysis/cost_measure.py); the cost model
+(analysis/cost_model.py) then predicts each (E, d)'s speedup from an *assumed* agreement curve alpha(E / L) (what
+LayerSkip training from scratch reached in earlier runs here: PRIOR_AGREEMENT). A shape that cannot see enough
+training tokens within the budget is not chosen. The prediction is recorded, and the report compares it with what
+the trained model measures.
+
+Steps: both configurations (baseline, LayerSkip) are timed for a few optimizer steps on random tokens, and the
+step count is the one that fits both runs into the training share of the budget (the same for both: equal
+tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from ..analysis.cost_measure import measure_stage_costs
+from ..analysis.cost_model import predict
+from ..config import LlamaConfig
+from ..generation import generate
+from ..model import LlamaForCausalLM
+from ..training.machine import choose_autocast
+from ..training.prepare import TrainingForward, prepare_model
+from ..training.trainer import TrainConfig, init_weights
+
+# (relative exit depth E / L, agreement of exit E with the last layer on held-out code): the LayerSkip model of an
+# earlier from-scratch run here (16 layers x 192, 2.5M tokens, layer dropout 0.2, exit loss every 2nd layer:
+# .46 at 4/16, .59 at 6/16, .71 at 8/16, .88 at 12/16), interpolated linearly.
+PRIOR_AGREEMENT = ((0.0, 0.0), (0.25, 0.46), (0.375, 0.59), (0.5, 0.71), (0.75, 0.88), (1.0, 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def config(self, vocab: int, context: int = 1024) -> LlamaConfig:
+        return LlamaConfig(vocab_size=vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.kv_heads, max_position_embeddings=context,
+                           tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+    @classmethod
+    def parse(cls, text: str) -> "Arch":
+        return cls(*(int(x) for x in text.split(",")))
+
+    def __str__(self) -> str:
+        return f"{self.layers}x{self.hidden} (heads {self.heads}/{self.kv_heads}, MLP {self.intermediate})"
+
+
+CANDIDATES = (Arch(16, 192, 6, 2, 512), Arch(20, 192, 6, 2, 512), Arch(24, 160, 5, 1, 448), Arch(12, 256, 8, 2, 704))
+
+
+def prior_alpha(relative_depth: float) -> float:
+    pts = PRIOR_AGREEMENT
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= relative_depth <= x1:
+            return y0 + (y1 - y0) * (relative_depth - x0) / (x1 - x0)
+    return 1.0
+
+
+def random_model(arch: Arch, vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(arch.config(vocab))
+    init_weights(model, 0.02, seed)
+    model.tie_weights()
+    model.eval().build_decoder()
+    return model
+
+
+@torch.no_grad()
+def decode_costs(arch: Arch, vocab: int, depths: list[int], new_tokens: int = 48) -> dict:
+    """Stage costs of a random-weight model of this shape and the cost model's best (E, d) under PRIOR_AGREEMENT."""
+    model = random_model(arch, vocab)
+    prompt = list(range(1, 33))
+    kw = dict(max_new_tokens=new_tokens, stop_token_ids=[], strategy="autoregressive")
+    generate(model, prompt, **kw)
+    steps = []
+    for _ in range(3):
+        r = generate(model, prompt, **kw)
+        steps.append(r.decode_s / max(1, len(r.sequences[0].tokens) - 1))
+    ar = statistics.median(steps)
+    costs = measure_stage_costs(model, len(prompt) + new_tokens // 2, depths, ar, repeats=5)
+    L = arch.layers
+    exits = sorted({max(1, L // 8), max(1, L // 4), max(1, 3 * L // 8), L // 2})
+    preds = [predict(costs, prior_alpha(E / L), E, d) for E in exits for d in depths]
+    best = max(preds, key=lambda p: p.speedup)
+    params = sum(p.numel() for p in model.parameters())
+    return {"arch": dataclasses.asdict(arch), "label": str(arch), "params": params,
+            "fp32_mb": round(params * 4 / 2 ** 20, 1), "bf16_mb": round(params * 2 / 2 ** 20, 1),
+            "ar_step_ms": round(ar * 1e3, 3), "layer_ms": {str(t): round(v * 1e3, 4) for t, v in costs.layer_s.items()},
+            "head_ms": {str(t): round(v * 1e3, 4) for t, v in costs.head_s.items()},
+            "overhead_ms": round(costs.overhead_s * 1e3, 3), "stage_costs": costs.to_dict(),
+            "best": {"exit_layer": best.exit_layer, "num_speculations": best.num_speculations,
+                     "assumed_alpha": round(best.alpha, 3), "speedup": round(best.speedup, 3)}}
+
+
+def time_training_steps(cfg: TrainConfig, model_config: LlamaConfig, steps: int = 3) -> float:
+    """Median seconds of an optimizer step of this configuration on random tokens (after one warm-up step), with
+    the autocast the run will choose."""
+    autocast = choose_autocast(cfg.autocast, torch.device("cpu"))
+    model = LlamaForCausalLM(model_config)
+    init_weights(model, cfg.init_std, cfg.seed)
+    model.tie_weights()
+    model.train()
+    loss_fn = prepare_model(model, layer_dropout=cfg.dropout_config(), early_exit_loss=cfg.exit_config())
+    fwd = TrainingForward(model, loss_fn)
+    opt = torch.optim.AdamW([p for p in fwd.parameters() if p.requires_grad], lr=cfg.lr)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for s in range(steps + 1):
+        loss_fn.set_step(s, cfg.steps)
+        t = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            batch = torch.randint(0, model_config.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g)
+            with autocast.context():
+                loss, _, _ = fwd(batch[:, :-1], batch[:, 1:])
+            (loss / cfg.grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])

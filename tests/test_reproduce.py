@@ -1,0 +1,107 @@
+"""layerskip reproduce end to end on a tiny corpus and shape (minutes of the real run become seconds): every stage
+runs, the report holds both models' tables and sweeps, every sweep cell is token-identical to autoregressive
+decoding, a rerun resumes without retraining, a changed setting is refused, and the held-out split stays out."""
+import json
+import os
+import shutil
+import sysconfig
+
+import pytest
+
+from layerskip_ext.errors import TrainingError
+from layerskip_ext.reproduce.data import function_prompts, held_out_dirs, training_exclusions
+from layerskip_ext.reproduce.pipeline import Reproduction, ReproduceConfig
+
+STDLIB = sysconfig.get_path("stdlib")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few standard-library modules to train on and the json package held out."""
+    root = tmp_path_factory.mktemp("corpus")
+    for name in ("textwrap.py", "bisect.py", "heapq.py", "fnmatch.py", "colorsys.py", "shlex.py"):
+        shutil.copy(os.path.join(STDLIB, name), root / name)
+    shutil.copytree(os.path.join(STDLIB, "json"), root / "json")
+    return str(root)
+
+
+def tiny(out, corpus, **kw):
+    base = dict(out=str(out), data=corpus, held_out=("json",), arch="4,32,2,1,64", vocab=300, steps=3,
+                batch_size=2, seq_len=32, eval_sequences=4, function_prompts=2, humaneval_prompts=1,
+                max_new_tokens=8, depths=(1, 2), draft_stops=(0.5,), dynamic_depths=(3,), threads=1,
+                progress=False, budget_min=30)
+    base.update(kw)
+    return ReproduceConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("repro")
+    report = Reproduction(tiny(out, corpus), log=lambda m: None).run()
+    return out, report
+
+
+def test_every_stage_runs_and_reports(finished):
+    out, report = finished
+    for stage in ("data", "plan", "train_baseline", "train_layerskip", "export_baseline", "export_layerskip",
+                  "evaluate_baseline", "evaluate_layerskip"):
+        assert (out / "stages" / f"{stage}.json").is_file(), stage
+    with open(report["json"]) as f:
+        rep = json.load(f)
+    md = open(report["markdown"]).read()
+    for heading in ("## Targets", "## Per-layer exit quality", "## Sweep: baseline", "## Sweep: layerskip",
+                    "## Where a decode step's time goes", "Verification of d + 1 tokens"):
+        assert heading in md, heading
+    ev = rep["evaluation"]
+    for name in ("baseline", "layerskip"):
+        assert [m["layer"] for m in ev[name]["per_layer"]] == [1, 2, 3, 4]
+        assert ev[name]["per_layer"][-1]["agreement"] == pytest.approx(1.0)
+        cells = ev[name]["sweep"]["cells"] + ev[name]["sweep"]["dynamic_cells"]
+        assert len(ev[name]["sweep"]["dynamic_cells"]) == len({c["exit_layer"] for c in cells})
+        assert all(c["equal_to_ar"] for c in cells), "a sweep cell's output differs from autoregressive decoding"
+    # both runs saw the same tokens; only the LayerSkip run has exits below the last layer
+    tr = rep["training"]
+    assert tr["baseline"]["tokens_seen"] == tr["layerskip"]["tokens_seen"] == 3 * 2 * 32
+    assert tr["baseline"]["train_config"]["early_exit"] == 0 and tr["layerskip"]["train_config"]["early_exit"] > 0
+    assert tr["layerskip"]["train_config"]["ee_layers"] and tr["layerskip"]["throughput"]["tokens_per_s"] > 0
+    # the shipped folder: bf16 weights, its tuned setting in config.json, a model card
+    folder = rep["exports"]["layerskip"]["folder"]
+    with open(os.path.join(folder, "config.json")) as f:
+        block = json.load(f)["layerskip"]
+    tuned = ev["layerskip"]["tuned"]
+    assert (block["exit_layer"], block["num_speculations"]) == (tuned["exit_layer"], tuned["num_speculations"])
+    assert os.path.isfile(os.path.join(folder, "README.md"))
+    from safetensors import safe_open
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+
+
+def test_rerun_resumes_without_retraining(finished, corpus):
+    out, _ = finished
+    weights = out / "baseline" / "model.safetensors"
+    before = os.path.getmtime(weights)
+    Reproduction(tiny(out, corpus, budget_min=99), log=lambda m: None).run()  # the budget may change
+    assert os.path.getmtime(weights) == before
+
+
+def test_changed_setting_is_refused(finished, corpus):
+    out, _ = finished
+    with pytest.raises(TrainingError, match="--lr"):
+        Reproduction(tiny(out, corpus, lr=1e-3), log=lambda m: None)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, corpus):
+    with pytest.raises(TrainingError, match="--arch"):
+        Reproduction(tiny(tmp_path / "a", corpus, arch="4,32"), log=lambda m: None)
+    with pytest.raises(TrainingError, match="--budget-min"):
+        Reproduction(tiny(tmp_path / "b", corpus, budget_min=0), log=lambda m: None)
+    with pytest.raises(TrainingError, match="held-out"):
+        Reproduction(tiny(tmp_path / "c", corpus, held_out=("nope",)), log=lambda m: None).run()
+
+
+def test_held_out_packages_never_reach_training():
+    ex = training_exclusions(STDLIB)
+    assert {"asyncio", "email", "json", "test"} <= set(ex)
+    prompts = function_prompts(held_out_dirs(STDLIB), 6)
+    assert len(prompts) == 6 and all(p.lstrip().startswith(("def ", "async def ")) for p in prompts)
+    assert all('"""' in p or "'''" in p for p in prompts)
