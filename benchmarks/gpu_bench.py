@@ -464,7 +464,8 @@ def bench_e2e(rep: Report, label: str, model, prompts: list[list[int]], new_toke
     if early_exit is not None:
         configs.append((f"early_exit E={early_exit}", dict(exit_layer=early_exit)))
     configs += [(f"self_speculative E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E, d in pairs]
-    if model.device.type == "cuda":  # the same rounds replayed as CUDA graphs (generation/cuda_graph.py)
+    if model.device.type == "cuda":  # the same steps / rounds replayed as CUDA graphs (generation/cuda_graph.py)
+        configs.append(("autoregressive graph", dict(cuda_graph=True)))
         configs += [(f"self_speculative E={E} d={d} graph", dict(exit_layer=E, num_speculations=d, cuda_graph=True))
                     for E, d in pairs]
     ar_tokens, ar_step = None, None
@@ -495,19 +496,21 @@ def bench_e2e(rep: Report, label: str, model, prompts: list[list[int]], new_toke
                                              for t, a_ in zip(toks, ar_tokens)]
             else:
                 row["step_ms"] = statistics.median(r.decode_s / max(k, 1) * 1e3 for r, k in zip(results, n_dec))
-                if strategy == "autoregressive":
+                if strategy == "autoregressive" and bw_GBps:
+                    row["fraction_of_floor"] = entry["ar_floor_ms"] / row["step_ms"]
+                if name == "autoregressive":
                     ar_tokens, ar_step = toks, row["step_ms"]
-                    if bw_GBps:
-                        row["fraction_of_floor"] = entry["ar_floor_ms"] / row["step_ms"]
                 elif ar_step:
                     row["step_vs_ar"] = row["step_ms"] / ar_step
+                    if strategy == "autoregressive" and ar_tokens is not None:  # the graphed steps
+                        row["equals_ar"] = toks == ar_tokens
             entry["rows"].append(row)
             ms = row.get("round_ms", row.get("step_ms"))
             xar = row.get("round_cost_in_ar_steps", row.get("step_vs_ar", 1.0 if strategy == "autoregressive" else None))
             say(f"{name:<28} {row['tokens_per_s']:8.1f} {ms:14.3f} "
                 + (f"{xar:9.2f}" if xar is not None else f"{'-':>9}")
                 + (f" {row['tokens_per_round']:9.2f} {row['acceptance']:7.3f} {str(row.get('equals_ar', '-')):>5}"
-                   if "round_ms" in row else f" {'-':>9} {'-':>7} {'-':>5}"))
+                   if "round_ms" in row else f" {'-':>9} {'-':>7} {str(row.get('equals_ar', '-')):>5}"))
         except Exception as e:  # noqa: BLE001
             entry["rows"].append(dict(strategy=name, error=f"{type(e).__name__}: {e}"[:1000]))
             rep.error(f"e2e/{label}/{name}", e)
