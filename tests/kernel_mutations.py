@@ -4,7 +4,8 @@ from it and tests/test_cuda_emulated.py runs until its first failure. A mutation
 
     python tests/kernel_mutations.py [--only NAME ...] [--markdown FILE]
 
-The working tree is never touched (LAYERSKIP_EMU_CSRC points the build at the copy).
+The working tree is never touched (LAYERSKIP_EMU_CSRC points the build at the copy). Both emulated test files run
+(test_cuda_emulated.py, test_cuda_emulated_decoder.py), each until its first failure.
 """
 from __future__ import annotations
 
@@ -20,56 +21,90 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = "cuda/kernels.cu"
+TEST_FILES = ("test_cuda_emulated.py", "test_cuda_emulated_decoder.py")
 
 # name: (file under csrc/, exact text, replacement, what it breaks)
+GEMV, ATTN, HEADS, DEVICE = "cuda/gemv.cu", "cuda/attention.cu", "cuda/heads.cu", "cuda/device.cuh"
 MUTATIONS = {
     "rms_norm: no barrier after the warp partials": (
         KERNELS, "if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;\n  __syncthreads();",
         "if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;", "a removed __syncthreads"),
     "row_max: no barrier before the block maximum is read": (
-        KERNELS, "    s_red[0] = r;\n  }\n  __syncthreads();\n  const float r = s_red[0];",
+        HEADS, "    s_red[0] = r;\n  }\n  __syncthreads();\n  const float r = s_red[0];",
         "    s_red[0] = r;\n  }\n  const float r = s_red[0];", "a removed __syncthreads"),
-    "load_vec: tail reads one element past K": (
-        KERNELS, "for (int i = 0; i < kN; ++i) v[i] = k + i < K ? to_f32(p[k + i]) : 0.0f;",
-        "for (int i = 0; i < kN; ++i) v[i] = k + i <= K ? to_f32(p[k + i]) : 0.0f;", "an off-by-one in a tail loop"),
-    "cache_attention: last key skipped": (
-        KERNELS, "for (int64_t s = warp; s <= pos; s += kAttnWarps)", "for (int64_t s = warp; s < pos; s += kAttnWarps)",
+    "load_raw: tail reads one element past K": (
+        DEVICE, "e[i] = (p != nullptr && k + i < K) ? p[k + i] : from_f32<T>(0.0f);",
+        "e[i] = (p != nullptr && k + i <= K) ? p[k + i] : from_f32<T>(0.0f);", "an off-by-one in a tail loop"),
+    "cache_attention: a row's last key skipped": (
+        ATTN, "const bool seen = lane < KT && lane <= lim;", "const bool seen = lane < KT && lane < lim;",
         "an off-by-one in a loop bound"),
     "kv_cache_write: cache rows strided by T instead of S": (
         KERNELS, "const int64_t dst = ((b * nKV + h) * S + slot) * D + d;",
         "const int64_t dst = ((b * nKV + h) * T_ + slot) * D + d;", "a wrong stride"),
     "rope: rows strided by half the head dim": (
         KERNELS, "    const T* xr = x + row * 2 * half;", "    const T* xr = x + row * half;", "a wrong stride"),
-    "warp_dot_rows: row mask dropped": (
-        KERNELS, "      if (m < rows) {\n        float xv[kN];", "      {\n        float xv[kN];", "a dropped mask"),
+    "gemv: row mask dropped": (
+        GEMV, "  for (int m = 0; m < ROWS; ++m) {\n    if (m < rows) {\n      float xf[kN];",
+        "  for (int m = 0; m < ROWS; ++m) {\n    {\n      float xf[kN];", "a dropped mask"),
     "cache_attention: head-dim mask dropped in q": (
-        KERNELS, "qv[i] = d < D ? to_f32(qrow[d]) : 0.0f;", "qv[i] = to_f32(qrow[d]);", "a dropped mask"),
+        ATTN, "if (r < rows && d < D) {", "if (r < rows) {", "a dropped mask"),
     "argmax: ties go to the later column": (
-        KERNELS, "return best_idx < 0 || (!isnan(best) && (isnan(v) || v > best));",
+        GEMV, "return best_idx < 0 || (!isnan(best) && (isnan(v) || v > best));",
         "return best_idx < 0 || (!isnan(best) && (isnan(v) || v >= best));", "a swapped tie-break"),
     "warp_sum: last butterfly step missing": (
-        KERNELS, "for (int off = 16; off >= 1; off /= 2)", "for (int off = 16; off > 1; off /= 2)",
-        "a shuffle reduction cut short"),
+        DEVICE, "for (int off = 16; off >= 1; off /= 2) v += __shfl_xor_sync", "for (int off = 16; off > 1; off /= 2) v += "
+        "__shfl_xor_sync", "a shuffle reduction cut short"),
     "verify_sampling: accepts on equality": (
         KERNELS, "if (!(__fmul_rn(ub[j], qy) < py)) break;", "if (!(__fmul_rn(ub[j], qy) <= py)) break;",
         "a comparison off by one"),
     "undo fix: -inf score in the online softmax": (
-        KERNELS, "const float corr = m == m_new ? 1.0f : expf(m - m_new);\n    const float p = sc == -INFINITY ? 0.0f : expf(sc - m_new);",
-        "const float corr = expf(m - m_new);\n    const float p = expf(sc - m_new);", "fixed bug: -inf -> NaN"),
+        ATTN, "const float corr = m_old == m_new ? 1.0f : expf(m_old - m_new);\n      const float pv = (!seen || sc == -INFINITY) ? 0.0f : expf(sc - m_new);",
+        "const float corr = expf(m_old - m_new);\n      const float pv = !seen ? 0.0f : expf(sc - m_new);", "fixed bug: -inf -> NaN"),
     "undo fix: float16 linear read as float32": (
-        KERNELS, "  dispatch(dt, [&](auto tag) {\n    using Ty = decltype(tag);\n    launch(linear_kernel<Ty>,",
+        GEMV, "  dispatch(dt, [&](auto tag) {\n    using Ty = decltype(tag);\n    launch_gemv<Ty, kGemvDense>",
         "  dispatch(dt == DType::kFloat16 ? DType::kFloat32 : dt, [&](auto tag) {\n    using Ty = decltype(tag);\n"
-        "    launch(linear_kernel<Ty>,", "fixed bug: dispatch_lin"),
+        "    launch_gemv<Ty, kGemvDense>", "fixed bug: dispatch_lin"),
     "undo fix: verify_greedy not a grid-stride loop": (
         KERNELS, "for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b += int64_t(gridDim.x) * blockDim.x) {",
         "for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b = B) {", "fixed bug: grid_1d cap"),
     "undo fix: a bad vocab_subset entry reads row 0": (
-        KERNELS, "  if (row >= 0 && row < rows_w) {\n    warp_dot_rows(x, K, rows, w + row * K, K, vec_ok, acc);\n    return true;\n  }",
-        "  if (row >= 0 && row < rows_w) {\n    warp_dot_rows(x, K, rows, w + row * K, K, vec_ok, acc);\n    return true;\n  }\n"
-        "  warp_dot_rows(x, K, rows, w, K, vec_ok, acc);", "fixed bug: empty lm_head"),
+        GEMV, "wrow[c] = valid[c] ? p.w[0] + r * K : nullptr;", "wrow[c] = p.w[0] + (valid[c] ? r : 0) * K;",
+        "fixed bug: empty lm_head"),
     "undo fix: bad uniforms not flagged": (
-        KERNELS, "if (!(u >= 0.0f && u < 1.0f)) atomicOr(errors, kDeviceErrorUniform);", "",
+        HEADS, "if (!(u >= 0.0f && u < 1.0f)) atomicOr(errors, kDeviceErrorUniform);", "",
         "fixed bug: silent device-side bad ids"),
+    # issue 13's kernels
+    "gemv: the block's partials added in another tree": (
+        GEMV, "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][t + stride];",
+        "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][kGemvThreads / 2 - 1 - t + stride];",
+        "a wrong split-K combine order"),
+    "gemv: no barrier between the tree's levels": (
+        GEMV, "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][t + stride];\n    __syncthreads();",
+        "      for (int q = 0; q < rows * C; ++q) s_red[q][t] += s_red[q][t + stride];", "a removed __syncthreads"),
+    "gemv: the tail's first chunk given to the wrong warp": (
+        GEMV, "for (int64_t j = full + ((warp - full) % kGemvWarps + kGemvWarps) % kGemvWarps; j < nchunks;",
+        "for (int64_t j = full + warp; j < nchunks;", "a wrong split-K assignment"),
+    "linear_multi: columns of the later matrices not offset": (
+        GEMV, "      wrow[c] = p.w[i] + (nn - p.n_begin[i]) * K;", "      wrow[c] = p.w[i] + nn * K;", "a wrong offset"),
+    "gemv: residual added before rounding the product": (
+        GEMV, "*o = from_f32<T>(to_f32(*o) + round_to<T>(s));", "*o = from_f32<T>(to_f32(*o) + s);",
+        "a rounding step dropped"),
+    "attention: keys past a row's position accumulated into v": (
+        ATTN, "const int n = static_cast<int>(lim + 1 < KT ? lim + 1 : KT);", "const int n = KT;",
+        "a dropped chunk mask"),
+    "attention combine: a chunk past the row's position merged": (
+        ATTN, "const int64_t nc = pos / LC + 1;", "const int64_t nc = pos / LC + 2;", "a dropped chunk mask"),
+    "decoder attention: new keys written without RoPE": (
+        ATTN, "        rope_pair(p.k_new[src + i], p.k_new[src + i + half], p.cos[pos * half + i], p.sin[pos * half + i], kd[i],\n"
+        "                  kd[i + half]);", "        kd[i] = p.k_new[src + i];\n        kd[i + half] = p.k_new[src + i + half];",
+        "a fused step dropped"),
+    "decoder attention: no barrier between the cache writes and the tile loads": (
+        ATTN, "    __syncthreads();  // the block's own cache writes are visible to its loads below", "",
+        "a removed __syncthreads"),
+    "argmax final: ties go to the later partial": (
+        HEADS, "return v > bv || (v == bv && i < bi);", "return v > bv || (v == bv && i > bi);", "a swapped tie-break"),
+    "sampling: the high words of the split weight sums dropped": (
+        HEADS, "  if (wh != 0) atomicAdd(hi, wh);", "", "a dropped carry"),
 }
 
 
@@ -88,7 +123,7 @@ def run(name: str, spec, cache: Path, timeout: int) -> dict:
         t0 = time.time()
         try:
             res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                  str(ROOT / "tests" / "test_cuda_emulated.py")], cwd=ROOT / "tests", env=env,
+                                  *(str(ROOT / "tests" / f) for f in TEST_FILES)], cwd=ROOT / "tests", env=env,
                                  capture_output=True, text=True, timeout=timeout)
             out, rc = res.stdout + res.stderr, res.returncode
         except subprocess.TimeoutExpired:
@@ -119,7 +154,7 @@ def main() -> int:
             r = run(name, spec, Path(cache), args.timeout)
             rows.append(r)
             print(f"{r['result']:<28} {r['seconds']:6.1f} s  {name}  [{r['test']}]", flush=True)
-    table = ["| mutation of csrc/cuda/kernels.cu | kind | result | first failing test | s |", "|---|---|---|---|---:|"]
+    table = ["| mutation of csrc/cuda | kind | result | first failing test | s |", "|---|---|---|---|---:|"]
     table += [f"| {r['name']} | {r['kind']} | {r['result']} | `{r['test']}` | {r['seconds']:.0f} |" for r in rows]
     print("\n".join(table))
     if args.markdown:

@@ -18,11 +18,16 @@ def test_cuda_graph_argument_errors():
     with pytest.raises(GenerationError, match="needs the model on a CUDA device"):
         generate(model, [1, 2, 3], max_new_tokens=4, strategy="self_speculative", exit_layer=1,
                  num_speculations=2, cuda_graph=True)
-    with pytest.raises(GenerationError, match="greedy self_speculative decoding only"):
-        generate(model, [1, 2, 3], max_new_tokens=4, cuda_graph=True)
-    with pytest.raises(GenerationError, match="greedy self_speculative decoding only"):
-        generate(model, [1, 2, 3], max_new_tokens=4, strategy="self_speculative", exit_layer=1,
-                 num_speculations=2, temperature=0.8, cuda_graph=True)
+    with pytest.raises(GenerationError, match="needs the model on a CUDA device"):
+        generate(model, [1, 2, 3], max_new_tokens=4, strategy="autoregressive", cuda_graph=True)
+    for strategy in ("autoregressive", "self_speculative"):
+        with pytest.raises(GenerationError, match="greedy decoding only"):
+            generate(model, [1, 2, 3], max_new_tokens=4, strategy=strategy, exit_layer=1 if strategy != "autoregressive"
+                     else None, num_speculations=2 if strategy != "autoregressive" else None, temperature=0.8,
+                     cuda_graph=True)
+    with pytest.raises(GenerationError, match="does not combine with draft_stop"):
+        generate(model, [1, 2, 3], max_new_tokens=4, strategy="self_speculative", exit_layer=1, num_speculations=2,
+                 draft_stop=0.5, cuda_graph=True)
 
 
 @pytest.mark.cuda
@@ -48,17 +53,32 @@ def test_cuda_graph_rounds_equal_eager_and_autoregressive(dtype, native):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_round_graphs_replay_after_capture():
-    from layerskip_ext.generation.cuda_graph import RoundGraphs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_steps_equal_eager_autoregressive_and_early_exit(dtype):
+    """Autoregressive and early-exit steps replayed as graphs: the eager tokens, sequences finishing at different
+    steps (a new graph per number of live sequences)."""
+    model = make_tiny_model(6, dtype, num_hidden_layers=4).cuda()
+    prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7], [11, 12]]
+    for kw in (dict(strategy="autoregressive"), dict(strategy="early_exit", exit_layer=2)):
+        eager = generate(model, prompts, max_new_tokens=40, stop_token_ids=[7], **kw)
+        graphed = generate(model, prompts, max_new_tokens=40, stop_token_ids=[7], cuda_graph=True, **kw)
+        assert [s.tokens for s in graphed.sequences] == [s.tokens for s in eager.sequences], kw
+        assert [s.finish_reason for s in graphed.sequences] == [s.finish_reason for s in eager.sequences], kw
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_step_graphs_replay_after_capture():
+    from layerskip_ext.generation.cuda_graph import StepGraphs
     x = torch.zeros(3, device="cuda")
 
     def round_fn(d):
         x.add_(d)
         return x * 2
 
-    g = RoundGraphs(round_fn, torch.device("cuda"))
-    outs = [g.run(1, 3).clone() for _ in range(4)]  # warm-up, capture + replay, replay, replay
+    g = StepGraphs(round_fn, torch.device("cuda"))
+    outs = [g.run((1, 3), 1).clone() for _ in range(4)]  # warm-up, capture + replay, replay, replay
     assert [float(o[0]) for o in outs] == [2.0, 4.0, 6.0, 8.0]
     assert g.captures == 1 and g.replays == 3
     with pytest.raises(ValueError, match="CUDA device"):
-        RoundGraphs(round_fn, torch.device("cpu"))
+        StepGraphs(round_fn, torch.device("cpu"))

@@ -300,9 +300,46 @@ def test_cuda_layer_range_forward_equals_ops_one_by_one(case, dtype):
     k2, v2 = clone_all(k), clone_all(v)
     got = ops.layer_range_forward(h, ws, k, v, start, pos, cos, sin, nH, nKV, 1e-5, D ** -0.5)
     want = ops.layer_range_forward_native_composed(h, ws, k2, v2, start, pos, cos, sin, nH, nKV, 1e-5, D ** -0.5)
+    if T > 16 and not start.any():  # a prompt: cuBLAS + SDPA (csrc/cuda/prefill_cuda.h), close to the ops
+        tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
+        for a, b in itertools.chain(zip(k, k2), zip(v, v2)):
+            torch.testing.assert_close(a.cpu(), b.cpu(), **tol)
+        return
     assert_bitwise(got.cpu(), want.cpu(), "output")
     for a, b in itertools.chain(zip(k, k2), zip(v, v2)):
         assert_bitwise(a.cpu(), b.cpu(), "caches")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_prompt_path_and_decoding_after_it(dtype):
+    """A prompt (T > 16, start 0) goes through cuBLAS + SDPA, close to the ops one by one; the decode steps after it
+    and a 17-token verification (start > 0) stay on the kernels: bitwise a token decoded alone."""
+    L, B, T, H, nH, nKV, D, I, S = 2, 2, 40, 128, 4, 2, 32, 256, 96
+    g = seeded("cuda-prompt", dtype)
+    ws = [w.cuda() for w in random_layers(L, H, nH, nKV, D, I, dtype, g)]
+    k, v = caches(L, B, nKV, S, D, dtype, g)
+    k, v = [c.cuda() for c in k], [c.cuda() for c in v]
+    cos, sin = (t.cuda() for t in rope_tables(S, D))
+    h = torch.randn(B, T + 17, H, generator=g).to(dtype).cuda()
+    start = torch.zeros(B, dtype=torch.long, device="cuda")
+    pos = torch.arange(T, device="cuda")[None].expand(B, T).contiguous()
+    k2, v2 = clone_all(k), clone_all(v)
+    got = ops.layer_range_forward(h[:, :T].contiguous(), ws, k, v, start, pos, cos, sin, nH, nKV, 1e-5, D ** -0.5)
+    want = ops.layer_range_forward_native_composed(h[:, :T].contiguous(), ws, k2, v2, start, pos, cos, sin, nH, nKV,
+                                                   1e-5, D ** -0.5)
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(got, want, **tol)
+    start = torch.full((B,), T, dtype=torch.long, device="cuda")
+    pos = (T + torch.arange(17, device="cuda"))[None].expand(B, 17).contiguous()
+    ks, vs = clone_all(k), clone_all(v)
+    verified = ops.layer_range_forward(h[:, T:].contiguous(), ws, k, v, start, pos, cos, sin, nH, nKV, 1e-5, D ** -0.5)
+    for t in range(17):
+        one = ops.layer_range_forward(h[:, T + t:T + t + 1].contiguous(), ws, ks, vs, start + t,
+                                      pos[:, t:t + 1].contiguous(), cos, sin, nH, nKV, 1e-5, D ** -0.5)
+        assert_bitwise(one[:, 0].cpu(), verified[:, t].cpu(), f"token {t} alone vs verified with 17")
 
 
 def test_move_weights_to_hugepages_keeps_model_and_results():

@@ -31,7 +31,9 @@ def test_gpu_bench_cpu_small(tmp_path):
     if ops.native_available():
         measured = {r["op"] for r in data["ops"] if "us" in r}
         assert measured == {"rms_norm", "rope", "kv_cache_write", "cache_attention", "linear", "exit_head_argmax",
-                            "verify_greedy", "verify_sampling", "layer_range_forward"}
+                            "exit_head_sample", "verify_greedy", "verify_sampling", "layer_range_forward"}
+        prompt = [r for r in data["ops"] if r["op"] == "layer_range_forward" and "prompt" in r["shape"]]
+        assert len(prompt) == 1 and prompt[0]["TFLOPs"] > 0
     models = data["e2e"]
     assert len(models) == 2
     for m in models:

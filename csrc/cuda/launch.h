@@ -28,7 +28,7 @@ inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_by
 template <typename... P, typename... A>
 inline void launch(void (*kernel)(P...), ::ls_emu::Grid grid, dim3 block, size_t shared_bytes, cudaStream_t,
                    A... args) {
-  ::ls_emu::run(grid, block, shared_bytes, [&] { kernel(args...); });
+  ::ls_emu::run(grid, block, shared_bytes, reinterpret_cast<const void*>(kernel), [&] { kernel(args...); });
 }
 #endif
 

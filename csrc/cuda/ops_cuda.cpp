@@ -3,9 +3,7 @@
 // validates them; the kernels only guard their memory accesses (see launchers.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/add.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -22,6 +20,7 @@
 #include "common/poison.h"
 #include "common/validate.h"
 #include "cuda/launchers.h"
+#include "cuda/prefill_cuda.h"
 
 namespace layerskip::cuda {
 namespace {
@@ -99,16 +98,30 @@ void kv_cache_write_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The attention kernels' grid: chunks x (KV heads x row groups) x B (grid.y, grid.z <= 65535).
+void check_attention_grid(int64_t B, int64_t T, int64_t nH, int64_t nKV, const char* op) {
+  check_grid(B * T * nH, op);
+  TORCH_CHECK(B <= 65535 && nKV * ((nH / nKV) * T + 7) <= 65535 * 8, op, ": too many sequences or heads for one launch");
+}
+
+// float32 scratch of the attention kernels (the chunks' partial softmax), from the caching allocator: stream-ordered,
+// and captured with a CUDA graph like any other allocation.
+at::Tensor attention_scratch_for(const at::Tensor& like, int64_t B, int64_t T, int64_t nH, int64_t S, int64_t D) {
+  return at::empty({std::max<int64_t>(1, attention_scratch(B, T, nH, S, D))}, like.options().dtype(at::kFloat));
+}
+
 at::Tensor cache_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& start, double scale) {
   const auto d = validate_cache_attention(q, k_cache, v_cache, start);
   check_device_type(q, c10::DeviceType::CUDA, "cache_attention", "q");
-  check_grid(d.B * d.T * d.nH, "cache_attention");
+  check_attention_grid(d.B, d.T, d.nH, d.nKV, "cache_attention");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor scratch = attention_scratch_for(q, d.B, d.T, d.nH, d.S, d.D);
   launch_cache_attention(to_dtype(q, "cache_attention", "q"), q.const_data_ptr(), k_cache.const_data_ptr(),
                          v_cache.const_data_ptr(), start.const_data_ptr<int64_t>(), out.mutable_data_ptr(), d.B,
-                         d.T, d.nH, d.nKV, d.S, d.D, static_cast<float>(scale), stream_of(q));
+                         d.T, d.nH, d.nKV, d.S, d.D, static_cast<float>(scale), scratch.mutable_data_ptr<float>(),
+                         stream_of(q));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -116,7 +129,7 @@ at::Tensor cache_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight) {
   const auto d = validate_linear(x, weight);
   check_device_type(x, c10::DeviceType::CUDA, "linear", "x");
-  TORCH_CHECK((d.M + 7) / 8 <= 65535, "linear: too many rows for one launch (", d.M, ")");
+  TORCH_CHECK((d.M + 15) / 16 <= 65535, "linear: too many rows for one launch (", d.M, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = d.N;
@@ -134,7 +147,7 @@ at::Tensor exit_head_argmax_cuda(const at::Tensor& h, const at::Tensor& norm_wei
   constexpr const char* op = "exit_head_argmax";
   const auto d = validate_exit_head_argmax(h, norm_weight, lm_head, vocab_subset);
   check_device_type(h, c10::DeviceType::CUDA, op, "h");
-  TORCH_CHECK((d.M + 7) / 8 <= 65535 && d.M <= std::numeric_limits<int32_t>::max(), op,
+  TORCH_CHECK((d.M + 15) / 16 <= 65535 && d.M <= std::numeric_limits<int32_t>::max(), op,
               ": too many rows for one launch (", d.M, ")");
   const c10::cuda::CUDAGuard guard(h.device());
   std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end() - 1);
@@ -175,7 +188,7 @@ void head_logits_cuda(const char* op, const HeadDims& d, const at::Tensor& h, co
 }  // normed may be freed now: the caching allocator reuses it only in stream order, after these kernels
 
 void check_head_rows(const char* op, const HeadDims& d) {
-  TORCH_CHECK((d.M + 7) / 8 <= 65535 && d.M <= std::numeric_limits<int32_t>::max(), op,
+  TORCH_CHECK((d.M + 15) / 16 <= 65535 && d.M <= std::numeric_limits<int32_t>::max(), op,
               ": too many rows for one launch (", d.M, ")");
 }
 
@@ -262,8 +275,9 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling_cuda(const at::Tensor& drafts
   return {accepted, next};
 }
 
-// The CPU twin's layer sequence (csrc/cpu/fused.cpp) as the CUDA kernels of the single ops, in order; residual
-// adds, silu and * through ATen as model/llama.py does them, so the result is bitwise the ops one by one.
+// The decoder layers. A prompt (prefill_cuda.h: T > 16, every start 0) goes through cuBLAS and SDPA; everything else
+// (decode, draft and verification steps) through launch_decoder_layers: 9 launches per layer, each step bitwise
+// the native op it replaces (layer_range_forward_native_composed), every row's arithmetic independent of T.
 at::Tensor layer_range_forward_cuda(const at::Tensor& h, at::TensorList weights, at::TensorList k_caches,
                                     at::TensorList v_caches, const at::Tensor& start, const at::Tensor& positions,
                                     const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
@@ -276,52 +290,37 @@ at::Tensor layer_range_forward_cuda(const at::Tensor& h, at::TensorList weights,
   at::Tensor out = h.clone(at::MemoryFormat::Contiguous);
   if (d.L == 0 || d.B == 0 || d.T == 0) return out;
   const int64_t M = d.B * d.T;
-  check_grid(M * d.nH, op);
-  TORCH_CHECK((M + 7) / 8 <= 65535, op, ": too many rows for one launch (", M, ")");
-  const DType dt = to_dtype(h, op, "h");
-  const cudaStream_t stream = stream_of(h);
-  const auto opts = h.options();
-  at::Tensor xn = at::empty({d.B, d.T, d.H}, opts);
-  at::Tensor q = at::empty({d.B, d.T, d.nH, d.D}, opts), qr = at::empty_like(q), attn = at::empty_like(q);
-  at::Tensor k = at::empty({d.B, d.T, d.nKV, d.D}, opts), kr = at::empty_like(k), v = at::empty_like(k);
-  at::Tensor o = at::empty({d.B, d.T, d.H}, opts), down = at::empty_like(o);
-  at::Tensor gate = at::empty({d.B, d.T, d.I}, opts), up = at::empty_like(gate), act = at::empty_like(gate);
-  const int64_t* sp = start.const_data_ptr<int64_t>();
-  const int64_t* pp = positions.const_data_ptr<int64_t>();
-  const float* cp = cos.const_data_ptr<float>();
-  const float* snp = sin.const_data_ptr<float>();
-  const float feps = static_cast<float>(eps);
-  for (int64_t l = 0; l < d.L; ++l) {
-    const at::Tensor* W = weights.data() + l * kLayerWeights;
-    const at::Tensor& kc = k_caches[l];
-    const at::Tensor& vc = v_caches[l];
-    launch_rms_norm(dt, W[0].scalar_type() != h.scalar_type(), out.const_data_ptr(), W[0].const_data_ptr(),
-                    xn.mutable_data_ptr(), M, d.H, feps, stream);
-    launch_linear(dt, xn.const_data_ptr(), W[1].const_data_ptr(), q.mutable_data_ptr(), M, d.H, d.nH * d.D, stream);
-    launch_linear(dt, xn.const_data_ptr(), W[2].const_data_ptr(), k.mutable_data_ptr(), M, d.H, d.nKV * d.D, stream);
-    launch_linear(dt, xn.const_data_ptr(), W[3].const_data_ptr(), v.mutable_data_ptr(), M, d.H, d.nKV * d.D, stream);
-    launch_rope(dt, q.const_data_ptr(), pp, cp, snp, qr.mutable_data_ptr(), d.B, d.T, d.pos_stride_b, d.nH, d.D, d.P,
-                stream);
-    launch_rope(dt, k.const_data_ptr(), pp, cp, snp, kr.mutable_data_ptr(), d.B, d.T, d.pos_stride_b, d.nKV, d.D, d.P,
-                stream);
-    launch_kv_cache_write(dt, kc.mutable_data_ptr(), vc.mutable_data_ptr(), kr.const_data_ptr(), v.const_data_ptr(),
-                          sp, d.B, d.T, d.nKV, d.S, d.D, stream);
-    launch_cache_attention(dt, qr.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(), sp,
-                           attn.mutable_data_ptr(), d.B, d.T, d.nH, d.nKV, d.S, d.D, static_cast<float>(scale), stream);
-    launch_linear(dt, attn.const_data_ptr(), W[4].const_data_ptr(), o.mutable_data_ptr(), M, d.nH * d.D, d.H, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::add_out(out, out, o);
-    launch_rms_norm(dt, W[5].scalar_type() != h.scalar_type(), out.const_data_ptr(), W[5].const_data_ptr(),
-                    xn.mutable_data_ptr(), M, d.H, feps, stream);
-    launch_linear(dt, xn.const_data_ptr(), W[6].const_data_ptr(), gate.mutable_data_ptr(), M, d.H, d.I, stream);
-    launch_linear(dt, xn.const_data_ptr(), W[7].const_data_ptr(), up.mutable_data_ptr(), M, d.H, d.I, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::silu_out(act, gate);
-    at::mul_out(act, act, up);
-    launch_linear(dt, act.const_data_ptr(), W[8].const_data_ptr(), down.mutable_data_ptr(), M, d.I, d.H, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::add_out(out, out, down);
+  check_attention_grid(d.B, d.T, d.nH, d.nKV, op);
+  TORCH_CHECK((M + 15) / 16 <= 65535, op, ": too many rows for one launch (", M, ")");
+  if (takes_prefill_path(d, start)) {
+    prefill_layers(d, out, weights, k_caches, v_caches, start, positions, cos, sin, eps, scale);
+    return out;
   }
+  const auto opts = h.options();
+  at::Tensor x = at::empty({M, d.H}, opts), q = at::empty({M, d.nH * d.D}, opts), attn = at::empty_like(q);
+  at::Tensor k = at::empty({M, d.nKV * d.D}, opts), v = at::empty_like(k);
+  at::Tensor gate = at::empty({M, d.I}, opts), up = at::empty_like(gate);
+  at::Tensor att = attention_scratch_for(h, d.B, d.T, d.nH, d.S, d.D);
+  std::vector<DecoderLayer> layers(static_cast<size_t>(d.L));
+  for (int64_t l = 0; l < d.L; ++l) {
+    DecoderLayer& w = layers[l];
+    for (int i = 0; i < kLayerWeights; ++i) w.w[i] = weights[l * kLayerWeights + i].const_data_ptr();
+    w.norm_f32[0] = weights[l * kLayerWeights].scalar_type() != h.scalar_type();
+    w.norm_f32[1] = weights[l * kLayerWeights + 5].scalar_type() != h.scalar_type();
+    w.k_cache = k_caches[l].mutable_data_ptr();
+    w.v_cache = v_caches[l].mutable_data_ptr();
+  }
+  const DecoderDims dims{d.B, d.T, d.H, d.nH, d.nKV, d.D, d.I, d.S, d.P, d.pos_stride_b};
+  const DecoderScratch s{x.mutable_data_ptr(),    q.mutable_data_ptr(),  k.mutable_data_ptr(),
+                         v.mutable_data_ptr(),    attn.mutable_data_ptr(), gate.mutable_data_ptr(),
+                         up.mutable_data_ptr(),   att.mutable_data_ptr<float>()};
+  // torch's silu, in place on the gate (its own CUDA kernel: bitwise the model's F.silu)
+  const SiluInPlace silu = [](void* ctx, void*, int64_t) { at::silu_(*static_cast<at::Tensor*>(ctx)); };
+  launch_decoder_layers(to_dtype(h, op, "h"), out.mutable_data_ptr(), layers.data(), d.L, dims,
+                        start.const_data_ptr<int64_t>(), positions.const_data_ptr<int64_t>(), cos.const_data_ptr<float>(),
+                        sin.const_data_ptr<float>(), static_cast<float>(eps), static_cast<float>(scale), s, silu, &gate,
+                        stream_of(h));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -1,6 +1,8 @@
 // C entry points of every launcher in csrc/cuda/launchers.h, for the emulated-CUDA tests (ctypes). Each forwards
 // its arguments unchanged (stream: none; the emulator runs launches synchronously), so a launcher whose signature
 // changes fails to compile here instead of being called wrongly. dt: 0 float32, 1 bfloat16, 2 float16.
+#include <vector>
+
 #include "cuda/launchers.h"
 
 #define LS_EMU_API extern "C" __attribute__((visibility("default")))
@@ -23,14 +25,62 @@ LS_EMU_API void ls_emu_kv_cache_write(int dt, void* k_cache, void* v_cache, cons
   lc::launch_kv_cache_write(DType(dt), k_cache, v_cache, k, v, start, B, T, nKV, S, D, nullptr);
 }
 
+LS_EMU_API int64_t ls_emu_attention_scratch(int64_t B, int64_t T, int64_t nH, int64_t S, int64_t D) {
+  return lc::attention_scratch(B, T, nH, S, D);
+}
+
 LS_EMU_API void ls_emu_cache_attention(int dt, const void* q, const void* k_cache, const void* v_cache,
                                        const int64_t* start, void* out, int64_t B, int64_t T, int64_t nH, int64_t nKV,
-                                       int64_t S, int64_t D, float scale) {
-  lc::launch_cache_attention(DType(dt), q, k_cache, v_cache, start, out, B, T, nH, nKV, S, D, scale, nullptr);
+                                       int64_t S, int64_t D, float scale, float* scratch) {
+  lc::launch_cache_attention(DType(dt), q, k_cache, v_cache, start, out, B, T, nH, nKV, S, D, scale, scratch, nullptr);
+}
+
+LS_EMU_API void ls_emu_decoder_attention(int dt, const void* q, const void* k, const void* v, const int64_t* positions,
+                                         int64_t pos_stride_b, const float* cos, const float* sin, int64_t P,
+                                         void* k_cache, void* v_cache, const int64_t* start, void* out, int64_t B,
+                                         int64_t T, int64_t nH, int64_t nKV, int64_t S, int64_t D, float scale,
+                                         float* scratch) {
+  lc::launch_decoder_attention(DType(dt), q, k, v, positions, pos_stride_b, cos, sin, P, k_cache, v_cache, start, out,
+                               B, T, nH, nKV, S, D, scale, scratch, nullptr);
 }
 
 LS_EMU_API void ls_emu_linear(int dt, const void* x, const void* w, void* out, int64_t M, int64_t K, int64_t N) {
   lc::launch_linear(DType(dt), x, w, out, M, K, N, nullptr);
+}
+
+// ws, outs, Ns: n targets side by side.
+LS_EMU_API void ls_emu_linear_multi(int dt, const void* x, int64_t M, int64_t K, const void* const* ws,
+                                    void* const* outs, const int64_t* Ns, int n) {
+  lc::LinearTarget t[3] = {};
+  for (int i = 0; i < n && i < 3; ++i) t[i] = {ws[i], outs[i], Ns[i]};
+  lc::launch_linear_multi(DType(dt), x, M, K, t, n, nullptr);
+}
+
+LS_EMU_API void ls_emu_linear_residual(int dt, const void* x, const void* x2, const void* w, void* h, int64_t M,
+                                       int64_t K, int64_t N) {
+  lc::launch_linear_residual(DType(dt), x, x2, w, h, M, K, N, nullptr);
+}
+
+// weights [L * 9], norm_f32 [L * 2], caches [L] each; dims = B T H nH nKV D I S P pos_stride_b; scratch = x q k v attn
+// gate up (of dt) then the attention floats.
+LS_EMU_API void ls_emu_decoder_layers(int dt, void* h, const void* const* weights, const int* norm_f32,
+                                      void* const* k_caches, void* const* v_caches, int64_t L, const int64_t* dims,
+                                      const int64_t* start, const int64_t* positions, const float* cos,
+                                      const float* sin, float eps, float scale, void* const* scratch,
+                                      lc::SiluInPlace silu, void* silu_ctx) {
+  std::vector<lc::DecoderLayer> layers(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    for (int i = 0; i < 9; ++i) layers[l].w[i] = weights[l * 9 + i];
+    layers[l].norm_f32[0] = norm_f32[l * 2] != 0;
+    layers[l].norm_f32[1] = norm_f32[l * 2 + 1] != 0;
+    layers[l].k_cache = k_caches[l];
+    layers[l].v_cache = v_caches[l];
+  }
+  const lc::DecoderDims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9]};
+  const lc::DecoderScratch s{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5], scratch[6],
+                             static_cast<float*>(scratch[7])};
+  lc::launch_decoder_layers(DType(dt), h, layers.data(), L, d, start, positions, cos, sin, eps, scale, s, silu,
+                            silu_ctx, nullptr);
 }
 
 LS_EMU_API int64_t ls_emu_head_argmax_blocks(int64_t V) { return lc::head_argmax_blocks(V); }

@@ -2,6 +2,7 @@
 // thread orders, launch checks, and the error the test harness reads after each launch.
 #include "cuda/emulator/emulator.h"
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -127,8 +128,18 @@ struct Scheduler {
   std::string report_dir;  // sanitizer logs (asan.<pid>, ubsan.<pid>), read after every launch
   long report_seen[2] = {0, 0};
   uint64_t switches = 0, launches = 0;
+  bool dry_run = false;
+  struct Record {
+    uint64_t kernel_offset;  // the kernel's address minus its object's load address (an `nm` address)
+    dim3 grid, block;
+    uint64_t smem;
+  };
+  std::vector<Record> records;  // dry-run launches, in order
 
   std::vector<Thread> threads;
+  // Fiber stacks by thread index, kept for the process: `threads` is resized to each block's size, and a stack must
+  // not go with a Thread it drops (launches alternate 128- and 256-thread blocks; leaked stacks ran out of mappings).
+  std::vector<char*> stacks;
   std::vector<int> warp_arrived;  // per warp: lanes waiting at a collective
   std::vector<int> queue;
   size_t head = 0;
@@ -195,7 +206,9 @@ void ucontext_entry(unsigned hi, unsigned lo) {
 
 void prepare(Thread& t) {
   Fiber& f = t.fiber;
-  if (f.stack == nullptr) f.stack = new_stack();
+  if (g.stacks.size() <= static_cast<size_t>(t.id)) g.stacks.resize(t.id + 1, nullptr);
+  if (g.stacks[t.id] == nullptr) g.stacks[t.id] = new_stack();
+  f.stack = g.stacks[t.id];
 #if defined(LS_EMU_ASAN)
   ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);  // an abandoned fiber leaves its frames' redzones behind
 #endif
@@ -499,7 +512,7 @@ void read_sanitizer_reports(const uint3& block) {
 
 }  // namespace
 
-void run(const Grid& grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
+void run(const Grid& grid, dim3 block, size_t dynamic_smem, const void* kernel, const std::function<void()>& body) {
   if (!g.error.empty()) return;  // an earlier launch failed: the harness reports that one
   g.grid = &grid;
   ++g.launches;
@@ -516,6 +529,14 @@ void run(const Grid& grid, dim3 block, size_t dynamic_smem, const std::function<
     bad = "dynamic shared memory (" + std::to_string(dynamic_smem) + " bytes) is not emulated";
   if (!bad.empty()) {
     fail("invalid launch configuration at " + launch_site() + ": " + bad);
+    return;
+  }
+  if (g.dry_run) {
+    Dl_info info{};
+    const auto addr = reinterpret_cast<uintptr_t>(kernel);
+    const uintptr_t base = dladdr(kernel, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
+    g.records.push_back({uint64_t(addr - base), gd, block, uint64_t(dynamic_smem)});
+    g.grid = nullptr;
     return;
   }
   g.body = &body;
@@ -587,6 +608,19 @@ __attribute__((visibility("default"))) size_t ls_emu_take_error(char* buf, size_
 }
 
 __attribute__((visibility("default"))) uint64_t ls_emu_switches() { return ls_emu::g.switches; }
+
+// Dry run: launches are recorded, not run (the records are cleared when it is switched on).
+__attribute__((visibility("default"))) void ls_emu_set_dry_run(int on) {
+  ls_emu::g.dry_run = on != 0;
+  if (on) ls_emu::g.records.clear();
+}
+__attribute__((visibility("default"))) uint64_t ls_emu_dry_run_count() { return ls_emu::g.records.size(); }
+// Record i as 8 integers: kernel offset, grid x y z, block x y z, dynamic shared bytes.
+__attribute__((visibility("default"))) void ls_emu_dry_run_record(uint64_t i, uint64_t* out) {
+  const auto& r = ls_emu::g.records.at(i);
+  const uint64_t v[8] = {r.kernel_offset, r.grid.x, r.grid.y, r.grid.z, r.block.x, r.block.y, r.block.z, r.smem};
+  std::memcpy(out, v, sizeof v);
+}
 __attribute__((visibility("default"))) uint64_t ls_emu_launches() { return ls_emu::g.launches; }
 
 // Guard zones around the harness's tensors: reads and writes there are reported like any heap overflow.

@@ -15,7 +15,9 @@
 //     one section (ls_emu_shared, see tests/emulated_cuda.py), which is filled with 0xFF at every block start:
 //     a read before a write sees NaN / all-ones;
 //   - atomics are plain read-modify-writes (fibers never interleave between two barriers);
-//   - launch configurations are checked as the driver does (block <= 1024 threads, grid.y/z <= 65535, ...).
+//   - launch configurations are checked as the driver does (block <= 1024 threads, grid.y/z <= 65535, ...);
+//   - dry run (ls_emu_set_dry_run): launches are checked and recorded (kernel, grid, block), not run, so a
+//     launcher can be called with any shape and null pointers to see what it would launch.
 // Arithmetic: device intrinsics map to the IEEE host operations they name (__fmul_rn is a*b rounded to nearest);
 // the build uses -ffp-contract=off and no fast-math, as nvcc's --fmad=false. Transcendentals (expf, exp, log)
 // are the host libm's, so results are close to, not bitwise, a GPU's.
@@ -68,7 +70,9 @@ struct Indices {
 };
 extern const Indices* g_indices;
 
-void run(const Grid& grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
+// Runs body as every thread of the grid. kernel: the kernel's address, recorded instead of run in dry-run mode
+// (ls_emu_set_dry_run: benchmarks/gpu_static.py reads the real launch configurations of any shape that way).
+void run(const Grid& grid, dim3 block, size_t dynamic_smem, const void* kernel, const std::function<void()>& body);
 
 // Block barrier.
 void sync_block(const Site& site);
@@ -171,6 +175,11 @@ inline void __threadfence() {}
 inline void __threadfence_block() {}
 template <typename T>
 inline T __ldg(const T* p) {
+  return *p;
+}
+// Cache-streaming load (ld.global.cs, evict first: data read once, such as a weight matrix): a plain load here.
+template <typename T>
+inline T __ldcs(const T* p) {
   return *p;
 }
 

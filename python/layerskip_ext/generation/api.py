@@ -39,8 +39,9 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     vocabulary, or a sequence / 1-D tensor of ids. Output is the same either way (verification scores the full
     vocabulary); only acceptance and speed change. Sampling drafts ignore it.
 
-    cuda_graph (self_speculative, greedy, model on a CUDA device): replay each full-length round as a CUDA graph
-    (generation/cuda_graph.py). Same output; fewer launches and no Python between them.
+    cuda_graph (greedy, model on a CUDA device): replay each full-length self-speculative round, or each
+    autoregressive / early-exit step, as a CUDA graph (generation/cuda_graph.py). Same output; fewer launches and no
+    Python between them.
 
     draft_stop (self_speculative, greedy): dynamic drafting: a round drafts up to num_speculations tokens, stopping
     where the exit head's top probability falls below draft_stop (None: the model's tuned setting, else 0 = off).
@@ -80,8 +81,9 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     if draft_stop and (strategy != "self_speculative" or not sampling.greedy):
         raise GenerationError("draft_stop (dynamic drafting) applies to greedy self_speculative decoding only")
     if cuda_graph:
-        if strategy != "self_speculative" or not sampling.greedy:
-            raise GenerationError("cuda_graph applies to greedy self_speculative decoding only")
+        if not sampling.greedy:
+            raise GenerationError("cuda_graph applies to greedy decoding only (sampling draws from the caller's "
+                                  "generator, which a graph does not advance)")
         if draft_stop:
             raise GenerationError("cuda_graph replays fixed-length rounds: it does not combine with draft_stop")
         if model.device.type != "cuda":
@@ -101,7 +103,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
         result.stats["draft_stop"] = draft_stop
     else:
         result = generate_autoregressive(decoder, batch, sampling, result,
-                                         exit_layer=exit_layer if strategy == "early_exit" else None)
+                                         exit_layer=exit_layer if strategy == "early_exit" else None,
+                                         cuda_graph=cuda_graph)
         if strategy == "early_exit":
             result.stats["exit_layer"] = exit_layer
     ops.check_device_errors(model.device)  # what the CUDA kernels could only flag (a no-op on the CPU)

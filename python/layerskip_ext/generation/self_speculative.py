@@ -31,7 +31,7 @@ import torch
 
 from .batch import DecodeBatch
 from .core import GenerationResult, Timer
-from .cuda_graph import RoundGraphs
+from .cuda_graph import StepGraphs
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
@@ -107,7 +107,7 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
         draft_vocab = None  # see the module docstring
     graphs = None
     if cuda_graph:
-        graphs = RoundGraphs(lambda d: _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab),
+        graphs = StepGraphs(lambda d: _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab),
                              decoder.device)
 
     drafted = accepted_total = rounds = 0
@@ -117,7 +117,7 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
         remaining = longest - min([len(batch.outputs[b].tokens) for b in batch.active])
         d = max(0, min(num_speculations, batch.capacity - 1 - batch.top, remaining - 1))
         if graphs is not None and d == num_speculations:  # (a graph needs fixed shapes: not with draft_stop)
-            out = graphs.run(d, len(batch.active))
+            out = graphs.run((d, len(batch.active)), d)
         else:
             out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab, draft_stop)
         for row, (accepted, next_token, *drafts) in enumerate(out.tolist()):  # the round's only host read
