@@ -27,7 +27,8 @@ import torch
 
 from ..analysis.per_layer import format_table, per_layer_metrics, plot_metrics
 from ..analysis.step_profile import floors, timed_decode, verify_cost
-from ..analysis.sweep import default_exit_layers, run_prompts, run_sweep
+from ..analysis.confirm import Setting, interleaved_speedups
+from ..analysis.sweep import default_exit_layers, run_sweep
 from ..analysis.sweep_report import to_json, write_reports
 from ..corpus import read_corpus, tokenize_corpus
 from ..errors import TrainingError
@@ -402,54 +403,30 @@ class Reproduction:
 
 
     def confirm(self, name: str, ev: dict, data: dict) -> dict:
-        """The sweep's best static and best dynamic settings measured again against autoregressive decoding, in
-        repeats over every prompt, each prompt decoded by every setting back to back: a sweep cell is one run
-        against the mean of two autoregressive runs at the sweep's start and end, so the best of many cells is
-        biased up, by picking a maximum and by the machine's drift. A setting's speedup here is the median over the
-        repeats of its tokens/s over the autoregressive run of the same repeat."""
+        """The sweep's fastest static and dynamic cells measured again against autoregressive decoding, robustly to
+        the machine's drift (analysis/confirm.py): the best of many one-pass cells is biased up."""
         cfg = self.cfg
         sw = ev["sweep"]
-        def top(cells, k, kind):
+
+        def fastest(cells, k, kind):
             cells = sorted((c for c in cells if c.get("speedup") is not None), key=lambda c: -c["speedup"])[:k]
             return [dict(kind=kind, exit_layer=c["exit_layer"], num_speculations=c["num_speculations"],
                          draft_stop=c.get("draft_stop", 0.0), sweep_speedup=c["speedup"]) for c in cells]
 
-        settings = top(sw["cells"], cfg.confirm_static, "static") + top(sw["dynamic_cells"], cfg.confirm_dynamic,
-                                                                        "dynamic")
+        settings = (fastest(sw["cells"], cfg.confirm_static, "static")
+                    + fastest(sw["dynamic_cells"], cfg.confirm_dynamic, "dynamic"))
         model, tokenizer = load_model(self.export_dir(name), backend="auto")
         prompts = [tokenizer.encode(p["text"]) for p in data["prompts"]]
         stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self.say(f"{name}: the best settings again, {cfg.confirm_repeats} interleaved repeats against "
                  f"autoregressive decoding: " + ", ".join(_label(s) for s in settings))
-        runs = [None] + settings  # None: autoregressive
-
-        def once(r, ps, n):
-            args = () if r is None else (r["exit_layer"], r["num_speculations"], r["draft_stop"])
-            return run_prompts(model, ps, n, stop_ids, *args)
-
-        for r in runs:  # warm-up
-            once(r, prompts[:1], 8)
-        tps = [[] for _ in runs]
-        outputs = [[] for _ in runs]
-        for i in range(cfg.confirm_repeats):
-            tokens, seconds, outs = [0] * len(runs), [0.0] * len(runs), [[] for _ in runs]
-            for q, prompt in enumerate(prompts):
-                # every prompt decoded by each setting back to back (the order rotating), so the machine's drift
-                # over seconds hits all settings alike
-                for j in [(i + q + k) % len(runs) for k in range(len(runs))]:
-                    st = once(runs[j], [prompt], cfg.max_new_tokens)
-                    tokens[j] += st.decode_tokens
-                    seconds[j] += st.decode_s
-                    outs[j] += st.outputs
-            for j in range(len(runs)):
-                tps[j].append(tokens[j] / seconds[j] if seconds[j] > 0 else 0.0)
-                outputs[j].append(outs[j])
-        for j, s in enumerate(settings, start=1):
-            ratios = [a / b for a, b in zip(tps[j], tps[0])]
-            s.update(speedups=[round(x, 3) for x in ratios], speedup=round(statistics.median(ratios), 3),
-                     tokens_per_s=round(statistics.median(tps[j]), 1),
-                     equal_to_ar=all(o == outputs[0][0] for o in outputs[j] + outputs[0]))
-        out = {"repeats": cfg.confirm_repeats, "autoregressive_tokens_per_s": [round(x, 1) for x in tps[0]],
+        measured = [Setting(s["exit_layer"], s["num_speculations"], s["draft_stop"]) for s in settings]
+        ar_tps = interleaved_speedups(model, prompts, measured, cfg.confirm_repeats, cfg.max_new_tokens, stop_ids)
+        tps = [ar_tps] + [m.tokens_per_s for m in measured]
+        for s, m in zip(settings, measured):
+            s.update(speedups=[round(x, 3) for x in m.speedups], speedup=round(m.speedup, 3),
+                     tokens_per_s=round(statistics.median(m.tokens_per_s), 1), equal_to_ar=m.equal_to_ar)
+        out = {"repeats": cfg.confirm_repeats, "autoregressive_tokens_per_s": [round(x, 1) for x in ar_tps],
                "settings": settings}
         best = {}
         for kind in ("static", "dynamic"):
@@ -478,8 +455,7 @@ class Reproduction:
 
 
 def _label(s: dict) -> str:
-    return (f"E={s['exit_layer']} d={s['num_speculations']}" if not s.get("draft_stop") else
-            f"E={s['exit_layer']} d<={s['num_speculations']} stop<{s['draft_stop']:g}")
+    return Setting(s["exit_layer"], s["num_speculations"], s.get("draft_stop", 0.0)).label
 
 
 def _key_of(c) -> dict:

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from ..analysis.confirm import Setting
+
 # the targets: LayerSkip's tuned speedup, the baseline's best, the perplexity gap, dynamic over static
 TARGET_SPEEDUP, BASELINE_MAX, PPL_GAP, DYNAMIC_GAIN, TRAIN_EFFICIENCY = 1.6, 1.2, 0.05, 0.10, 0.5
 
@@ -125,8 +127,7 @@ def _confirm_md(name: str, ev: dict) -> list[str]:
              + ", ".join(f"{x:.1f}" for x in conf["autoregressive_tokens_per_s"]) + ")", "",
              "| setting | sweep | confirmed (median) | per repeat | identical to AR |", "|---|---:|---:|---|---|"]
     for st in conf["settings"]:
-        label = (f"E={st['exit_layer']} d={st['num_speculations']}" if not st.get("draft_stop") else
-                 f"E={st['exit_layer']} d<={st['num_speculations']} stop < {st['draft_stop']:g}")
+        label = Setting(st["exit_layer"], st["num_speculations"], st.get("draft_stop", 0.0)).label
         lines.append(f"| {label} | {st['sweep_speedup']:.2f}x | **{st['speedup']:.2f}x** | "
                      + ", ".join(f"{x:.2f}" for x in st["speedups"]) + f" | {'yes' if st['equal_to_ar'] else 'NO'} |")
     if "dynamic_gain" in conf:
@@ -277,7 +278,7 @@ def model_card(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict) ->
         "# nano-layerskip", "",
         "A small Llama-architecture code model **trained from scratch on this project's 2-core CPU machine** by "
         "`layerskip reproduce`, to show LayerSkip's self-speculative decoding paying off. It is a demonstration "
-        "model, not a useful code assistant: a few minutes of CPU training on Python's standard library.", "",
+        f"model, not a useful code assistant: {r['time_s'] / 60:.0f} minutes of CPU training on Python's standard library.", "",
         f"- Shape: {plan['label']}, vocabulary {data['vocab']} (byte-level BPE trained on the same files); "
         f"tied embeddings; bf16 weights.",
         f"- Training: {r['tokens_seen']:,} tokens of the standard library ({', '.join(data['held_out'])} held out), "

@@ -1,0 +1,75 @@
+"""Self-speculative settings against autoregressive decoding, measured robustly to a drifting machine.
+
+    python benchmarks/confirm_speedup.py --model nano-layerskip --settings 6:6,4:6,4:10:0.15
+    python benchmarks/confirm_speedup.py --model repro/export/layerskip --prompts repro --settings 4:6 --repeats 5
+
+Each setting is E:d (static drafting) or E:d:stop (dynamic drafting: at most d drafts, stopping where the exit head's
+top probability falls below stop). Every prompt is decoded back to back by autoregressive decoding and each setting
+(analysis/confirm.py, the method of `layerskip reproduce`'s confirmation stage); a setting's speedup is the median
+over the repeats of its tokens/s over the same repeat's autoregressive tokens/s. Greedy; outputs must be identical.
+--prompts: 'humaneval', a JSONL with a 'prompt' field, or a reproduce output folder (its held-out prompts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from layerskip_ext.analysis.confirm import Setting, interleaved_speedups
+from layerskip_ext.model import load_model
+from layerskip_ext.prompts import humaneval_path, read_prompts
+
+
+def parse_setting(text: str) -> Setting:
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--settings: {text!r} is not E:d or E:d:stop")
+    return Setting(int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0)
+
+
+def load_prompts(spec: str, limit: int) -> list[str]:
+    if os.path.isdir(spec):
+        with open(os.path.join(spec, "stages", "data.json"), encoding="utf-8") as f:
+            return [p["text"] for p in json.load(f)["prompts"]][:limit]
+    return read_prompts(humaneval_path() if spec == "humaneval" else spec)[:limit]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--settings", required=True, help="E:d or E:d:stop, comma-separated")
+    ap.add_argument("--prompts", default="humaneval")
+    ap.add_argument("--num-prompts", type=int, default=24)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = [parse_setting(s) for s in args.settings.split(",") if s]
+    model, tokenizer = load_model(args.model, backend="auto")
+    prompts = [tokenizer.encode(t) for t in load_prompts(args.prompts, args.num_prompts)]
+    stops = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids or [])
+    ar = interleaved_speedups(model, prompts, settings, args.repeats, args.max_new_tokens, stops)
+    print(f"{args.model}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads; autoregressive tokens/s per repeat: "
+          + ", ".join(f"{x:.1f}" for x in ar))
+    print(f"{'setting':<24} {'speedup':>8}  per repeat")
+    for s in settings:
+        print(f"{s.label:<24} {s.speedup:7.2f}x  " + ", ".join(f"{x:.3f}" for x in s.speedups)
+              + ("" if s.equal_to_ar else "  OUTPUT DIFFERS FROM AUTOREGRESSIVE"))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "autoregressive_tokens_per_s": ar,
+                       "settings": [dict(label=s.label, exit_layer=s.exit_layer, num_speculations=s.num_speculations,
+                                         draft_stop=s.draft_stop, speedup=s.speedup, speedups=s.speedups,
+                                         equal_to_ar=s.equal_to_ar) for s in settings]}, f, indent=1)
+    return 0 if all(s.equal_to_ar for s in settings) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

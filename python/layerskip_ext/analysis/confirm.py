@@ -1,0 +1,67 @@
+"""A few self-speculative settings measured against autoregressive decoding, robustly to a drifting machine.
+
+A sweep cell (analysis/sweep.py) is one pass over the prompts against the mean of two autoregressive passes at the
+sweep's start and end; on a shared machine a pass's tokens/s drifts by 10-20%, so the best of dozens of cells is
+biased up. Here every prompt is decoded back to back by autoregressive decoding and by each setting (the order
+rotating from prompt to prompt and repeat to repeat), so drift over seconds hits them alike; a repeat's speedup is a
+setting's tokens/s over the autoregressive tokens/s of the same repeat, and a setting's speedup is the median over
+the repeats.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from .sweep import run_prompts
+
+
+@dataclass
+class Setting:
+    exit_layer: int
+    num_speculations: int
+    draft_stop: float = 0.0
+    speedups: list[float] = field(default_factory=list)   # per repeat
+    tokens_per_s: list[float] = field(default_factory=list)
+    equal_to_ar: bool = True
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.speedups) if self.speedups else 0.0
+
+    @property
+    def label(self) -> str:
+        if self.draft_stop:
+            return f"E={self.exit_layer} d<={self.num_speculations} stop<{self.draft_stop:g}"
+        return f"E={self.exit_layer} d={self.num_speculations}"
+
+
+def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequence[Setting], repeats: int,
+                         max_new_tokens: int, stop_ids: Iterable[int]) -> list[float]:
+    """Fills each setting's speedups / tokens_per_s / equal_to_ar; -> the autoregressive tokens/s per repeat."""
+    stop_ids = list(stop_ids)
+    runs = [None, *settings]  # None: autoregressive
+
+    def once(r, ps, n):
+        args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop)
+        return run_prompts(model, ps, n, stop_ids, *args)
+
+    for r in runs:  # warm-up: first calls allocate buffers and page weights in
+        once(r, prompts[:1], 8)
+    ar_tps, reference = [], None
+    for i in range(repeats):
+        tokens, seconds, outputs = [0] * len(runs), [0.0] * len(runs), [[] for _ in runs]
+        for q, prompt in enumerate(prompts):
+            for j in [(i + q + k) % len(runs) for k in range(len(runs))]:
+                st = once(runs[j], [prompt], max_new_tokens)
+                tokens[j] += st.decode_tokens
+                seconds[j] += st.decode_s
+                outputs[j] += st.outputs
+        tps = [t / s if s > 0 else 0.0 for t, s in zip(tokens, seconds)]
+        reference = reference or outputs[0]
+        ar_tps.append(tps[0])
+        for j, s in enumerate(settings, start=1):
+            s.tokens_per_s.append(tps[j])
+            s.speedups.append(tps[j] / tps[0] if tps[0] > 0 else 0.0)
+            s.equal_to_ar = s.equal_to_ar and outputs[j] == reference and outputs[0] == reference
+    return ar_tps
