@@ -284,6 +284,25 @@ def test_cache_attention_special_scores(dtype):
     assert not out[0, :, 0].isnan().any(), "a key scoring -inf must weigh 0, not poison the row"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_inf", [32, 40, 64, 70])
+def test_cache_attention_whole_tiles_scoring_minus_inf(n_inf, dtype):
+    """The first n_inf keys score -inf for query head 0: a whole 32-key tile (and for 64+, a whole 64-key chunk)
+    the row sees contributes nothing. The online softmax then steps from m = -inf to m = -inf, where
+    exp(m_old - m_new) is NaN unless guarded: the row must stay the twin's finite result."""
+    B, T, nH, nKV, S, D = 1, 2, 2, 1, 100, 64
+    g = seeded("emu-attn-tiles", n_inf, dtype)
+    q, kc, vc, start = attention_inputs(B, T, nH, nKV, S, D, dtype, g)
+    q[0, :, 0] = 0.0
+    q[0, :, 0, 0] = 1.0                      # head 0: q = e_0
+    kc[0, 0, :n_inf, 0] = float("-inf")     # keys 0 .. n_inf - 1 score -inf for head 0 (NaN for head 1: 0 * inf)
+    scale = 0.125
+    out = in_all_orders(lambda e: e.cache_attention(q, kc, vc, start, scale))
+    want = ops.cache_attention(q, kc, vc, start, scale)
+    assert not out[:, :, 0].isnan().any(), "keys scoring -inf must weigh 0, not poison the row"
+    assert_same_nans_and_close(out, want, **(TOL[dtype] if dtype != torch.float32 else dict(rtol=2e-5, atol=2e-5)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # linear
 # --------------------------------------------------------------------------------------------------------------
