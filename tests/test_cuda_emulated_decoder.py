@@ -169,6 +169,23 @@ def test_cache_attention_ignores_slots_past_position(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cache_attention_rows_never_read_later_tokens_values(dtype):
+    """A verification's later tokens sit in the same key tile as its earlier rows; an earlier row weighs them 0, and
+    must not even multiply their values in (0 * inf is NaN): the last token's values are inf, the rows before it
+    stay bitwise what they are with clean values."""
+    B, T, nH, nKV, S, D = 2, 4, 4, 2, 70, 64
+    g = seeded("emu-attn-later", dtype)
+    q, kc, vc, start = attention_inputs(B, T, nH, nKV, S, D, dtype, g)
+    start[:] = torch.tensor([9, 40])
+    clean = in_all_orders(lambda e: e.cache_attention(q, kc, vc, start, D ** -0.5))
+    for b in range(B):
+        vc[b, :, start[b] + T - 1] = float("inf")
+    got = in_all_orders(lambda e: e.cache_attention(q, kc, vc, start, D ** -0.5))
+    assert not got[:, :T - 1].isnan().any()
+    assert_bitwise(got[:, :T - 1], clean[:, :T - 1], "rows before the token whose values are inf")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,nH,nKV,S,D,shared", [(2, 3, 4, 2, 70, 16, False), (1, 5, 6, 3, 40, 64, True),
                                                    (1, 1, 2, 1, 66, 128, False)])
 def test_decoder_attention_equals_rope_write_attention(B, T, nH, nKV, S, D, shared, dtype):
