@@ -392,13 +392,6 @@ class Reproduction:
                "floors": fl, "verify_cost": verify_cost(res.stage_costs, best.exit_layer, cfg.depths)
                if res.stage_costs else [],
                "fp32_matmul_gflops": round(matmul_gflops(torch.float32, torch.device("cpu")), 1)}
-        if name == "layerskip":
-            path = write_layerskip_block(folder, best.exit_layer, best.num_speculations,
-                                         {"draft_stop": best.draft_stop, "speedup": round(best.speedup, 3),
-                                          "acceptance": round(best.acceptance, 4),
-                                          "source": "layerskip reproduce (sweep on held-out prompts)"})
-            out["tuned"] = {"exit_layer": best.exit_layer, "num_speculations": best.num_speculations,
-                            "draft_stop": best.draft_stop, "speedup": best.speedup, "config": path}
         return out
 
 

@@ -272,7 +272,7 @@ def plot_agreement(evals: dict, path: str) -> Optional[str]:
 
 def model_card(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict) -> str:
     ls = evals["layerskip"]
-    tuned = (ls.get("confirm") or {}).get("tuned") or ls.get("tuned", {})
+    tuned = (ls.get("confirm") or {}).get("tuned", {})  # the confirmation stage writes the shipped setting
     r = runs["layerskip"]
     return "\n".join([
         "# nano-layerskip", "",
