@@ -190,6 +190,8 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
     check_draft_stops(draft_stops)
     dynamic_depths = sorted(set(dynamic_depths or [depths[-1]]))
     check_grid(model.num_layers, exit_layers, dynamic_depths)
+    if dynamic_exits is not None and dynamic_exits < 1:
+        raise LayerSkipError(f"dynamic_exits must be >= 1, got {dynamic_exits}")
     if not prompts:
         raise LayerSkipError("no prompts to sweep over")
     if max_new_tokens < 2:
@@ -204,8 +206,6 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
         alpha, costs, preds = predict_grid(model, prompts, ar, exit_layers, depths, max_new_tokens)
         for key, pred in preds.items():
             cells[key].predicted = pred
-    if dynamic_exits is not None and dynamic_exits < 1:
-        raise LayerSkipError(f"dynamic_exits must be >= 1, got {dynamic_exits}")
     dynamic = []
     if measure:
         bar = tqdm(total=len(cells) + len(exit_layers if dynamic_exits is None else exit_layers[:dynamic_exits])

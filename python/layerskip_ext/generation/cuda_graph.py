@@ -11,11 +11,11 @@ instead of dozens of kernel launches and the Python around them (an autoregressi
 to emit them), which is the only synchronisation. Live sequences are always the first rows of the batch's tensors
 (generation/batch.py), so a given number of them always means the same device addresses.
 
-A graph is kept per key: (d, live sequences) for rounds, (live sequences,) for steps. Rounds of another shape (the last ones, drafting fewer tokens; after a
-sequence finishes) run eagerly or capture their own. The first round of a shape runs eagerly on a side stream
-(PyTorch's warm-up before capture: lazy initialisations must not happen inside a capture), the second is captured
-and replayed. Capture runs the Python of a round once: its host-side checks (cache room) hold for later rounds
-because the decode loop never drafts past the cache (``batch.room()``).
+A graph is kept per key: (d, live sequences) for rounds, (live sequences,) for steps. Rounds of another shape (the
+last ones, drafting fewer tokens; after a sequence finishes) run eagerly or capture their own. The first round of a
+shape runs eagerly on a side stream (PyTorch's warm-up before capture: lazy initialisations must not happen inside a
+capture), the second is captured and replayed. Capture runs the Python of a round once: its host-side checks (cache
+room) hold for later rounds because the decode loop never drafts past the cache (``batch.room()``).
 
 Unverified: no GPU has been available where this was written; tests/test_cuda_graph.py checks it against eager
 greedy decoding on a CUDA machine and skips elsewhere. Sampling is not graphed: its uniforms come from the
