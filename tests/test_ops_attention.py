@@ -19,6 +19,7 @@ SHAPES = [  # B, T, nH, nKV, S, D
     (1, 1, 9, 3, 2048, 64),   # decode at a long context
     (2, 5, 6, 2, 131, 72),    # head dim known only at run time
     (3, 3, 2, 2, 70, 32),     # no GQA sharing
+    (1, 7, 5, 1, 300, 32),    # nano-layerskip verification: MQA, 35 rows of head dim 32 (the 2-block value sum)
 ]
 
 
@@ -64,7 +65,8 @@ def test_attention_isa_tables_agree_bitwise(dtype):
         pytest.skip(f"only {isas} available here")
     g = seeded("attn-isa", dtype)
     cases = []
-    for B, T, nH, nKV, S, D in [(1, 7, 9, 3, 150, 64), (2, 3, 4, 2, 40, 128), (1, 2, 2, 1, 33, 40)]:
+    for B, T, nH, nKV, S, D in [(1, 7, 9, 3, 150, 64), (2, 3, 4, 2, 40, 128), (1, 2, 2, 1, 33, 40),
+                                (1, 7, 5, 1, 150, 32)]:
         start = torch.randint(0, S - T + 1, (B,), generator=g)
         q = randn((B, T, nH, D), dtype, g)
         _, (kc, vc) = make_cache(B, nKV, S, D, dtype, start, T, g)
@@ -74,3 +76,24 @@ def test_attention_isa_tables_agree_bitwise(dtype):
         with gemm_isa(isa):
             for c, e in zip(cases, expected):
                 assert_bitwise(ops.cache_attention(*c), e, f"{isa} vs {isas[0]}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_special_scores_match_the_reference(dtype):
+    """Scores of -inf (a key the query cannot see) weigh nothing; a NaN score makes its row NaN, as in the
+    reference softmax (the row maximum is taken lane by lane: a NaN must neither win it nor vanish)."""
+    B, T, nH, nKV, S, D = 1, 3, 4, 1, 90, 32
+    g = seeded("attn-special", dtype)
+    start = torch.tensor([80])
+    q = randn((B, T, nH, D), dtype, g).abs()  # positive: a key of -inf scores -inf
+    (kc, vc), _ = make_cache(B, nKV, S, D, dtype, start, T, g, poison=False)
+    kc[0, 0, [0, 17, 33, 34, 79]] = float("-inf")  # in lanes, in a tail, and the first key
+    scale = 1.0 / math.sqrt(D)
+    out = ops.cache_attention(q, kc, vc, start, scale)
+    ref = ops.cache_attention_reference(q, kc, vc, start, scale)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    kc[0, 0, 40, 3] = float("nan")  # key 40: every query's score is NaN from position 40 on
+    out = ops.cache_attention(q, kc, vc, start, scale)
+    ref = ops.cache_attention_reference(q, kc, vc, start, scale)
+    assert out.isnan().all() and ref.isnan().all()

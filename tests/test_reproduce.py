@@ -104,6 +104,10 @@ def test_bad_settings_are_one_line_errors(tmp_path, corpus):
         Reproduction(tiny(tmp_path / "a", corpus, arch="4,32"), log=lambda m: None)
     with pytest.raises(TrainingError, match="--budget-min"):
         Reproduction(tiny(tmp_path / "b", corpus, budget_min=0), log=lambda m: None)
+    with pytest.raises(TrainingError, match="--draft-stops"):
+        Reproduction(tiny(tmp_path / "d", corpus, draft_stops=(0.5, 1.0)), log=lambda m: None)
+    with pytest.raises(TrainingError, match="--dynamic-depths"):
+        Reproduction(tiny(tmp_path / "e", corpus, dynamic_depths=(0,)), log=lambda m: None)
     with pytest.raises(TrainingError, match="held-out"):
         Reproduction(tiny(tmp_path / "c", corpus, held_out=("nope",)), log=lambda m: None).run()
 

@@ -38,12 +38,14 @@ inline __attribute__((always_inline)) __m256 bf16x8(const uint16_t* p) {
 }
 inline __attribute__((always_inline)) V vloadh(const uint16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
 inline __attribute__((always_inline)) float sfma(float x, float w, float acc) { return __builtin_fmaf(x, w, acc); }
+constexpr int kPvRows32 = 2;  // 4 ymm of accumulators a row, 4 for the value row
 constexpr int kPvRows64 = 2;
 constexpr int kPvRows128 = 1;
 // 16 ymm registers, two per V: MR * NR + NR + 1 <= 8.
 constexpr int nr_for(int mr) { return mr == 1 ? 3 : mr == 2 ? 2 : 1; }
 constexpr int stream_nr_for(int mr) { return mr == 1 ? 3 : mr <= 3 ? 2 : 1; }
-#define LS_GEMM_PREFETCH(p) ((void)0)
+// Several rows of x: W rows prefetched 4 KB ahead into L2, as on AVX-512 (csrc/cpu/gemm/avx512_common.inc).
+#define LS_GEMM_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T1)
 
 // 32 bfloat16 -> per 32-bit lane i (elements 2i, 2i+1) the odd and the even element as float32 (exact).
 struct Pair {

@@ -54,6 +54,7 @@ inline __attribute__((always_inline)) V vloadh(const uint16_t* p) {
   return r;
 }
 inline __attribute__((always_inline)) float sfma(float x, float w, float acc) { return std::fma(x, w, acc); }
+constexpr int kPvRows32 = 1;
 constexpr int kPvRows64 = 1;
 constexpr int kPvRows128 = 1;
 constexpr int nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }

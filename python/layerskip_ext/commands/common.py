@@ -24,6 +24,14 @@ def int_list(text: str, flag: str) -> list[int]:
         raise LayerSkipError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
 
 
+def float_list(text: str, flag: str) -> list[float]:
+    """"0.1,0.2" -> [0.1, 0.2]; a one-line error naming the flag otherwise."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LayerSkipError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """--dtype, --backend, --device, --threads: how load_model builds the model and where it runs."""
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (weights and activations)")

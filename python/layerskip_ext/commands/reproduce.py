@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..reproduce.pipeline import Reproduction, ReproduceConfig
-from .common import int_list, setup_threads, str_list
+from .common import float_list, int_list, setup_threads, str_list
 
 NAME = "reproduce"
 HELP = "train a LayerSkip model and a baseline from scratch here, measure both, write a report"
@@ -39,6 +39,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--humaneval-prompts", type=int, default=12, help="HumanEval prompts (default 12; 0: none)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--exit-layers", default=None, metavar="E1,E2,...", help="sweep exits (default: shallow spread)")
+    p.add_argument("--draft-stops", default=None, metavar="P1,P2,...",
+                   help="dynamic drafting thresholds the sweep tries (default 0.05,0.1,0.2)")
+    p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
+                   help="the most drafts a dynamic round may make (default 6,10)")
     p.add_argument("--eval-sequences", type=int, default=128,
                    help="held-out sequences scored for the per-layer table (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -53,6 +57,10 @@ def run(args) -> int:
         kw["held_out"] = tuple(args.held_out)
     if args.exit_layers:
         kw["exit_layers"] = tuple(int_list(args.exit_layers, "--exit-layers"))
+    if args.draft_stops:
+        kw["draft_stops"] = tuple(float_list(args.draft_stops, "--draft-stops"))
+    if args.dynamic_depths:
+        kw["dynamic_depths"] = tuple(int_list(args.dynamic_depths, "--dynamic-depths"))
     cfg = ReproduceConfig(out=args.out, budget_min=args.budget_min, data=args.data, arch=args.arch, vocab=args.vocab,
                           steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                           seed=args.seed, function_prompts=args.function_prompts,

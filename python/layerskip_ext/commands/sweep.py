@@ -18,7 +18,7 @@ from ..analysis.sweep_report import format_markdown, write_reports
 from ..errors import LayerSkipError
 from ..io.layerskip_block import layerskip_config_path, write_layerskip_block
 from ..model import load_model
-from .common import add_runtime_args, int_list, prompt_texts, setup_threads
+from .common import add_runtime_args, float_list, int_list, prompt_texts, setup_threads
 
 NAME = "sweep"
 HELP = "acceptance and speedup over a grid of exit layers and depths, cost model"
@@ -55,17 +55,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(adapter) or config.json (HF folder), which --strategy auto then uses")
 
 
-def _float_list(text: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise LayerSkipError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-
-
 def _check_args(args) -> tuple[list[int] | None, list[int]]:
     exits = int_list(args.exit_layers, "--exit-layers") if args.exit_layers is not None else None
     depths = int_list(args.num_speculations, "--num-speculations")
-    args.draft_stops = _float_list(args.draft_stops, "--draft-stops")
+    args.draft_stops = float_list(args.draft_stops, "--draft-stops")
     check_draft_stops(args.draft_stops)
     args.dynamic_depths = int_list(args.dynamic_depths, "--dynamic-depths") if args.dynamic_depths else None
     if args.dynamic_depths and any(d < 1 for d in args.dynamic_depths):
