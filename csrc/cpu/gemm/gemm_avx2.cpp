@@ -44,8 +44,9 @@ constexpr int kPvRows128 = 1;
 // 16 ymm registers, two per V: MR * NR + NR + 1 <= 8.
 constexpr int nr_for(int mr) { return mr == 1 ? 3 : mr == 2 ? 2 : 1; }
 constexpr int stream_nr_for(int mr) { return mr == 1 ? 3 : mr <= 3 ? 2 : 1; }
-// Several rows of x: W rows prefetched 4 KB ahead into L2, as on AVX-512 (csrc/cpu/gemm/avx512_common.inc).
-#define LS_GEMM_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T1)
+// No software prefetch: AVX-512's (4 KB ahead, avx512_common.inc) measured no gain here for 7 rows of x on an
+// AVX2 machine (18 verification layers of nano-layerskip, alternating builds, 2026-12-01).
+#define LS_GEMM_PREFETCH(p) ((void)0)
 
 // 32 bfloat16 -> per 32-bit lane i (elements 2i, 2i+1) the odd and the even element as float32 (exact).
 struct Pair {
