@@ -25,6 +25,11 @@ class Setting:
     tokens_per_s: list[float] = field(default_factory=list)
     equal_to_ar: bool = True
 
+    @classmethod
+    def of(cls, d: dict) -> "Setting":
+        """The setting a reproduce stage's dict describes (exit_layer, num_speculations, draft_stop)."""
+        return cls(d["exit_layer"], d["num_speculations"], d.get("draft_stop", 0.0))
+
     @property
     def speedup(self) -> float:
         return statistics.median(self.speedups) if self.speedups else 0.0

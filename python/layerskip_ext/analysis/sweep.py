@@ -208,8 +208,9 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
             cells[key].predicted = pred
     dynamic = []
     if measure:
-        bar = tqdm(total=len(cells) + len(exit_layers if dynamic_exits is None else exit_layers[:dynamic_exits])
-                   * len(dynamic_depths) * len(draft_stops), desc="sweeping (E, d)", unit="cell", disable=not progress)
+        n_dyn = len(exit_layers) if dynamic_exits is None else min(dynamic_exits, len(exit_layers))
+        bar = tqdm(total=len(cells) + n_dyn * len(dynamic_depths) * len(draft_stops), desc="sweeping (E, d)",
+                   unit="cell", disable=not progress)
 
         def measure_cells(todo):
             out = []
@@ -221,9 +222,9 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
 
         measured = measure_cells(cells.values())
         dyn_exits = exit_layers
-        if dynamic_exits is not None and draft_stops:
+        if n_dyn < len(exit_layers) and draft_stops:
             best = {E: max(st.tokens_per_s for c, st in measured if c.exit_layer == E) for E in exit_layers}
-            dyn_exits = sorted(sorted(exit_layers, key=lambda E: -best[E])[:dynamic_exits])
+            dyn_exits = sorted(sorted(exit_layers, key=lambda E: -best[E])[:n_dyn])
         dynamic = [Cell(E, d, s) for E in dyn_exits for d in dynamic_depths for s in draft_stops]
         measured += measure_cells(dynamic)
         bar.close()

@@ -28,10 +28,10 @@ import torch
 from ..analysis.per_layer import format_table, per_layer_metrics, plot_metrics
 from ..analysis.step_profile import floors, timed_decode, verify_cost
 from ..analysis.confirm import Setting, interleaved_speedups
-from ..analysis.sweep import default_exit_layers, run_sweep
+from ..analysis.sweep import check_draft_stops, default_exit_layers, run_sweep
 from ..analysis.sweep_report import to_json, write_reports
 from ..corpus import read_corpus, tokenize_corpus
-from ..errors import TrainingError
+from ..errors import LayerSkipError, TrainingError
 from ..io import load_checkpoint, save_hf_folder
 from ..io.layerskip_block import write_layerskip_block
 from ..model import load_model
@@ -96,8 +96,12 @@ class ReproduceConfig:
                      "dynamic_exits", "confirm_repeats", "confirm_static", "confirm_dynamic"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.draft_stops or any(not (isinstance(s, (int, float)) and 0 < s < 1) for s in self.draft_stops):
-            raise TrainingError(f"--draft-stops must be probabilities in (0, 1), got {list(self.draft_stops)}")
+        if not self.draft_stops:
+            raise TrainingError("--draft-stops: at least one threshold is needed")
+        try:
+            check_draft_stops(self.draft_stops)
+        except LayerSkipError as e:
+            raise TrainingError(f"--draft-stops: {e}") from None
         if not self.dynamic_depths or any(d < 1 for d in self.dynamic_depths):
             raise TrainingError(f"--dynamic-depths must be integers >= 1, got {list(self.dynamic_depths)}")
         if self.humaneval_prompts < 0:
@@ -418,25 +422,22 @@ class Reproduction:
         prompts = [tokenizer.encode(p["text"]) for p in data["prompts"]]
         stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self.say(f"{name}: the best settings again, {cfg.confirm_repeats} interleaved repeats against "
-                 f"autoregressive decoding: " + ", ".join(_label(s) for s in settings))
-        measured = [Setting(s["exit_layer"], s["num_speculations"], s["draft_stop"]) for s in settings]
+                 f"autoregressive decoding: " + ", ".join(Setting.of(s).label for s in settings))
+        measured = [Setting.of(s) for s in settings]
         ar_tps = interleaved_speedups(model, prompts, measured, cfg.confirm_repeats, cfg.max_new_tokens, stop_ids)
-        tps = [ar_tps] + [m.tokens_per_s for m in measured]
         for s, m in zip(settings, measured):
             s.update(speedups=[round(x, 3) for x in m.speedups], speedup=round(m.speedup, 3),
                      tokens_per_s=round(statistics.median(m.tokens_per_s), 1), equal_to_ar=m.equal_to_ar)
         out = {"repeats": cfg.confirm_repeats, "autoregressive_tokens_per_s": [round(x, 1) for x in ar_tps],
                "settings": settings}
-        best = {}
-        for kind in ("static", "dynamic"):
-            of_kind = [j for j, s in enumerate(settings, start=1) if s["kind"] == kind]
-            if of_kind:
-                best[kind] = max(of_kind, key=lambda j: settings[j - 1]["speedup"])
-        if len(best) == 2:  # the best dynamic over the best static, repeat by repeat
-            st_, dy = tps[best["static"]], tps[best["dynamic"]]
-            out["dynamic_gain"] = round(statistics.median([d / x for d, x in zip(dy, st_)]) - 1, 4)
-        out["best_static"] = settings[best["static"] - 1] if "static" in best else None
-        out["best_dynamic"] = settings[best["dynamic"] - 1] if "dynamic" in best else None
+        best = {kind: max((i for i, s in enumerate(settings) if s["kind"] == kind),
+                          key=lambda i: settings[i]["speedup"], default=None) for kind in ("static", "dynamic")}
+        st_i, dy_i = best["static"], best["dynamic"]
+        if st_i is not None and dy_i is not None:  # the best dynamic over the best static, repeat by repeat
+            ratios = [d / x for d, x in zip(measured[dy_i].tokens_per_s, measured[st_i].tokens_per_s)]
+            out["dynamic_gain"] = round(statistics.median(ratios) - 1, 4)
+        out["best_static"] = settings[st_i] if st_i is not None else None
+        out["best_dynamic"] = settings[dy_i] if dy_i is not None else None
         top = max(settings, key=lambda s: s["speedup"]) if settings else None
         out["best"] = top
         if name == "layerskip" and top:
@@ -447,14 +448,10 @@ class Reproduction:
             out["tuned"] = {**{k: top[k] for k in ("exit_layer", "num_speculations", "draft_stop", "speedup")},
                             "config": path}
         for s in settings:
-            self.say(f"{name}: {_label(s)}: {s['speedup']:.2f}x (repeats {s['speedups']}; sweep "
+            self.say(f"{name}: {Setting.of(s).label}: {s['speedup']:.2f}x (repeats {s['speedups']}; sweep "
                      f"{s['sweep_speedup']:.2f}x), {'identical to' if s['equal_to_ar'] else 'DIFFERENT from'} "
                      f"autoregressive")
         return out
-
-
-def _label(s: dict) -> str:
-    return Setting(s["exit_layer"], s["num_speculations"], s.get("draft_stop", 0.0)).label
 
 
 def _key_of(c) -> dict:

@@ -127,8 +127,7 @@ def _confirm_md(name: str, ev: dict) -> list[str]:
              + ", ".join(f"{x:.1f}" for x in conf["autoregressive_tokens_per_s"]) + ")", "",
              "| setting | sweep | confirmed (median) | per repeat | identical to AR |", "|---|---:|---:|---|---|"]
     for st in conf["settings"]:
-        label = Setting(st["exit_layer"], st["num_speculations"], st.get("draft_stop", 0.0)).label
-        lines.append(f"| {label} | {st['sweep_speedup']:.2f}x | **{st['speedup']:.2f}x** | "
+        lines.append(f"| {Setting.of(st).label} | {st['sweep_speedup']:.2f}x | **{st['speedup']:.2f}x** | "
                      + ", ".join(f"{x:.2f}" for x in st["speedups"]) + f" | {'yes' if st['equal_to_ar'] else 'NO'} |")
     if "dynamic_gain" in conf:
         lines.append(f"\nDynamic over static, same repeats: {100 * conf['dynamic_gain']:+.1f}% (median of the "
