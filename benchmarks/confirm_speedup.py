@@ -1,10 +1,11 @@
 """Self-speculative settings against autoregressive decoding, measured robustly to a drifting machine.
 
-    python benchmarks/confirm_speedup.py --model nano-layerskip --settings 6:6,4:6,4:10:0.15
+    python benchmarks/confirm_speedup.py --model nano-layerskip --settings 6:6,4:6,4:10:0.15,6:16:0:4
     python benchmarks/confirm_speedup.py --model repro/export/layerskip --prompts repro --settings 4:6 --repeats 5
 
-Each setting is E:d (static drafting) or E:d:stop (dynamic drafting: at most d drafts, stopping where the exit head's
-top probability falls below stop). Every prompt is decoded back to back by autoregressive decoding and each setting
+Each setting is E:d (static drafting), E:d:stop or E:d:stop:growth (dynamic drafting: at most d drafts, stopping
+where the exit head's top probability falls below stop (0: never), the round's length adapting by growth:
+generation/draft_length.py). Every prompt is decoded back to back by autoregressive decoding and each setting
 (analysis/confirm.py, the method of `layerskip reproduce`'s confirmation stage); a setting's speedup is the median
 over the repeats of its tokens/s over the same repeat's autoregressive tokens/s. Greedy; outputs must be identical.
 --prompts: 'humaneval', a JSONL with a 'prompt' field, or a reproduce output folder (its held-out prompts).
@@ -25,9 +26,13 @@ from layerskip_ext.prompts import humaneval_path, read_prompts
 
 def parse_setting(text: str) -> Setting:
     parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise SystemExit(f"--settings: {text!r} is not E:d or E:d:stop")
-    return Setting(int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0)
+    if len(parts) not in (2, 3, 4):
+        raise SystemExit(f"--settings: {text!r} is not E:d, E:d:stop or E:d:stop:growth")
+    try:
+        return Setting(int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0,
+                       int(parts[3]) if len(parts) > 3 else 0)
+    except ValueError:
+        raise SystemExit(f"--settings: {text!r}: E, d and growth are integers, stop a probability") from None
 
 
 def load_prompts(spec: str, limit: int) -> list[str]:
@@ -40,7 +45,7 @@ def load_prompts(spec: str, limit: int) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--settings", required=True, help="E:d or E:d:stop, comma-separated")
+    ap.add_argument("--settings", required=True, help="E:d, E:d:stop or E:d:stop:growth, comma-separated")
     ap.add_argument("--prompts", default="humaneval")
     ap.add_argument("--num-prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -66,7 +71,7 @@ def main() -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "autoregressive_tokens_per_s": ar,
                        "settings": [dict(label=s.label, exit_layer=s.exit_layer, num_speculations=s.num_speculations,
-                                         draft_stop=s.draft_stop, speedup=s.speedup, speedups=s.speedups,
+                                         draft_stop=s.draft_stop, draft_growth=s.draft_growth, speedup=s.speedup, speedups=s.speedups,
                                          equal_to_ar=s.equal_to_ar) for s in settings]}, f, indent=1)
     return 0 if all(s.equal_to_ar for s in settings) else 1
 

@@ -73,6 +73,10 @@ def test_chat_prompt_file_and_strategies(checkpoints, capsys, tmp_path):
     for key in ("exit_layer", "num_speculations", "draft_tokens", "accepted_tokens", "acceptance_rate", "rounds"):
         assert key in ss
     assert ss["strategy"] == "self_speculative" and ss["num_speculations"] == 3
+    _, out, _ = run_cli(capsys, *base, "--strategy", "self_speculative", "--exit-layer", "1",
+                        "--num-speculations", "6", "--draft-growth", "2", "--draft-stop", "0.1")
+    dyn = json.loads(out)
+    assert (dyn["draft_growth"], dyn["draft_stop"]) == (2, 0.1) and dyn["tokens"] == ar["tokens"]
 
 
 def test_sampling_flags_are_reproducible(checkpoints, capsys):
@@ -97,6 +101,7 @@ def test_bfloat16_generation(checkpoints, capsys):
     (["--strategy", "early_exit", "--exit-layer", "9"], "exit_layer"),
     (["--strategy", "self_speculative", "--exit-layer", "2", "--num-speculations", "0"], "num_speculations"),
     (["--strategy", "nope"], "unknown strategy"),
+    (["--strategy", "self_speculative", "--exit-layer", "2", "--draft-growth", "-2"], "draft_growth"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
 ])
 def test_bad_arguments_are_one_line_errors(checkpoints, capsys, extra, message):

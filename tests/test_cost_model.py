@@ -204,6 +204,22 @@ def test_sweep_dynamic_cells_are_lossless_and_draft_less():
 
 
 @needs_native
+def test_sweep_growth_cells_cross_the_stops():
+    """draft_growths with draft_stops: each (E, d) gets the stop alone, the growth alone and both, all lossless,
+    labelled by what they use; a bad growth is a one-line error."""
+    model = damped_model()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (6, 10)]
+    res = run_sweep(model, prompts, [2], [2], 16, [], with_prediction=False, draft_stops=[0.5], draft_growths=[2],
+                    dynamic_depths=[6])
+    assert [c.label for c in res.dynamic] == ["E=2 d<=6 grow 2", "E=2 d<=6 stop<0.5", "E=2 d<=6 grow 2 stop<0.5"]
+    assert all(c.equal_to_ar for c in res.cells + res.dynamic) and res.cells[0].label == "E=2 d=2"
+    for bad in ([0], [1.5]):
+        with pytest.raises(LayerSkipError, match="draft growth"):
+            run_sweep(model, prompts, [2], [2], 16, [], draft_growths=bad)
+
+
+@needs_native
 def test_sweep_dynamic_cells_only_at_the_fastest_exits():
     """dynamic_exits=1: dynamic cells at one exit layer only, the one whose static cells were fastest."""
     model = damped_model()
@@ -223,7 +239,7 @@ def test_static_sweep_cells_ignore_a_tuned_draft_stop():
     model = damped_model() if ops.native_available() else make_tiny_model(num_hidden_layers=4)
     prompts = [[5, 6, 7, 8]]
     plain = run_prompts(model, prompts, 12, [], 2, 3)
-    model.config.layerskip = {"exit_layer": 2, "num_speculations": 3, "draft_stop": 0.99}
+    model.config.layerskip = {"exit_layer": 2, "num_speculations": 3, "draft_stop": 0.99, "draft_growth": 1}
     try:
         again = run_prompts(model, prompts, 12, [], 2, 3)
     finally:

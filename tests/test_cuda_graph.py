@@ -25,9 +25,10 @@ def test_cuda_graph_argument_errors():
             generate(model, [1, 2, 3], max_new_tokens=4, strategy=strategy, exit_layer=1 if strategy != "autoregressive"
                      else None, num_speculations=2 if strategy != "autoregressive" else None, temperature=0.8,
                      cuda_graph=True)
-    with pytest.raises(GenerationError, match="does not combine with draft_stop"):
-        generate(model, [1, 2, 3], max_new_tokens=4, strategy="self_speculative", exit_layer=1, num_speculations=2,
-                 draft_stop=0.5, cuda_graph=True)
+    for dynamic in (dict(draft_stop=0.5), dict(draft_growth=2)):
+        with pytest.raises(GenerationError, match="does not combine with dynamic drafting"):
+            generate(model, [1, 2, 3], max_new_tokens=4, strategy="self_speculative", exit_layer=1,
+                     num_speculations=2, cuda_graph=True, **dynamic)
 
 
 @pytest.mark.cuda

@@ -57,7 +57,11 @@ def test_every_stage_runs_and_reports(finished):
         assert [m["layer"] for m in ev[name]["per_layer"]] == [1, 2, 3, 4]
         assert ev[name]["per_layer"][-1]["agreement"] == pytest.approx(1.0)
         cells = ev[name]["sweep"]["cells"] + ev[name]["sweep"]["dynamic_cells"]
-        assert len(ev[name]["sweep"]["dynamic_cells"]) == len({c["exit_layer"] for c in cells})
+        # every exit gets the stop alone, the adaptive length alone, and both (the static combination is the grid)
+        kinds = sorted((c["exit_layer"], c["draft_stop"] > 0, c["draft_growth"] > 0)
+                       for c in ev[name]["sweep"]["dynamic_cells"])
+        assert kinds == sorted((E, s, g) for E in {c["exit_layer"] for c in cells}
+                               for s, g in ((True, False), (False, True), (True, True)))
         assert all(c["equal_to_ar"] for c in cells), "a sweep cell's output differs from autoregressive decoding"
     # both runs saw the same tokens; only the LayerSkip run has exits below the last layer
     tr = rep["training"]
@@ -72,7 +76,7 @@ def test_every_stage_runs_and_reports(finished):
     conf = ev["layerskip"]["confirm"]
     tuned = conf["tuned"]
     assert (block["exit_layer"], block["num_speculations"]) == (tuned["exit_layer"], tuned["num_speculations"])
-    assert block["draft_stop"] == tuned["draft_stop"]
+    assert (block["draft_stop"], block["draft_growth"]) == (tuned["draft_stop"], tuned["draft_growth"])
     kinds = [s["kind"] for s in conf["settings"]]
     assert kinds == sorted(kinds, key=["static", "dynamic"].index) and set(kinds) == {"static", "dynamic"}
     assert "dynamic_gain" in conf and conf["best"]["speedup"] == max(s["speedup"] for s in conf["settings"])
@@ -106,6 +110,10 @@ def test_bad_settings_are_one_line_errors(tmp_path, corpus):
         Reproduction(tiny(tmp_path / "b", corpus, budget_min=0), log=lambda m: None)
     with pytest.raises(TrainingError, match="--draft-stops"):
         Reproduction(tiny(tmp_path / "d", corpus, draft_stops=(0.5, 1.0)), log=lambda m: None)
+    with pytest.raises(TrainingError, match="--draft-growths"):
+        Reproduction(tiny(tmp_path / "f", corpus, draft_growths=(0,)), log=lambda m: None)
+    with pytest.raises(TrainingError, match="needs a threshold or a growth"):
+        Reproduction(tiny(tmp_path / "g", corpus, draft_stops=(), draft_growths=()), log=lambda m: None)
     with pytest.raises(TrainingError, match="--dynamic-depths"):
         Reproduction(tiny(tmp_path / "e", corpus, dynamic_depths=(0,)), log=lambda m: None)
     with pytest.raises(TrainingError, match="held-out"):

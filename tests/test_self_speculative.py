@@ -6,6 +6,7 @@ import torch
 
 from layerskip_ext.errors import GenerationError
 from layerskip_ext.generation import SamplingParams, generate
+from layerskip_ext.generation.draft_length import DraftLength
 from layerskip_ext.generation.sampling import filtered_probs
 from helpers import decoders, make_model
 
@@ -145,3 +146,87 @@ def test_dynamic_drafting_is_lossless_and_drafts_less(backend):
                  temperature=0.8)
     with pytest.raises(GenerationError, match="probability"):
         generate(model, [1, 2], strategy="self_speculative", exit_layer=2, num_speculations=2, draft_stop=1.5)
+
+
+def test_draft_length_adapts_to_acceptance():
+    """Static: always d. Adaptive: starts at g, grows by g after a fully accepted round (capped at d), falls to the
+    accepted run + 1 after a rejection (never below 1)."""
+    static = DraftLength(6)
+    assert static.first() == 6 and static.after(6, False, 0) == 6 and static.after(6, True, 6) == 6
+    grow = DraftLength(10, 4)
+    assert grow.first() == 4
+    assert grow.after(4, True, 4) == 8 and grow.after(8, True, 8) == 10 and grow.after(10, True, 10) == 10
+    assert grow.after(10, False, 3) == 4 and grow.after(10, False, 0) == 1
+    assert grow.after(10, True, 2) == 10  # the draft stopped early and all 2 were accepted: the cap still grows
+    assert DraftLength(3, 8).first() == 3
+
+
+@pytest.mark.parametrize("backend", list(decoders()))
+def test_adaptive_length_is_lossless_and_grows_when_drafts_are_accepted(backend):
+    """draft_growth: greedy output identical to autoregressive, alone and with draft_stop, for a ragged batch;
+    with the full model as its own draft (E = L: every draft accepted) the lengths run g, 2g, ... d, so the rounds
+    are counted exactly."""
+    model = make_model(backend)
+    prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7]]
+    kw = dict(max_new_tokens=24, stop_token_ids=[])
+    ar = [s.tokens for s in generate(model, prompts, strategy="autoregressive", **kw).sequences]
+    for E, d, g, stop in ((2, 8, 2, 0.0), (2, 8, 3, 0.3), (1, 12, 4, 0.0), (3, 5, 1, 0.05)):
+        r = generate(model, prompts, strategy="self_speculative", exit_layer=E, num_speculations=d, draft_growth=g,
+                     draft_stop=stop, **kw)
+        assert [s.tokens for s in r.sequences] == ar, (E, d, g, stop)
+        assert r.stats["draft_growth"] == g and r.stats["accepted_tokens"] <= r.stats["draft_tokens"]
+    # 23 tokens after the prefill's: rounds of 2, 4, 6 drafts (+1 each), then 7 (what is left): 4 rounds
+    r = generate(model, prompts[0], strategy="self_speculative", exit_layer=4, num_speculations=8, draft_growth=2,
+                 **kw)
+    assert r.sequences[0].tokens == ar[0] and r.stats["rounds"] == 4 and r.stats["draft_tokens"] == 2 + 4 + 6 + 7
+    static = generate(model, prompts[0], strategy="self_speculative", exit_layer=4, num_speculations=8, **kw)
+    assert static.stats["rounds"] == 3  # 8 + 8 + 5 drafts
+
+
+def test_adaptive_length_sampling_follows_the_full_model_distribution():
+    """Sampling with draft_growth: the length of a round depends on the last round's acceptance, never on its own
+    draws, so the emitted tokens still follow the full model (chi-square of the 2nd to 4th tokens)."""
+    model = make_model(list(decoders())[-1], vocab_size=6)
+    params = SamplingParams(temperature=1.3)
+    prompt = [1, 2, 3]
+    exact = _exact_marginals(model, prompt, params, 4)
+    n = 1500
+    counts = torch.zeros(4, 6, dtype=torch.float64)
+    lengths = set()
+    for seed in range(n):
+        r = generate(model, prompt, max_new_tokens=4, temperature=1.3, seed=seed, stop_token_ids=[],
+                     strategy="self_speculative", exit_layer=1, num_speculations=3, draft_growth=1)
+        for i, t in enumerate(r.sequences[0].tokens):
+            counts[i, t] += 1
+        lengths.add((r.stats["rounds"], r.stats["draft_tokens"]))
+    assert len(lengths) > 2  # rounds of different lengths happened
+    for i in (1, 2, 3):
+        chi2 = (((counts[i] - n * exact[i]) ** 2) / (n * exact[i])).sum().item()
+        assert chi2 < 20.5, (i, counts[i], n * exact[i])  # 5 d.o.f., p = 0.001
+
+
+def test_bad_draft_growth_is_a_one_line_error():
+    model = make_model("rowwise")
+    kw = dict(strategy="self_speculative", exit_layer=2, num_speculations=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(GenerationError, match="draft_growth must be an integer"):
+            generate(model, [1, 2], draft_growth=bad, **kw)
+    with pytest.raises(GenerationError, match="self_speculative decoding only"):
+        generate(model, [1, 2], strategy="autoregressive", draft_growth=2)
+
+
+def test_tuned_dynamic_drafting_comes_from_the_config():
+    """auto uses the tuned block's draft_stop / draft_growth; another exit layer or an explicit value overrides."""
+    model = make_model("rowwise")
+    model.config.layerskip = {"exit_layer": 3, "num_speculations": 6, "draft_growth": 2, "draft_stop": 0.1}
+    try:
+        r = generate(model, [1, 2], max_new_tokens=5, stop_token_ids=[])
+        assert (r.stats["draft_growth"], r.stats["draft_stop"]) == (2, 0.1)
+        r = generate(model, [1, 2], max_new_tokens=5, stop_token_ids=[], draft_growth=0)
+        assert (r.stats["draft_growth"], r.stats["draft_stop"]) == (0, 0.1)
+        r = generate(model, [1, 2], max_new_tokens=5, stop_token_ids=[], strategy="self_speculative", exit_layer=2)
+        assert (r.stats["draft_growth"], r.stats["draft_stop"]) == (0, 0.0)
+        r = generate(model, [1, 2], max_new_tokens=5, stop_token_ids=[], temperature=0.8, seed=1)
+        assert (r.stats["draft_growth"], r.stats["draft_stop"]) == (2, 0.0)  # the growth applies to sampling too
+    finally:
+        model.config.layerskip = None

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .sweep import run_prompts
+from .sweep import run_prompts, setting_label
 
 
 @dataclass
@@ -21,24 +21,28 @@ class Setting:
     exit_layer: int
     num_speculations: int
     draft_stop: float = 0.0
+    draft_growth: int = 0
     speedups: list[float] = field(default_factory=list)   # per repeat
     tokens_per_s: list[float] = field(default_factory=list)
     equal_to_ar: bool = True
 
     @classmethod
     def of(cls, d: dict) -> "Setting":
-        """The setting a reproduce stage's dict describes (exit_layer, num_speculations, draft_stop)."""
-        return cls(d["exit_layer"], d["num_speculations"], d.get("draft_stop", 0.0))
+        """The setting a reproduce stage's dict describes (exit_layer, num_speculations, draft_stop,
+        draft_growth)."""
+        return cls(d["exit_layer"], d["num_speculations"], d.get("draft_stop", 0.0), d.get("draft_growth", 0))
 
     @property
     def speedup(self) -> float:
         return statistics.median(self.speedups) if self.speedups else 0.0
 
     @property
+    def dynamic(self) -> bool:
+        return self.draft_stop > 0 or self.draft_growth > 0
+
+    @property
     def label(self) -> str:
-        if self.draft_stop:
-            return f"E={self.exit_layer} d<={self.num_speculations} stop<{self.draft_stop:g}"
-        return f"E={self.exit_layer} d={self.num_speculations}"
+        return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth)
 
 
 def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequence[Setting], repeats: int,
@@ -48,7 +52,7 @@ def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequ
     runs = [None, *settings]  # None: autoregressive
 
     def once(r, ps, n):
-        args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop)
+        args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop, r.draft_growth)
         return run_prompts(model, ps, n, stop_ids, *args)
 
     for r in runs:  # warm-up: first calls allocate buffers and page weights in

@@ -7,9 +7,10 @@ so a machine whose load drifts during the run biases no cell's speedup in one di
 Tokens per second counts decode only (tokens after each prompt's first, over the time after the prefill), as
 ``layerskip generate`` reports it: the prefill is the same full-model pass for every strategy.
 
-Dynamic drafting (``draft_stops``): cells that draft up to d tokens but stop a round's draft where the exit head's
-top probability falls below a threshold, measured on the same prompts against the same baseline, so the best
-dynamic cell compares directly with the best static (E, d).
+Dynamic drafting (``draft_stops``, ``draft_growths``): cells that draft up to d tokens but stop a round's draft
+where the exit head's top probability falls below a threshold, or adapt a round's length to the last round's
+acceptance (generation/draft_length.py), or both; measured on the same prompts against the same baseline, so the
+best dynamic cell compares directly with the best static (E, d).
 """
 from __future__ import annotations
 
@@ -46,11 +47,20 @@ class RunStats:
         return self.decode_tokens / self.rounds if self.rounds else 0.0
 
 
+def setting_label(exit_layer: int, d: int, draft_stop: float = 0.0, draft_growth: int = 0) -> str:
+    """"E=6 d=6" (static); dynamic: "E=6 d<=16 grow 4 stop<0.05" (the parts it uses)."""
+    if not (draft_stop or draft_growth):
+        return f"E={exit_layer} d={d}"
+    return (f"E={exit_layer} d<={d}" + (f" grow {draft_growth}" if draft_growth else "")
+            + (f" stop<{draft_stop:g}" if draft_stop else ""))
+
+
 @dataclasses.dataclass
 class Cell:
     exit_layer: int
     num_speculations: int
-    draft_stop: float = 0.0    # dynamic drafting threshold (0: static, always d drafts)
+    draft_stop: float = 0.0    # dynamic drafting threshold (0: none)
+    draft_growth: int = 0      # dynamic drafting: adaptive round length (0: every round drafts d)
     acceptance: Optional[float] = None
     tokens_per_round: Optional[float] = None
     tokens_per_s: Optional[float] = None
@@ -64,7 +74,11 @@ class Cell:
 
     @property
     def dynamic(self) -> bool:
-        return self.draft_stop > 0
+        return self.draft_stop > 0 or self.draft_growth > 0
+
+    @property
+    def label(self) -> str:
+        return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth)
 
     @property
     def measured(self) -> bool:
@@ -79,7 +93,7 @@ class SweepResult:
     alpha: dict[int, float]
     stage_costs: Optional[StageCosts]
     settings: dict
-    dynamic: list[Cell] = dataclasses.field(default_factory=list)   # draft_stop > 0, same prompts and baseline
+    dynamic: list[Cell] = dataclasses.field(default_factory=list)   # dynamic drafting, same prompts and baseline
 
     @staticmethod
     def _best_of(cells: Sequence[Cell]) -> Optional[Cell]:
@@ -132,13 +146,14 @@ def default_exit_layers(num_layers: int, count: int = 6) -> list[int]:
 
 def run_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Iterable[int],
                 exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
-                draft_stop: float = 0.0) -> RunStats:
+                draft_stop: float = 0.0, draft_growth: int = 0) -> RunStats:
     """Greedy decoding of each prompt alone; autoregressive when exit_layer is None. Self-speculation drafts
-    exactly as asked: draft_stop 0 is static (a model's tuned threshold is not applied behind the caller's back)."""
+    exactly as asked: draft_stop and draft_growth 0 are static (a model's tuned dynamic drafting is not applied
+    behind the caller's back)."""
     strategy = "autoregressive" if exit_layer is None else "self_speculative"
     stats = RunStats([])
     stops = list(stop_ids)
-    extra = {} if exit_layer is None else {"draft_stop": float(draft_stop)}
+    extra = {} if exit_layer is None else {"draft_stop": float(draft_stop), "draft_growth": int(draft_growth)}
     for p in prompts:
         r = generate(model, [list(p)], strategy=strategy, max_new_tokens=max_new_tokens, stop_token_ids=stops,
                      exit_layer=exit_layer, num_speculations=num_speculations, **extra)
@@ -176,18 +191,35 @@ def check_draft_stops(draft_stops: Sequence[float]) -> None:
             raise LayerSkipError(f"draft-stop threshold {s} must be a probability strictly between 0 and 1")
 
 
+def check_draft_growths(draft_growths: Sequence[int]) -> None:
+    for g in draft_growths:
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise LayerSkipError(f"draft growth {g!r} must be an integer >= 1 (drafts added after a fully "
+                                 f"accepted round)")
+
+
+def dynamic_cells(exit_layers: Sequence[int], depths: Sequence[int], draft_stops: Sequence[float],
+                  draft_growths: Sequence[int]) -> list[Cell]:
+    """Every exit x depth x (threshold or none) x (growth or none), the static combination left out."""
+    return [Cell(E, d, s, g) for E in exit_layers for d in depths for s in [0.0, *draft_stops]
+            for g in [0, *draft_growths] if s or g]
+
+
 def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int], depths: Sequence[int],
               max_new_tokens: int, stop_ids: Iterable[int], *, measure: bool = True, with_prediction: bool = True,
               progress: bool = False, settings: Optional[dict] = None, draft_stops: Sequence[float] = (),
-              dynamic_depths: Optional[Sequence[int]] = None, dynamic_exits: Optional[int] = None) -> SweepResult:
+              draft_growths: Sequence[int] = (), dynamic_depths: Optional[Sequence[int]] = None,
+              dynamic_exits: Optional[int] = None) -> SweepResult:
     """The autoregressive baseline, then (with_prediction) the cost model, then (measure) every grid cell, then
-    (draft_stops) the dynamic cells: every exit layer x dynamic_depths (default: the grid's deepest d) x
-    threshold; with dynamic_exits = k, only the k exit layers whose best grid cell was fastest get dynamic cells
-    (a dynamic cell drafts at most as far as its d, so it only pays where static drafting already does)."""
+    (draft_stops, draft_growths) the dynamic cells: every exit layer x dynamic_depths (default: the grid's deepest
+    d) x (threshold or none) x (growth or none); with dynamic_exits = k, only the k exit layers whose best grid cell
+    was fastest get dynamic cells (dynamic drafting pays where drafting from that exit already does)."""
     exit_layers, depths = sorted(set(exit_layers)), sorted(set(depths))
     check_grid(model.num_layers, exit_layers, depths)
     draft_stops = sorted(set(float(s) for s in draft_stops))
     check_draft_stops(draft_stops)
+    draft_growths = sorted(set(draft_growths))
+    check_draft_growths(draft_growths)
     dynamic_depths = sorted(set(dynamic_depths or [depths[-1]]))
     check_grid(model.num_layers, exit_layers, dynamic_depths)
     if dynamic_exits is not None and dynamic_exits < 1:
@@ -209,23 +241,23 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
     dynamic = []
     if measure:
         n_dyn = len(exit_layers) if dynamic_exits is None else min(dynamic_exits, len(exit_layers))
-        bar = tqdm(total=len(cells) + n_dyn * len(dynamic_depths) * len(draft_stops), desc="sweeping (E, d)",
-                   unit="cell", disable=not progress)
+        per_exit = len(dynamic_cells([0], dynamic_depths, draft_stops, draft_growths))
+        bar = tqdm(total=len(cells) + n_dyn * per_exit, desc="sweeping (E, d)", unit="cell", disable=not progress)
 
         def measure_cells(todo):
             out = []
             for c in todo:
                 out.append((c, run_prompts(model, prompts, max_new_tokens, stop_ids, c.exit_layer,
-                                           c.num_speculations, c.draft_stop)))
+                                           c.num_speculations, c.draft_stop, c.draft_growth)))
                 bar.update()
             return out
 
         measured = measure_cells(cells.values())
         dyn_exits = exit_layers
-        if n_dyn < len(exit_layers) and draft_stops:
+        if n_dyn < len(exit_layers) and per_exit:
             best = {E: max(st.tokens_per_s for c, st in measured if c.exit_layer == E) for E in exit_layers}
             dyn_exits = sorted(sorted(exit_layers, key=lambda E: -best[E])[:n_dyn])
-        dynamic = [Cell(E, d, s) for E in dyn_exits for d in dynamic_depths for s in draft_stops]
+        dynamic = dynamic_cells(dyn_exits, dynamic_depths, draft_stops, draft_growths)
         measured += measure_cells(dynamic)
         bar.close()
         runs.append(run_prompts(model, prompts, max_new_tokens, stop_ids).tokens_per_s)

@@ -13,9 +13,7 @@ def _r(x: Optional[float], digits: int = 4) -> Optional[float]:
 
 
 def cell_dict(c: Cell) -> dict:
-    out = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
-    if c.dynamic:
-        out["draft_stop"] = c.draft_stop
+    out = _key(c)
     if c.measured:
         out.update(acceptance=_r(c.acceptance), tokens_per_round=_r(c.tokens_per_round),
                    tokens_per_s=_r(c.tokens_per_s, 2), speedup=_r(c.speedup), equal_to_ar=c.equal_to_ar)
@@ -34,7 +32,7 @@ def _key(c: Optional[Cell]) -> Optional[dict]:
         return None
     out = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
     if c.dynamic:
-        out["draft_stop"] = c.draft_stop
+        out.update(draft_stop=c.draft_stop, draft_growth=c.draft_growth)
     return out
 
 
@@ -122,18 +120,19 @@ def format_markdown(res: SweepResult, title: str) -> str:
 
 def dynamic_table(res: SweepResult) -> list[str]:
     """Markdown: the dynamic-drafting cells (a round stops drafting where the exit head's top probability falls
-    below the threshold), and the best of them against the best static cell."""
+    below the threshold; a round's length grows after a fully accepted round), and the best of them against the
+    best static cell."""
     lines = ["## Dynamic drafting: speedup (acceptance, tokens per round)", "",
-             "| E | max d | stop below | speedup | acceptance | tokens/round | output |",
-             "|---:|---:|---:|---:|---:|---:|---|"]
-    for c in sorted(res.dynamic, key=lambda c: (c.exit_layer, c.num_speculations, c.draft_stop)):
+             "| E | max d | growth | stop below | speedup | acceptance | tokens/round | output |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in sorted(res.dynamic, key=lambda c: (c.exit_layer, c.num_speculations, c.draft_growth, c.draft_stop)):
         if c.measured:
-            lines.append(f"| {c.exit_layer} | {c.num_speculations} | {c.draft_stop:g} | {c.speedup:.2f}x | "
-                         f"{c.acceptance:.2f} | {c.tokens_per_round:.2f} | {'=AR' if c.equal_to_ar else '≠AR'} |")
+            lines.append(f"| {c.exit_layer} | {c.num_speculations} | {c.draft_growth or '-'} | {c.draft_stop or '-':} | "
+                         f"{c.speedup:.2f}x | {c.acceptance:.2f} | {c.tokens_per_round:.2f} | "
+                         f"{'=AR' if c.equal_to_ar else '≠AR'} |")
     b, dyn, gain = res.best(), res.best_dynamic(), dynamic_gain(res)
     if gain is not None:
-        lines += ["", f"Best dynamic: E={dyn.exit_layer}, d<={dyn.num_speculations}, stop below {dyn.draft_stop:g}: "
-                      f"{dyn.speedup:.2f}x against the best static E={b.exit_layer}, d={b.num_speculations}: "
+        lines += ["", f"Best dynamic: {dyn.label}: {dyn.speedup:.2f}x against the best static {b.label}: "
                       f"{b.speedup:.2f}x ({100 * gain:+.1f}%)"]
     return lines + [""]
 

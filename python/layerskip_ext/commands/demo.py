@@ -165,8 +165,10 @@ def demo_one(args, name: str, prompt: str, label: str) -> None:
                  stop_token_ids=stops, **kw)
     if not args.json:
         print(f"=== {label} ({len(ids)} tokens) ===\n{prompt}")
-    stop = resolve_strategy(model, "self_speculative", E, d, None, f"{name} {getattr(model, 'source', '')}")[3]
-    dyn = f", drafts stop below top probability {stop:g}" if stop else ""
+    stop, growth = resolve_strategy(model, "self_speculative", E, d,
+                                    source=f"{name} {getattr(model, 'source', '')}")[3:]
+    dyn = (f", round length adapts by {growth}" if growth else "") + (
+        f", drafts stop below top probability {stop:g}" if stop else "")
     ss = run("self_speculative", f"self-speculative completion (E={E}, d={d}{dyn}: {origin})")
     ar = run("autoregressive", "autoregressive completion")
     ss_tokens, ar_tokens = ss.sequences[0].tokens, ar.sequences[0].tokens
@@ -186,7 +188,8 @@ def demo_one(args, name: str, prompt: str, label: str) -> None:
                                      rounds=rounds, tokens_per_round=round(tokens_per_round, 3)),
             "autoregressive": part(ar, ar_tokens),
             "identical": diff is None, "first_difference": diff, "speedup": round(speedup, 3),
-            "draft_stop": ss.stats.get("draft_stop", 0.0), "about": LABELS.get(name),
+            "draft_stop": ss.stats.get("draft_stop", 0.0), "draft_growth": ss.stats.get("draft_growth", 0),
+            "about": LABELS.get(name),
             "dtype": args.dtype, "backend": model.decoder.name}))
         return
     print("\n=== summary ===")

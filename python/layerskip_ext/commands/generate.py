@@ -30,6 +30,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "the model's tuned setting when it has one, else autoregressive)")
     p.add_argument("--exit-layer", type=int, default=None, help="E: run layers < E, then the shared exit head")
     p.add_argument("--num-speculations", type=int, default=None, help="d: draft tokens per self-speculative round")
+    p.add_argument("--draft-stop", type=float, default=None,
+                   help="dynamic drafting (greedy): a round stops drafting where the exit head's top probability "
+                        "falls below this (default: the model's tuned setting, else 0 = off)")
+    p.add_argument("--draft-growth", type=int, default=None,
+                   help="dynamic drafting: a round's length adapts, growing by G after a fully accepted round, up "
+                        "to d (default: the model's tuned setting, else 0 = every round drafts d)")
     add_runtime_args(p)
     p.add_argument("--draft-vocab", default="auto",
                    help="self-speculative greedy drafts score only these tokens: a draft_vocab.json file, 'none' "
@@ -75,7 +81,7 @@ def run(args) -> int:
     result = generate(model, [prompt_ids], strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       stop_token_ids=stop_ids, exit_layer=args.exit_layer, num_speculations=args.num_speculations,
-                      on_token=on_token)
+                      on_token=on_token, draft_stop=args.draft_stop, draft_growth=args.draft_growth)
     seq = result.sequences[0]
     if args.json:
         out = {

@@ -40,9 +40,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--exit-layers", default=None, metavar="E1,E2,...", help="sweep exits (default: shallow spread)")
     p.add_argument("--draft-stops", default=None, metavar="P1,P2,...",
-                   help="dynamic drafting thresholds the sweep tries (default 0.05,0.1,0.2)")
+                   help="dynamic drafting thresholds the sweep tries (default 0.05,0.1,0.2; '' for none)")
+    p.add_argument("--draft-growths", default=None, metavar="G1,G2,...",
+                   help="dynamic drafting: adaptive round-length growths the sweep tries (default 4; '' for none)")
     p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
-                   help="the most drafts a dynamic round may make (default 6,10)")
+                   help="the most drafts a dynamic round may make (default 8,16)")
     p.add_argument("--eval-sequences", type=int, default=128,
                    help="held-out sequences scored for the per-layer table (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -57,8 +59,10 @@ def run(args) -> int:
         kw["held_out"] = tuple(args.held_out)
     if args.exit_layers:
         kw["exit_layers"] = tuple(int_list(args.exit_layers, "--exit-layers"))
-    if args.draft_stops:
+    if args.draft_stops is not None:
         kw["draft_stops"] = tuple(float_list(args.draft_stops, "--draft-stops"))
+    if args.draft_growths is not None:
+        kw["draft_growths"] = tuple(int_list(args.draft_growths, "--draft-growths"))
     if args.dynamic_depths:
         kw["dynamic_depths"] = tuple(int_list(args.dynamic_depths, "--dynamic-depths"))
     cfg = ReproduceConfig(out=args.out, budget_min=args.budget_min, data=args.data, arch=args.arch, vocab=args.vocab,

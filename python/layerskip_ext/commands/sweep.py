@@ -3,7 +3,7 @@
     layerskip sweep --model smollm2-135m-layerskip --out sweep/            # measured grid + predictions
     layerskip sweep --model smollm2-135m-layerskip --predict               # cost model only (fast)
     layerskip sweep --model smollm2-135m-layerskip --write-default         # store the best (E, d) in its config
-    layerskip sweep --model nano-layerskip --draft-stops 0.3,0.5 --dynamic-depths 6,8   # + dynamic drafting
+    layerskip sweep --model nano-layerskip --draft-growths 4 --draft-stops 0.05 --dynamic-depths 8,16   # + dynamic
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from ..analysis.sweep import check_draft_stops, check_grid, default_exit_layers, run_sweep
+from ..analysis.sweep import check_draft_growths, check_draft_stops, check_grid, default_exit_layers, run_sweep
 from ..analysis.sweep_report import format_markdown, write_reports
 from ..errors import LayerSkipError
 from ..io.layerskip_block import layerskip_config_path, write_layerskip_block
@@ -37,6 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-stops", default="", metavar="P1,P2,...",
                    help="dynamic drafting: also measure every exit layer with these thresholds (a round stops "
                         "drafting where the exit head's top probability falls below one; default none)")
+    p.add_argument("--draft-growths", default="", metavar="G1,G2,...",
+                   help="dynamic drafting: also measure every exit layer with adaptive round lengths (start at G, "
+                        "G more after a fully accepted round, the accepted run + 1 after a rejection; default none)")
     p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
                    help="the most drafts a dynamic round may make (default: the deepest --num-speculations)")
     p.add_argument("--dynamic-exits", type=int, default=None, metavar="K",
@@ -60,6 +63,8 @@ def _check_args(args) -> tuple[list[int] | None, list[int]]:
     depths = int_list(args.num_speculations, "--num-speculations")
     args.draft_stops = float_list(args.draft_stops, "--draft-stops")
     check_draft_stops(args.draft_stops)
+    args.draft_growths = int_list(args.draft_growths, "--draft-growths") if args.draft_growths else []
+    check_draft_growths(args.draft_growths)
     args.dynamic_depths = int_list(args.dynamic_depths, "--dynamic-depths") if args.dynamic_depths else None
     if args.dynamic_depths and any(d < 1 for d in args.dynamic_depths):
         raise LayerSkipError("--dynamic-depths: every depth must be >= 1")
@@ -99,7 +104,8 @@ def run(args) -> int:
           + (" (cost model only)" if args.predict else ""), file=sys.stderr)
     res = run_sweep(model, prompts, exits, depths, args.max_new_tokens, stop_ids, measure=not args.predict,
                     with_prediction=True, progress=True, settings=settings, draft_stops=args.draft_stops,
-                    dynamic_depths=args.dynamic_depths, dynamic_exits=args.dynamic_exits)
+                    draft_growths=args.draft_growths, dynamic_depths=args.dynamic_depths,
+                    dynamic_exits=args.dynamic_exits)
     title = f"{args.model} ({args.dtype}, {settings['threads']} threads)"
     print(format_markdown(res, title))
     paths, note = write_reports(res, args.out, title)
@@ -110,8 +116,7 @@ def run(args) -> int:
     best = res.predicted_best() if args.predict else res.best_overall()
     speedup = best.predicted.speedup if args.predict else best.speedup
     label = "predicted best" if args.predict else "best"
-    stop = f" draft-stop {best.draft_stop:g}" if best.dynamic else ""
-    print(f"{label}: E={best.exit_layer} d={best.num_speculations}{stop} ({speedup:.2f}x vs autoregressive)")
+    print(f"{label}: {best.label} ({speedup:.2f}x vs autoregressive)")
     if args.write_default:
         _write_default(args.model, best, speedup, args.predict)
     return 0
@@ -119,7 +124,7 @@ def run(args) -> int:
 
 def _write_default(model: str, best, speedup: float, predicted: bool) -> None:
     extra = {"speedup": round(speedup, 3), "source": "layerskip sweep" + (" --predict" if predicted else ""),
-             "draft_stop": best.draft_stop}
+             "draft_stop": best.draft_stop, "draft_growth": best.draft_growth}
     if not predicted:
         extra["acceptance"] = round(best.acceptance, 4)
     path = write_layerskip_block(model, best.exit_layer, best.num_speculations, extra)

@@ -23,7 +23,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
              seed: Optional[int] = None, stop_token_ids: Optional[Iterable[int]] = None,
              exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
              on_token: Optional[TokenCallback] = None, draft_vocab="auto",
-             cuda_graph: bool = False, draft_stop: Optional[float] = None) -> GenerationResult:
+             cuda_graph: bool = False, draft_stop: Optional[float] = None,
+             draft_growth: Optional[int] = None) -> GenerationResult:
     """Generate continuations of token-id prompts (one list, or a batch of lists of any lengths).
 
     strategy: "autoregressive" (all layers, one token per pass), "early_exit" (layers < exit_layer, then the
@@ -46,6 +47,11 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     draft_stop (self_speculative, greedy): dynamic drafting: a round drafts up to num_speculations tokens, stopping
     where the exit head's top probability falls below draft_stop (None: the model's tuned setting, else 0 = off).
     Same output; it saves the drafts (and their verification) that would likely be rejected.
+
+    draft_growth (self_speculative, greedy or sampling): dynamic drafting: a round's length adapts, starting at
+    draft_growth, growing by it after a round whose drafts were all accepted (up to num_speculations) and falling to
+    one more than the accepted run after a rejection (generation/draft_length.py; None: the model's tuned setting,
+    else 0 = every round drafts num_speculations). Same output (in distribution, when sampling).
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # a single prompt
@@ -60,8 +66,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     if strategy not in STRATEGIES:
         raise GenerationError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     asked_stop = draft_stop
-    strategy, exit_layer, num_speculations, draft_stop = resolve_strategy(model, strategy, exit_layer,
-                                                                          num_speculations, draft_stop)
+    strategy, exit_layer, num_speculations, draft_stop, draft_growth = resolve_strategy(
+        model, strategy, exit_layer, num_speculations, draft_stop, draft_growth)
     if asked_stop is None and not sampling.greedy:
         draft_stop = 0.0  # a tuned dynamic-drafting threshold is for greedy decoding
     if strategy == "autoregressive" and exit_layer not in (None, model.num_layers):
@@ -80,12 +86,17 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
         raise GenerationError(f"draft_stop must be a probability in [0, 1], got {draft_stop!r}")
     if draft_stop and (strategy != "self_speculative" or not sampling.greedy):
         raise GenerationError("draft_stop (dynamic drafting) applies to greedy self_speculative decoding only")
+    if not (isinstance(draft_growth, int) and not isinstance(draft_growth, bool) and draft_growth >= 0):
+        raise GenerationError(f"draft_growth must be an integer >= 0, got {draft_growth!r}")
+    if draft_growth and strategy != "self_speculative":
+        raise GenerationError("draft_growth (dynamic drafting) applies to self_speculative decoding only")
     if cuda_graph:
         if not sampling.greedy:
             raise GenerationError("cuda_graph applies to greedy decoding only (sampling draws from the caller's "
                                   "generator, which a graph does not advance)")
-        if draft_stop:
-            raise GenerationError("cuda_graph replays fixed-length rounds: it does not combine with draft_stop")
+        if draft_stop or draft_growth:
+            raise GenerationError("cuda_graph replays fixed-length rounds: it does not combine with dynamic drafting "
+                                  "(draft_stop, draft_growth)")
         if model.device.type != "cuda":
             raise GenerationError(f"cuda_graph needs the model on a CUDA device; it is on {model.device}")
     subset = resolve_draft_vocab(model, draft_vocab) if strategy == "self_speculative" else None
@@ -99,8 +110,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     batch = DecodeBatch(decoder, rules, capacity)
     if strategy == "self_speculative":
         result = generate_self_speculative(decoder, batch, sampling, result, exit_layer, num_speculations, subset,
-                                           cuda_graph, draft_stop)
-        result.stats["draft_stop"] = draft_stop
+                                           cuda_graph, draft_stop, draft_growth)
+        result.stats.update(draft_stop=draft_stop, draft_growth=draft_growth)
     else:
         result = generate_autoregressive(decoder, batch, sampling, result,
                                          exit_layer=exit_layer if strategy == "early_exit" else None,

@@ -25,12 +25,12 @@ def default_speculation(model, source: str = "") -> Optional[tuple[int, int]]:
 
 
 def resolve_strategy(model, strategy: str, exit_layer: Optional[int], num_speculations: Optional[int],
-                     draft_stop: Optional[float] = None,
-                     source: str = "") -> tuple[str, Optional[int], Optional[int], float]:
-    """-> (strategy, E, d, draft_stop): "auto" self-speculates with the model's tuned (E, d) (or when the caller
-    gave an exit layer), unless the model's recorded speedup (``layerskip sweep --write-default``) is not above 1,
-    and decodes autoregressively otherwise; self-speculation fills the E, d and draft_stop the caller left out from
-    the tuned setting (draft_stop: 0 when it has none)."""
+                     draft_stop: Optional[float] = None, draft_growth: Optional[int] = None,
+                     source: str = "") -> tuple[str, Optional[int], Optional[int], float, int]:
+    """-> (strategy, E, d, draft_stop, draft_growth): "auto" self-speculates with the model's tuned (E, d) (or when
+    the caller gave an exit layer), unless the model's recorded speedup (``layerskip sweep --write-default``) is not
+    above 1, and decodes autoregressively otherwise; self-speculation fills the E, d, draft_stop and draft_growth the
+    caller left out from the tuned setting (the last two: 0 when it has none, or when the caller chose another E)."""
     tuned = default_speculation(model, source)
     block = getattr(model.config, "layerskip", None) or {}
     if strategy == "auto":
@@ -42,6 +42,8 @@ def resolve_strategy(model, strategy: str, exit_layer: Optional[int], num_specul
             num_speculations = tuned[1] if num_speculations is None else num_speculations
         if num_speculations is None:
             num_speculations = DEFAULT_SPECULATIONS
-        if draft_stop is None and tuned and exit_layer == tuned[0]:
-            draft_stop = float(block.get("draft_stop", 0.0))
-    return strategy, exit_layer, num_speculations, float(draft_stop or 0.0)
+        if tuned and exit_layer == tuned[0]:
+            draft_stop = float(block.get("draft_stop", 0.0)) if draft_stop is None else draft_stop
+            draft_growth = int(block.get("draft_growth", 0)) if draft_growth is None else draft_growth
+    return (strategy, exit_layer, num_speculations, float(draft_stop or 0.0),
+            draft_growth if draft_growth is not None else 0)

@@ -16,6 +16,10 @@ does not depend on T), which the native kernels guarantee. Sampling follows Levi
 probability min(1, p(y)/q(y)), else resample from norm(max(p - q, 0)); emitted tokens follow the full model.
 Acceptance is the decoder's verify_greedy / verify_sampling (native kernels, or their PyTorch references).
 
+Dynamic drafting: a greedy round's draft stops where the exit head's top probability falls below draft_stop
+(csrc/draft.cpp), and a round's length can adapt to the last round's acceptance (draft_growth:
+generation/draft_length.py, greedy and sampling). Both are lossless: they change only how much is drafted.
+
 Draft vocabulary (greedy only): the draft's exit head may score only a subset of the vocabulary (``draft_vocab``,
 e.g. a corpus's 8k most frequent tokens: model/draft_vocab.py), which cuts a shallow draft's head cost. Output is
 unchanged: verification always scores the full vocabulary, so a token outside the subset is emitted as the full
@@ -32,6 +36,7 @@ import torch
 from .batch import DecodeBatch
 from .core import GenerationResult, Timer
 from .cuda_graph import StepGraphs
+from .draft_length import DraftLength
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
@@ -94,11 +99,13 @@ class RoundRow(NamedTuple):
 @torch.no_grad()
 def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
                               exit_layer: int, num_speculations: int, draft_vocab=None,
-                              cuda_graph: bool = False, draft_stop: float = 0.0) -> GenerationResult:
+                              cuda_graph: bool = False, draft_stop: float = 0.0,
+                              draft_growth: int = 0) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
-    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. draft_stop (greedy):
-    dynamic drafting, a round drafts up to num_speculations tokens while the exit head's top probability stays
-    >= draft_stop (0: always num_speculations)."""
+    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. Dynamic drafting:
+    draft_stop (greedy): a round drafts while the exit head's top probability stays >= draft_stop (0: off);
+    draft_growth: a round's length adapts to the last round's acceptance, up to num_speculations
+    (generation/draft_length.py; 0: every round drafts num_speculations)."""
     generator = sampling.generator(decoder.device)
     timer = Timer()
     batch.emit_first(choose_tokens(decoder, batch.prefill(), sampling, generator))
@@ -112,19 +119,25 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
 
     drafted = accepted_total = rounds = 0
     longest = batch.rules.max_new_tokens
+    length = DraftLength(num_speculations, draft_growth)
+    current = length.first()
     while batch.active:
         # Never draft past the cache or past what any live sequence may still emit.
         remaining = longest - min([len(batch.outputs[b].tokens) for b in batch.active])
-        d = max(0, min(num_speculations, batch.capacity - 1 - batch.top, remaining - 1))
-        if graphs is not None and d == num_speculations:  # (a graph needs fixed shapes: not with draft_stop)
+        d = max(0, min(current, batch.capacity - 1 - batch.top, remaining - 1))
+        if graphs is not None and d == num_speculations:  # (a graph needs fixed shapes: not dynamic drafting)
             out = graphs.run((d, len(batch.active)), d)
         else:
             out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab, draft_stop)
+        all_accepted, least = True, d
         for row, (accepted, next_token, *drafts) in enumerate(out.tolist()):  # the round's only host read
             r = RoundRow(accepted, next_token, drafts)
             batch.emit(row, r.drafts[:r.accepted] + [r.next_token])
+            proposed = len(r.drafts) if not draft_stop else sum(t >= 0 for t in r.drafts)
             accepted_total += r.accepted
-            drafted += len(r.drafts) if not draft_stop else sum(t >= 0 for t in r.drafts)
+            drafted += proposed
+            all_accepted, least = all_accepted and r.accepted == proposed, min(least, r.accepted)
+        current = length.after(current, all_accepted, least)
         rounds += 1
         batch.drop_finished()
     result.decode_s = timer.lap()

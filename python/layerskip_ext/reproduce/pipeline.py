@@ -28,7 +28,7 @@ import torch
 from ..analysis.per_layer import format_table, per_layer_metrics, plot_metrics
 from ..analysis.step_profile import floors, timed_decode, verify_cost
 from ..analysis.confirm import Setting, interleaved_speedups
-from ..analysis.sweep import check_draft_stops, default_exit_layers, run_sweep
+from ..analysis.sweep import check_draft_growths, check_draft_stops, default_exit_layers, dynamic_cells, run_sweep
 from ..analysis.sweep_report import to_json, write_reports
 from ..corpus import read_corpus, tokenize_corpus
 from ..errors import LayerSkipError, TrainingError
@@ -77,7 +77,11 @@ class ReproduceConfig:
     # Thresholds: in the run of 2026-12-01 (0.2 / 0.4 / 0.6) the lowest was the fastest at every exit and still
     # drafted too little (confirmed -12.5% against static drafting), so the grid sits lower.
     draft_stops: tuple = (0.05, 0.1, 0.2)
-    dynamic_depths: tuple = (6, 10)
+    # Adaptive round lengths (generation/draft_length.py): on the shipped pair and the 0.96M-token pair of
+    # 2026-12-01, growth 4 up to 12-16 drafts beat the best static d by 10-16% (static d = 8, 10 did not), so
+    # the dynamic depths reach past the static grid.
+    draft_growths: tuple = (4,)
+    dynamic_depths: tuple = (8, 16)
     dynamic_exits: int = 2               # dynamic cells at the 2 exits whose static cells were fastest
     confirm_repeats: int = 5             # interleaved re-measurements of the sweep's best settings
     confirm_static: int = 3              # how many of the fastest static cells are measured again
@@ -96,12 +100,14 @@ class ReproduceConfig:
                      "dynamic_exits", "confirm_repeats", "confirm_static", "confirm_dynamic"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.draft_stops:
-            raise TrainingError("--draft-stops: at least one threshold is needed")
-        try:
-            check_draft_stops(self.draft_stops)
-        except LayerSkipError as e:
-            raise TrainingError(f"--draft-stops: {e}") from None
+        if not (self.draft_stops or self.draft_growths):
+            raise TrainingError("--draft-stops / --draft-growths: dynamic drafting needs a threshold or a growth")
+        for flag, check, values in (("--draft-stops", check_draft_stops, self.draft_stops),
+                                    ("--draft-growths", check_draft_growths, self.draft_growths)):
+            try:
+                check(values)
+            except LayerSkipError as e:
+                raise TrainingError(f"{flag}: {e}") from None
         if not self.dynamic_depths or any(d < 1 for d in self.dynamic_depths):
             raise TrainingError(f"--dynamic-depths must be integers >= 1, got {list(self.dynamic_depths)}")
         if self.humaneval_prompts < 0:
@@ -330,7 +336,8 @@ class Reproduction:
         self-speculative cells, the AR step of a trained model)."""
         cfg = self.cfg
         E = len(self.exit_layers(arch.layers))
-        cells = (E * len(cfg.depths) + min(E, cfg.dynamic_exits) * len(cfg.dynamic_depths) * len(cfg.draft_stops)
+        dynamic = len(dynamic_cells([0], cfg.dynamic_depths, cfg.draft_stops, cfg.draft_growths))
+        cells = (E * len(cfg.depths) + min(E, cfg.dynamic_exits) * dynamic
                  + 4 + (1 + cfg.confirm_static + cfg.confirm_dynamic) * cfg.confirm_repeats)
         tokens = len(data["prompts"]) * cfg.max_new_tokens
         return 2 * (cells * tokens * ar_step_s * 2.0 + 45)
@@ -377,14 +384,14 @@ class Reproduction:
         stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
         exits = self.exit_layers(L)
         self.say(f"{name}: sweep over E {exits} x d {list(cfg.depths)} and dynamic drafting (stop below "
-                 f"{list(cfg.draft_stops)}, d <= {list(cfg.dynamic_depths)}, at the {cfg.dynamic_exits} fastest "
-                 f"exits) on {len(prompts)} prompts")
+                 f"{list(cfg.draft_stops)}, growth {list(cfg.draft_growths)}, d <= {list(cfg.dynamic_depths)}, at "
+                 f"the {cfg.dynamic_exits} fastest exits) on {len(prompts)} prompts")
         settings = {"model": name, "backend": model.decoder.name, "threads": torch.get_num_threads(),
                     "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
                     "load_average_1m": round(os.getloadavg()[0], 2)}
         res = run_sweep(model, prompts, exits, list(cfg.depths), cfg.max_new_tokens, stop_ids,
                         progress=cfg.progress, settings=settings, draft_stops=list(cfg.draft_stops),
-                        dynamic_depths=[d for d in cfg.dynamic_depths], dynamic_exits=cfg.dynamic_exits)
+                        draft_growths=list(cfg.draft_growths), dynamic_depths=[d for d in cfg.dynamic_depths], dynamic_exits=cfg.dynamic_exits)
         write_reports(res, os.path.join(eval_dir, "sweep"), f"{name} model")
         best = res.best_overall()
         # where a step goes, and what a round's verification costs, at the best setting
@@ -392,7 +399,7 @@ class Reproduction:
         ar_prof = [timed_decode(model, prompt, cfg.max_new_tokens, strategy="autoregressive") for _ in range(3)]
         ss_prof = [timed_decode(model, prompt, cfg.max_new_tokens, strategy="self_speculative",
                                 exit_layer=best.exit_layer, num_speculations=best.num_speculations,
-                                draft_stop=best.draft_stop) for _ in range(3)]
+                                draft_stop=best.draft_stop, draft_growth=best.draft_growth) for _ in range(3)]
         fl = floors(model, matmul_gflops(torch.float32, torch.device("cpu")))
         out = {"per_layer": [dataclasses.asdict(m) for m in metrics], "per_layer_table": table,
                "per_layer_png": None if note else png, "sweep": to_json(res),
@@ -414,7 +421,8 @@ class Reproduction:
         def fastest(cells, k, kind):
             cells = sorted((c for c in cells if c.get("speedup") is not None), key=lambda c: -c["speedup"])[:k]
             return [dict(kind=kind, exit_layer=c["exit_layer"], num_speculations=c["num_speculations"],
-                         draft_stop=c.get("draft_stop", 0.0), sweep_speedup=c["speedup"]) for c in cells]
+                         draft_stop=c.get("draft_stop", 0.0), draft_growth=c.get("draft_growth", 0),
+                         sweep_speedup=c["speedup"]) for c in cells]
 
         settings = (fastest(sw["cells"], cfg.confirm_static, "static")
                     + fastest(sw["dynamic_cells"], cfg.confirm_dynamic, "dynamic"))
@@ -442,10 +450,12 @@ class Reproduction:
         out["best"] = top
         if name == "layerskip" and top:
             path = write_layerskip_block(self.export_dir(name), top["exit_layer"], top["num_speculations"],
-                                         {"draft_stop": top["draft_stop"], "speedup": top["speedup"],
+                                         {"draft_stop": top["draft_stop"], "draft_growth": top["draft_growth"],
+                                          "speedup": top["speedup"],
                                           "source": "layerskip reproduce (held-out prompts: sweep, then "
                                                     f"{cfg.confirm_repeats} interleaved repeats)"})
-            out["tuned"] = {**{k: top[k] for k in ("exit_layer", "num_speculations", "draft_stop", "speedup")},
+            out["tuned"] = {**{k: top[k] for k in ("exit_layer", "num_speculations", "draft_stop", "draft_growth",
+                                                   "speedup")},
                             "config": path}
         for s in settings:
             self.say(f"{name}: {Setting.of(s).label}: {s['speedup']:.2f}x (repeats {s['speedups']}; sweep "
@@ -455,7 +465,8 @@ class Reproduction:
 
 
 def _key_of(c) -> dict:
-    return {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations, "draft_stop": c.draft_stop}
+    return {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations, "draft_stop": c.draft_stop,
+            "draft_growth": c.draft_growth}
 
 
 def _median_dict(runs: list[dict]) -> dict:

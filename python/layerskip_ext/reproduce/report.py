@@ -91,17 +91,20 @@ def _sweep_md(ev: dict) -> list[str]:
             cells.append(f"{c['speedup']:.2f}x ({c['acceptance']:.2f})" + ("" if c["equal_to_ar"] else " ≠AR"))
         lines.append(f"| {E} | " + " | ".join(cells) + " |")
     if sw["dynamic_cells"]:
-        stops = sorted({c["draft_stop"] for c in sw["dynamic_cells"]})
-        lines += ["", "Dynamic drafting (d is the most drafts a round may make; a round stops where the exit head's "
-                  "top probability falls below the threshold):", "",
-                  "| E | max d | " + " | ".join(f"stop < {s:g}" for s in stops) + " |",
-                  "|---:|---:|" + "---:|" * len(stops)]
-        dyn = {(c["exit_layer"], c["num_speculations"], c["draft_stop"]): c for c in sw["dynamic_cells"]}
-        for E, d in sorted({(c["exit_layer"], c["num_speculations"]) for c in sw["dynamic_cells"]}):
-            row = [dyn[(E, d, s)] for s in stops]
-            lines.append(f"| {E} | {d} | " + " | ".join(
-                f"{c['speedup']:.2f}x ({c['acceptance']:.2f})" + ("" if c["equal_to_ar"] else " ≠AR") for c in row)
-                + " |")
+        def key(c):
+            return c["exit_layer"], c["num_speculations"], c.get("draft_growth", 0), c.get("draft_stop", 0.0)
+        dyn = {key(c): c for c in sw["dynamic_cells"]}
+        stops = sorted({k[3] for k in dyn})
+        lines += ["", "Dynamic drafting (d is the most drafts a round may make; growth g: a round's length starts at "
+                  "g, grows by g after a fully accepted round and falls to the accepted run + 1 after a rejection; "
+                  "a round stops where the exit head's top probability falls below the threshold):", "",
+                  "| E | max d | growth | " + " | ".join(f"stop < {s:g}" if s else "no stop" for s in stops) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(stops)]
+        for E, d, g in sorted({k[:3] for k in dyn}):
+            row = [dyn.get((E, d, g, s)) for s in stops]
+            lines.append(f"| {E} | {d} | {g or '-'} | " + " | ".join(
+                "-" if c is None else f"{c['speedup']:.2f}x ({c['acceptance']:.2f})"
+                + ("" if c["equal_to_ar"] else " ≠AR") for c in row) + " |")
     b, dy = sw["best"], sw["best_dynamic"]
     lines += ["", f"Autoregressive: {sw['autoregressive']['tokens_per_s']:.1f} tokens/s (runs "
               + ", ".join(f"{x:.1f}" for x in sw["autoregressive"]["tokens_per_s_runs"]) + ")"]
@@ -109,7 +112,7 @@ def _sweep_md(ev: dict) -> list[str]:
         lines.append(f"Best static: E={b['exit_layer']} d={b['num_speculations']} {b['speedup']:.2f}x "
                      f"(acceptance {b['acceptance']:.3f})")
     if dy:
-        lines.append(f"Best dynamic: E={dy['exit_layer']} d<={dy['num_speculations']} stop < {dy['draft_stop']:g} "
+        lines.append(f"Best dynamic: {Setting.of(dy).label} "
                      f"{dy['speedup']:.2f}x ({100 * (sw['dynamic_gain'] or 0):+.1f}% over the best static)")
     pb = sw.get("predicted_best")
     if pb:
@@ -144,8 +147,7 @@ def _profile_md(name: str, ev: dict) -> list[str]:
              "|---|---:|---:|---:|---:|",
              f"| autoregressive step | {ar['step_ms']:.3f} | {ar['kernels_ms']:.3f} | {ar['outside_ms']:.3f} "
              f"({ar['outside_pct']:.1f}%) | 1 |",
-             f"| self-speculative round (E={st['exit_layer']} d={st['num_speculations']}"
-             + (f" stop < {st['draft_stop']:g}" if st["draft_stop"] else "") + f") | {ss['step_ms']:.3f} | "
+             f"| self-speculative round ({Setting.of(st).label}) | {ss['step_ms']:.3f} | "
              f"{ss['kernels_ms']:.3f} | {ss['outside_ms']:.3f} ({ss['outside_pct']:.1f}%) | "
              f"{ss['tokens_per_step']:.2f} |",
              "",
@@ -229,9 +231,7 @@ def format_report(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict,
     lines += ["## Cost model before training vs measured", "",
               f"Before training (prior agreement, random weights): E={best['exit_layer']} "
               f"d={best['num_speculations']} {best['speedup']:.2f}x. Measured on the trained LayerSkip model: "
-              + (f"E={lsb['exit_layer']} d={lsb['num_speculations']}"
-                 + (f" stop < {lsb['draft_stop']:g}" if lsb.get("draft_stop") else "") + f" {lsb['speedup']:.2f}x."
-                 if lsb else "-"), ""]
+              + (f"{Setting.of(lsb).label} {lsb['speedup']:.2f}x." if lsb else "-"), ""]
     ex = exports.get("layerskip")
     if ex:
         lines += ["## The shipped model", "",
@@ -286,7 +286,8 @@ def model_card(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict) ->
         f"- Held-out last-layer perplexity {_last(ls)['perplexity']:.1f} (the plain baseline trained on the same "
         f"tokens: {_last(evals['baseline'])['perplexity']:.1f}).",
         f"- Tuned self-speculation (config.json `layerskip`): E={tuned.get('exit_layer')}, "
-        f"d={tuned.get('num_speculations')}, draft stop {tuned.get('draft_stop')}: "
+        f"d={tuned.get('num_speculations')}, draft stop {tuned.get('draft_stop')}, draft growth "
+        f"{tuned.get('draft_growth', 0)}: "
         f"{_f(tuned.get('speedup'))}x greedy decode tokens/s over its own autoregressive decoding on held-out "
         "prompts (median of interleaved repeats), token-identical output (measured on the CPU it was trained on).", "",
         "Reproduce: `layerskip reproduce --out repro` (see docs/reproduce.md).", ""])
