@@ -40,11 +40,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--exit-layers", default=None, metavar="E1,E2,...", help="sweep exits (default: shallow spread)")
     p.add_argument("--draft-stops", default=None, metavar="P1,P2,...",
-                   help="dynamic drafting thresholds the sweep tries (default 0.05,0.1,0.2; '' for none)")
+                   help="dynamic drafting thresholds the sweep tries (default 0.05,0.1; '' for none)")
     p.add_argument("--draft-growths", default=None, metavar="G1,G2,...",
                    help="dynamic drafting: adaptive round-length growths the sweep tries (default 4; '' for none)")
     p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
-                   help="the most drafts a dynamic round may make (default 8,16)")
+                   help="the most drafts a dynamic round may make (default 16)")
     p.add_argument("--eval-sequences", type=int, default=128,
                    help="held-out sequences scored for the per-layer table (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
