@@ -126,3 +126,18 @@ def test_held_out_packages_never_reach_training():
     prompts = function_prompts(held_out_dirs(STDLIB), 6)
     assert len(prompts) == 6 and all(p.lstrip().startswith(("def ", "async def ")) for p in prompts)
     assert all('"""' in p or "'''" in p for p in prompts)
+
+
+def test_plan_breaks_a_tie_in_predictions_by_training_tokens():
+    """Predictions within PREDICTION_TIE of the best are a tie, won by the shape with the most tokens; a clearly
+    better prediction wins; a shape with too few tokens is never chosen (the rows of the run of 2026-12-01)."""
+    from layerskip_ext.reproduce.plan import choose_shape
+
+    def row(label, speedup, steps):
+        return {"label": label, "best": {"speedup": speedup}, "tokens_in_budget": steps * 4096}
+    rows = [row("16x192", 0.992, 329), row("20x192", 1.071, 253), row("24x160", 1.033, 297), row("12x256", 1.059, 289)]
+    assert choose_shape(rows)["label"] == "24x160"  # 1.033 ties 1.071; 297 steps beat 253 and 289
+    rows[2] = row("24x160", 0.95, 297)
+    assert choose_shape(rows)["label"] == "12x256"
+    assert choose_shape([row("a", 1.5, 10), row("b", 1.0, 100)])["label"] == "b"  # 10 steps: under 70% of 100
+    assert choose_shape([row("a", 1.5, 80), row("b", 1.0, 100)])["label"] == "a"

@@ -31,7 +31,7 @@ LABELS = {
     DEFAULT_MODEL: "SmolLM2-135M-Instruct with the LayerSkip LoRA adapter trained here (continual pretraining on "
                    "~1M tokens of a CPU: self-speculation about at parity)",
     NANO_MODEL: "a 7M-parameter model trained from scratch on this project's 2-core CPU by `layerskip reproduce` "
-                "(LayerSkip recipe, Python's standard library; 1.7-1.9x on held-out prompts); a demonstration, not a "
+                "(LayerSkip recipe, Python's standard library; 1.9x on held-out prompts); a demonstration, not a "
                 "useful assistant",
 }
 DEFAULT_SPECULATIONS = 4  # what `layerskip generate --strategy self_speculative` uses without a tuned setting

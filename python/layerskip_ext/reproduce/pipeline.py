@@ -314,10 +314,7 @@ class Reproduction:
             left = budget_s - spent_s - row["eval_s"] - 60  # a minute for loading, the report and slack
             row["steps_in_budget"] = max(0, int(left / per_pair)) if per_pair > 0 else 0
             row["tokens_in_budget"] = row["steps_in_budget"] * cfg.batch_size * cfg.seq_len
-        # the fastest predicted shape among those that see at least ~70% of the best-funded shape's tokens
-        most = max(r["tokens_in_budget"] for r in rows)
-        feasible = [r for r in rows if r["tokens_in_budget"] >= 0.7 * most] or rows
-        chosen = max(feasible, key=lambda r: r["best"]["speedup"])
+        chosen = planning.choose_shape(rows)
         steps = cfg.steps or chosen["steps_in_budget"]
         if steps < 1:
             raise TrainingError(f"--budget-min {cfg.budget_min} leaves no time to train {chosen['label']} "

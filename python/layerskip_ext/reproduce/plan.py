@@ -4,8 +4,9 @@ For each candidate shape a random-weight model is built and its decode stages ar
 at T = 1 and at T = d + 1, the exit head, an autoregressive step: analysis/cost_measure.py); the cost model
 (analysis/cost_model.py) then predicts each (E, d)'s speedup from an *assumed* agreement curve alpha(E / L) (what
 LayerSkip training from scratch reached in earlier runs here: PRIOR_AGREEMENT). A shape that cannot see enough
-training tokens within the budget is not chosen. The prediction is recorded, and the report compares it with what
-the trained model measures.
+training tokens within the budget is not chosen, and predictions within the timings' noise of the best are a tie,
+which the shape with the most training tokens wins (choose_shape). The prediction is recorded, and the report
+compares it with what the trained model measures.
 
 Steps: both configurations (baseline, LayerSkip) are timed for a few optimizer steps on random tokens, and the
 step count is the one that fits both runs into the training share of the budget (the same for both: equal
@@ -127,3 +128,22 @@ def time_training_steps(cfg: TrainConfig, model_config: LlamaConfig, steps: int 
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:])
+
+
+# Two timings of the same shape's decode stages differ by 5-10% on this shared machine (the 24x160 plan predicted
+# 1.074x in one run and 1.033x in the next), so predictions closer than this are a tie.
+PREDICTION_TIE = 0.05
+# A shape that would see less than this share of the best-funded shape's tokens is not chosen.
+MIN_TOKEN_SHARE = 0.7
+
+
+def choose_shape(rows: list[dict]) -> dict:
+    """The plan's pick among timed candidates (each with "tokens_in_budget" and the cost model's "best"
+    {"speedup"}): of the shapes that see enough tokens, those whose predicted speedup ties the highest; of those, the
+    one that trains on the most tokens (an early exit is only as good as the training behind it), then the higher
+    prediction."""
+    most = max(r["tokens_in_budget"] for r in rows)
+    funded = [r for r in rows if r["tokens_in_budget"] >= MIN_TOKEN_SHARE * most] or rows
+    top = max(r["best"]["speedup"] for r in funded)
+    tied = [r for r in funded if r["best"]["speedup"] >= (1 - PREDICTION_TIE) * top]
+    return max(tied, key=lambda r: (r["tokens_in_budget"], r["best"]["speedup"]))
