@@ -37,10 +37,6 @@ class Setting:
         return statistics.median(self.speedups) if self.speedups else 0.0
 
     @property
-    def dynamic(self) -> bool:
-        return self.draft_stop > 0 or self.draft_growth > 0
-
-    @property
     def label(self) -> str:
         return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth)
 

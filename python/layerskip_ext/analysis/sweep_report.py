@@ -127,8 +127,8 @@ def dynamic_table(res: SweepResult) -> list[str]:
              "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in sorted(res.dynamic, key=lambda c: (c.exit_layer, c.num_speculations, c.draft_growth, c.draft_stop)):
         if c.measured:
-            lines.append(f"| {c.exit_layer} | {c.num_speculations} | {c.draft_growth or '-'} | {c.draft_stop or '-':} | "
-                         f"{c.speedup:.2f}x | {c.acceptance:.2f} | {c.tokens_per_round:.2f} | "
+            lines.append(f"| {c.exit_layer} | {c.num_speculations} | {c.draft_growth or '-'} | "
+                         f"{c.draft_stop or '-'} | {c.speedup:.2f}x | {c.acceptance:.2f} | {c.tokens_per_round:.2f} | "
                          f"{'=AR' if c.equal_to_ar else '≠AR'} |")
     b, dyn, gain = res.best(), res.best_dynamic(), dynamic_gain(res)
     if gain is not None:

@@ -96,7 +96,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
                                   "generator, which a graph does not advance)")
         if draft_stop or draft_growth:
             raise GenerationError("cuda_graph replays fixed-length rounds: it does not combine with dynamic drafting "
-                                  "(draft_stop, draft_growth)")
+                                  f"(draft_stop={draft_stop:g}, draft_growth={draft_growth}, the model's tuned "
+                                  "setting where not given: pass 0 for both)")
         if model.device.type != "cuda":
             raise GenerationError(f"cuda_graph needs the model on a CUDA device; it is on {model.device}")
     subset = resolve_draft_vocab(model, draft_vocab) if strategy == "self_speculative" else None

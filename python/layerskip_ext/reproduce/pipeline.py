@@ -51,15 +51,16 @@ LAYERSKIP_RECIPE = dict(layer_dropout=0.1, ld_scale="exponential", early_exit=0.
 
 
 # Real training steps take longer than the plan's few timed steps on random tokens (data, logging, checkpoints, the
-# clock a machine sustains for minutes): 24x160 baseline, 2026-12-01, 2.905 s against 2.291 s planned in one run
-# (1.27x; 419 steps), 3.17 s against 3.07 s in the next (1.03x; the LayerSkip model 1.08x; 235 steps), which
-# then finished 16 minutes inside the hour. The plan budgets 1.15x what it times: a run as slow as the first
-# would end a few minutes past the hour, not half an hour early.
-TRAIN_TIME_MARGIN = 1.15
-# A sweep cell took 1.16x its tokens x the planned AR step in the run of 2026-12-01 (prefills, the baseline
-# model's slow self-speculative cells, the AR step of a trained model: 12.3 minutes against the 21.3 a factor of
-# 2.0 planned); the plan allows 1.3x.
-EVAL_TIME_FACTOR = 1.3
+# clock a shared machine sustains for minutes). 24x160 baseline, three runs of 2026-12-01: 2.905 s against 2.291 s
+# planned (1.27x; 419 steps), 3.17 s against 3.07 s (1.03x; 235 steps), 3.43 s against 2.67 s (1.28x; 358 steps,
+# a run planned with a 1.15x margin that ended at 68.9 minutes). The drift is the machine's, not the probe's, so
+# the plan keeps 1.3x: a slow run ends near the hour, a fast one early.
+TRAIN_TIME_MARGIN = 1.3
+# What a sweep cell costs, as a multiple of its tokens x the planned AR step (prefills, the baseline model's slow
+# self-speculative cells, the AR step of a trained model), in the runs of 2026-12-01: ~2.0 (the first), 1.16 (the
+# second, whose 0.96M-token models decoded in loops), 1.88 (the third, 1.47M tokens: 21.1 minutes of evaluation
+# against 14.6 planned with 1.3). The plan allows 2.0.
+EVAL_TIME_FACTOR = 2.0
 
 
 @dataclasses.dataclass
@@ -86,7 +87,8 @@ class ReproduceConfig:
     draft_stops: tuple = (0.05, 0.1)
     # Adaptive round lengths (generation/draft_length.py): on the shipped pair and the 0.96M-token pair of
     # 2026-12-01, growth 4 up to 12-16 drafts beat the best static d by 10-16% (static d = 8, 10 did not), so
-    # the dynamic cap reaches past the static grid; 12 and 16 measured alike.
+    # the dynamic cap reaches past the static grid; 12 and 16 measured alike. On the 1.47M-token pair (acceptance
+    # .55 at E=6 d=6) it confirmed 2.7% below static.
     draft_growths: tuple = (4,)
     dynamic_depths: tuple = (16,)
     dynamic_exits: int = 2               # dynamic cells at the 2 exits whose static cells were fastest
