@@ -71,8 +71,9 @@ def main() -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "autoregressive_tokens_per_s": ar,
                        "settings": [dict(label=s.label, exit_layer=s.exit_layer, num_speculations=s.num_speculations,
-                                         draft_stop=s.draft_stop, draft_growth=s.draft_growth, speedup=s.speedup, speedups=s.speedups,
-                                         equal_to_ar=s.equal_to_ar) for s in settings]}, f, indent=1)
+                                         draft_stop=s.draft_stop, draft_growth=s.draft_growth, speedup=s.speedup,
+                                         speedups=s.speedups, equal_to_ar=s.equal_to_ar) for s in settings]},
+                      f, indent=1)
     return 0 if all(s.equal_to_ar for s in settings) else 1
 
 

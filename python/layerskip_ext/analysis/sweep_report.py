@@ -13,7 +13,7 @@ def _r(x: Optional[float], digits: int = 4) -> Optional[float]:
 
 
 def cell_dict(c: Cell) -> dict:
-    out = _key(c)
+    out = setting_key(c)
     if c.measured:
         out.update(acceptance=_r(c.acceptance), tokens_per_round=_r(c.tokens_per_round),
                    tokens_per_s=_r(c.tokens_per_s, 2), speedup=_r(c.speedup), equal_to_ar=c.equal_to_ar)
@@ -27,7 +27,9 @@ def cell_dict(c: Cell) -> dict:
     return out
 
 
-def _key(c: Optional[Cell]) -> Optional[dict]:
+def setting_key(c: Optional[Cell]) -> Optional[dict]:
+    """A cell's setting as a dict (analysis.confirm.Setting.of reads it back): E and d, and the dynamic-drafting
+    fields when it uses them."""
     if c is None:
         return None
     out = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
@@ -37,7 +39,7 @@ def _key(c: Optional[Cell]) -> Optional[dict]:
 
 
 def _best_dict(c: Optional[Cell]) -> Optional[dict]:
-    return dict(_key(c), speedup=_r(c.speedup), acceptance=_r(c.acceptance)) if c is not None else None
+    return dict(setting_key(c), speedup=_r(c.speedup), acceptance=_r(c.acceptance)) if c is not None else None
 
 
 def dynamic_gain(res: SweepResult) -> Optional[float]:
@@ -60,7 +62,7 @@ def to_json(res: SweepResult) -> dict:
         "best_dynamic": _best_dict(res.best_dynamic()),
         "dynamic_gain": _r(dynamic_gain(res)),
         "best_overall": _best_dict(res.best_overall()),
-        "predicted_best": dict(_key(pbest), speedup=_r(pbest.predicted.speedup)) if pbest else None,
+        "predicted_best": dict(setting_key(pbest), speedup=_r(pbest.predicted.speedup)) if pbest else None,
         "predicted_best_rank": res.predicted_best_rank(),
         "cells_measured": sum(1 for c in res.cells if c.measured),
     }

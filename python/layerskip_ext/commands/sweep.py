@@ -63,7 +63,7 @@ def _check_args(args) -> tuple[list[int] | None, list[int]]:
     depths = int_list(args.num_speculations, "--num-speculations")
     args.draft_stops = float_list(args.draft_stops, "--draft-stops")
     check_draft_stops(args.draft_stops)
-    args.draft_growths = int_list(args.draft_growths, "--draft-growths") if args.draft_growths else []
+    args.draft_growths = int_list(args.draft_growths, "--draft-growths")
     check_draft_growths(args.draft_growths)
     args.dynamic_depths = int_list(args.dynamic_depths, "--dynamic-depths") if args.dynamic_depths else None
     if args.dynamic_depths and any(d < 1 for d in args.dynamic_depths):

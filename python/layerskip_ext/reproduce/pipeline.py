@@ -29,7 +29,7 @@ from ..analysis.per_layer import format_table, per_layer_metrics, plot_metrics
 from ..analysis.step_profile import floors, timed_decode, verify_cost
 from ..analysis.confirm import Setting, interleaved_speedups
 from ..analysis.sweep import check_draft_growths, check_draft_stops, default_exit_layers, dynamic_cells, run_sweep
-from ..analysis.sweep_report import to_json, write_reports
+from ..analysis.sweep_report import setting_key, to_json, write_reports
 from ..corpus import read_corpus, tokenize_corpus
 from ..errors import LayerSkipError, TrainingError
 from ..io import load_checkpoint, save_hf_folder
@@ -396,7 +396,8 @@ class Reproduction:
                     "load_average_1m": round(os.getloadavg()[0], 2)}
         res = run_sweep(model, prompts, exits, list(cfg.depths), cfg.max_new_tokens, stop_ids,
                         progress=cfg.progress, settings=settings, draft_stops=list(cfg.draft_stops),
-                        draft_growths=list(cfg.draft_growths), dynamic_depths=[d for d in cfg.dynamic_depths], dynamic_exits=cfg.dynamic_exits)
+                        draft_growths=list(cfg.draft_growths), dynamic_depths=list(cfg.dynamic_depths),
+                        dynamic_exits=cfg.dynamic_exits)
         write_reports(res, os.path.join(eval_dir, "sweep"), f"{name} model")
         best = res.best_overall()
         # where a step goes, and what a round's verification costs, at the best setting
@@ -410,7 +411,7 @@ class Reproduction:
                "per_layer_png": None if note else png, "sweep": to_json(res),
                "step_profile": {"autoregressive": _median_dict(ar_prof),
                                 "self_speculative": _median_dict(ss_prof),
-                                "self_speculative_setting": _key_of(best)},
+                                "self_speculative_setting": setting_key(best)},
                "floors": fl, "verify_cost": verify_cost(res.stage_costs, best.exit_layer, cfg.depths)
                if res.stage_costs else [],
                "fp32_matmul_gflops": round(matmul_gflops(torch.float32, torch.device("cpu")), 1)}
@@ -467,11 +468,6 @@ class Reproduction:
                      f"{s['sweep_speedup']:.2f}x), {'identical to' if s['equal_to_ar'] else 'DIFFERENT from'} "
                      f"autoregressive")
         return out
-
-
-def _key_of(c) -> dict:
-    return {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations, "draft_stop": c.draft_stop,
-            "draft_growth": c.draft_growth}
 
 
 def _median_dict(runs: list[dict]) -> dict:
