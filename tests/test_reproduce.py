@@ -29,7 +29,7 @@ def tiny(out, corpus, **kw):
     base = dict(out=str(out), data=corpus, held_out=("json",), arch="4,32,2,1,64", vocab=300, steps=3,
                 batch_size=2, seq_len=32, eval_sequences=4, function_prompts=2, humaneval_prompts=1,
                 max_new_tokens=8, depths=(1, 2), draft_stops=(0.5,), dynamic_depths=(3,), threads=1,
-                progress=False, budget_min=30)
+                progress=False, budget_min=30, compile=False)
     base.update(kw)
     return ReproduceConfig(**base)
 
@@ -141,3 +141,88 @@ def test_plan_breaks_a_tie_in_predictions_by_training_tokens():
     assert choose_shape(rows)["label"] == "12x256"
     assert choose_shape([row("a", 1.5, 10), row("b", 1.0, 100)])["label"] == "b"  # 10 steps: under 70% of 100
     assert choose_shape([row("a", 1.5, 80), row("b", 1.0, 100)])["label"] == "a"
+
+
+class _Timing:
+    def __init__(self, step_s, first_s=1.0):
+        self.step_s, self.first_s = step_s, first_s
+
+
+def _timed_row(rep):
+    row = {"arch": {"layers": 4, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64},
+           "train_step_s": {"baseline": 1.0, "layerskip": 1.0}, "eval_s": 60.0}
+    rep.fit_steps(row, compiled=False)
+    return row
+
+
+def test_plan_trains_compiled_where_measured_faster(tmp_path, corpus, monkeypatch):
+    from layerskip_ext.reproduce import plan as planning
+    rep = Reproduction(tiny(tmp_path, corpus, compile=True), log=lambda m: None)
+    row = _timed_row(rep)
+    eager_steps = row["steps_in_budget"]
+    seen = []
+
+    def timed(tc, mconf):
+        seen.append(tc.compile)
+        return _Timing(0.8)
+    monkeypatch.setattr(planning, "time_training_steps", timed)
+    got = rep.plan_compile(row, 300)
+    assert seen == [True, True] and got["used"] and got["step_pair_speedup"] == pytest.approx(1.25)
+    assert row["train_step_s"] == {"baseline": 0.8, "layerskip": 0.8}
+    assert row["train_step_s_eager"] == {"baseline": 1.0, "layerskip": 1.0}
+    # the budget refits to the faster steps, less each training's start-up compilation
+    assert eager_steps < row["steps_in_budget"] < eager_steps * 1.25 + 1
+
+
+def test_plan_trains_eager_where_compiled_is_slower_or_fails(tmp_path, corpus, monkeypatch):
+    from layerskip_ext.reproduce import plan as planning
+    rep = Reproduction(tiny(tmp_path, corpus, compile=True), log=lambda m: None)
+    row = _timed_row(rep)
+    before = dict(row)
+    monkeypatch.setattr(planning, "time_training_steps", lambda tc, mconf: _Timing(1.2))
+    got = rep.plan_compile(row, 300)
+    assert not got["used"] and "as long as eager" in got["reason"] and row == before
+
+    def broken(tc, mconf):
+        raise RuntimeError("InductorError: no working C++ compiler\nlong traceback")
+    monkeypatch.setattr(planning, "time_training_steps", broken)
+    got = rep.plan_compile(row, 300)
+    assert not got["used"] and row == before
+    assert got["reason"] == ("torch.compile failed here (RuntimeError: InductorError: no working C++ compiler): "
+                             "training eager")
+
+
+def test_compiled_layers_train_like_eager(tmp_path):
+    """The real torch.compile path (inductor; needs the C++ compiler the build needs): a tiny LayerSkip
+    configuration's compiled steps run, with layer dropout changing the rows a layer sees, and its loss matches
+    the eager model's from the same weights."""
+    import torch
+    from layerskip_ext.model import LlamaForCausalLM
+    from layerskip_ext.reproduce import plan as planning
+    from layerskip_ext.training.early_exit import EarlyExitLossConfig
+    from layerskip_ext.training.layer_dropout import LayerDropoutConfig
+    from layerskip_ext.training.prepare import TrainingForward, compile_layers, prepare_model
+    arch = planning.Arch.parse("2,32,2,1,64")
+    conf = arch.config(128, context=64)
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(conf)
+        model.train()
+        loss_fn = prepare_model(model, layer_dropout=LayerDropoutConfig(0.5),
+                                early_exit_loss=EarlyExitLossConfig(e_scale=0.5, layers=[1]))
+        if compiled:
+            compile_layers(model)
+            assert all(layer.layer._compiled_call_impl is not None for layer in model.model.layers)
+        fwd = TrainingForward(model, loss_fn)
+        tokens = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # the same layer-dropout draws
+        step_losses = []
+        for _ in range(3):
+            loss, _, _ = fwd(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            step_losses.append(float(loss.detach()))
+        losses.append(step_losses)
+        grads = [p.grad for p in fwd.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

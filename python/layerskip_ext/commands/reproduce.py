@@ -47,6 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the most drafts a dynamic round may make (default 16)")
     p.add_argument("--eval-sequences", type=int, default=128,
                    help="held-out sequences scored for the per-layer table (default 128)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="train eager (default: torch.compile the decoder layers where that is measured faster)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -70,6 +72,7 @@ def run(args) -> int:
                           seed=args.seed, function_prompts=args.function_prompts,
                           humaneval_prompts=args.humaneval_prompts, max_new_tokens=args.max_new_tokens,
                           eval_sequences=args.eval_sequences, threads=args.threads, progress=not args.no_progress,
+                          compile=not args.no_compile,
                           **kw)
     report = Reproduction(cfg).run()
     s = report["summary"]

@@ -61,6 +61,9 @@ TRAIN_TIME_MARGIN = 1.3
 # second, whose 0.96M-token models decoded in loops), 1.88 (the third, 1.47M tokens: 21.1 minutes of evaluation
 # against 14.6 planned with 1.3). The plan allows 2.0.
 EVAL_TIME_FACTOR = 2.0
+# A training run with compiled layers starts by compiling them again, mostly from the on-disk cache the plan's
+# timing filled (a 24x160 first step took 11-12 s with a warm cache against 4-5 s for the next ones).
+COMPILE_START_S = 20
 
 
 @dataclasses.dataclass
@@ -97,6 +100,7 @@ class ReproduceConfig:
     confirm_dynamic: int = 2             # ... and dynamic cells
     exit_layers: Optional[tuple] = None  # default: a spread over the shallow half
     candidates: Optional[tuple] = None   # Arch strings to plan over (default plan.CANDIDATES)
+    compile: bool = True                 # train with torch.compile'd layers where that is measured faster
     threads: Optional[int] = None
     progress: bool = True
 
@@ -130,7 +134,7 @@ class ReproduceConfig:
 
 
 # settings a resumed run may change (they do not change what is trained or measured)
-RESUMABLE = {"out", "budget_min", "threads", "progress"}
+RESUMABLE = {"out", "budget_min", "threads", "progress", "compile"}
 
 
 class Reproduction:
@@ -267,7 +271,8 @@ class Reproduction:
                 "tokenizer": tok_dir, "vocab": tokenizer.vocab_size}
 
     # ---- plan ----------------------------------------------------------------------------------------------
-    def train_config(self, name: str, arch: planning.Arch, steps: int, vocab: int) -> TrainConfig:
+    def train_config(self, name: str, arch: planning.Arch, steps: int, vocab: int,
+                     compile: bool = False) -> TrainConfig:
         cfg = self.cfg
         init = os.path.join(self.out, "arch.json")
         fields = dataclasses.asdict(arch.config(vocab, context=max(1024, cfg.seq_len)))
@@ -279,7 +284,7 @@ class Reproduction:
                          tokenizer=os.path.join(self.out, "tokenizer"), exclude=self.exclusions(root),
                          steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=cfg.seed,
                          autocast="auto", save_every=max(1, min(50, steps // 4)), threads=cfg.threads,
-                         progress=cfg.progress)
+                         progress=cfg.progress, compile=compile)
         if name == "layerskip":
             r = LAYERSKIP_RECIPE
             L = arch.layers
@@ -292,7 +297,6 @@ class Reproduction:
     def plan(self, data: dict) -> dict:
         cfg = self.cfg
         vocab = data["vocab"]
-        budget_s = cfg.budget_min * 60
         depths = list(cfg.depths)
         if cfg.arch:
             candidates = [planning.Arch.parse(cfg.arch)]
@@ -306,27 +310,65 @@ class Reproduction:
             row = planning.decode_costs(arch, vocab, depths)
             mconf = arch.config(vocab, context=max(1024, cfg.seq_len))
             row["train_step_s"] = {n: round(planning.time_training_steps(self.train_config(n, arch, 100, vocab),
-                                                                         mconf), 3)
+                                                                         mconf).step_s, 3)
                                    for n in ("baseline", "layerskip")}
             row["eval_s"] = round(self.eval_estimate_s(arch, row["ar_step_ms"] / 1e3, data), 1)
             rows.append(row)
-        spent_s = self.elapsed_min() * 60
         for row in rows:
-            per_pair = TRAIN_TIME_MARGIN * sum(row["train_step_s"].values())
-            left = budget_s - spent_s - row["eval_s"] - 60  # a minute for loading, the report and slack
-            row["steps_in_budget"] = max(0, int(left / per_pair)) if per_pair > 0 else 0
-            row["tokens_in_budget"] = row["steps_in_budget"] * cfg.batch_size * cfg.seq_len
+            self.fit_steps(row, compiled=False)
         chosen = planning.choose_shape(rows)
+        compiled = self.plan_compile(chosen, vocab) if cfg.compile else {"used": False, "reason": "--no-compile"}
         steps = cfg.steps or chosen["steps_in_budget"]
         if steps < 1:
             raise TrainingError(f"--budget-min {cfg.budget_min} leaves no time to train {chosen['label']} "
                                 f"(a step pair takes {sum(chosen['train_step_s'].values()):.1f} s); raise it")
         self.say(f"plan: {chosen['label']}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens per model "
-                 f"(cost model's best under the prior agreement: E={chosen['best']['exit_layer']} "
-                 f"d={chosen['best']['num_speculations']} {chosen['best']['speedup']:.2f}x)")
+                 f"({'compiled' if compiled['used'] else 'eager'} layers; cost model's best under the prior "
+                 f"agreement: E={chosen['best']['exit_layer']} d={chosen['best']['num_speculations']} "
+                 f"{chosen['best']['speedup']:.2f}x)")
         return {"candidates": rows, "chosen": chosen["arch"], "label": chosen["label"], "steps": steps,
-                "tokens_per_model": steps * cfg.batch_size * cfg.seq_len,
+                "tokens_per_model": steps * cfg.batch_size * cfg.seq_len, "compile": compiled,
                 "prior_agreement": planning.PRIOR_AGREEMENT}
+
+    def fit_steps(self, row: dict, compiled: bool) -> None:
+        """The steps (and tokens) of a timed shape that fit what is left of the budget: both trainings at
+        TRAIN_TIME_MARGIN x the timed step pair, after the evaluation's estimate, a minute for loading and the
+        report, and (compiled layers) each training's start-up compilation."""
+        per_pair = TRAIN_TIME_MARGIN * sum(row["train_step_s"].values())
+        left = (self.cfg.budget_min * 60 - self.elapsed_min() * 60 - row["eval_s"] - 60
+                - (2 * COMPILE_START_S if compiled else 0))
+        row["steps_in_budget"] = max(0, int(left / per_pair)) if per_pair > 0 else 0
+        row["tokens_in_budget"] = row["steps_in_budget"] * self.cfg.batch_size * self.cfg.seq_len
+
+    def plan_compile(self, row: dict, vocab: int) -> dict:
+        """Times the chosen shape's steps again with torch.compile'd layers (the compilation is cached on disk, so
+        the trainings reuse it). Where that works and is faster, the shape's step times and step count become the
+        compiled ones. -> the decision, with why."""
+        arch = planning.Arch(**row["arch"])
+        mconf = arch.config(vocab, context=max(1024, self.cfg.seq_len))
+        self.say(f"timing {arch} with compiled layers (torch.compile; the first time takes about a minute)")
+        try:
+            timed = {n: planning.time_training_steps(self.train_config(n, arch, 100, vocab, compile=True), mconf)
+                     for n in ("baseline", "layerskip")}
+        except Exception as e:  # noqa: BLE001 - inductor needs a working C++ toolchain; anything else: eager
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            reason = f"torch.compile failed here ({type(e).__name__}: {first_line}): training eager"
+            self.say(reason)
+            return {"used": False, "reason": reason}
+        eager = dict(row["train_step_s"])
+        steps = {n: round(t.step_s, 3) for n, t in timed.items()}
+        gain = sum(eager.values()) / sum(steps.values())
+        first = {n: round(t.first_s, 1) for n, t in timed.items()}
+        if gain < 1.0:
+            reason = f"compiled steps {1 / gain:.2f}x as long as eager ones here: training eager"
+            self.say(reason)
+            return {"used": False, "reason": reason, "step_s": steps, "first_step_s": first}
+        row["train_step_s_eager"], row["train_step_s"] = eager, steps
+        self.fit_steps(row, compiled=True)
+        reason = f"a compiled step pair is {gain:.2f}x faster than eager (timed minutes apart)"
+        self.say(reason)
+        return {"used": True, "reason": reason, "step_pair_speedup": round(gain, 3), "step_s": steps,
+                "eager_step_s": eager, "first_step_s": first}
 
     def exit_layers(self, num_layers: int) -> list[int]:
         if self.cfg.exit_layers:
@@ -350,7 +392,8 @@ class Reproduction:
     # ---- training ------------------------------------------------------------------------------------------
     def train(self, name: str, plan: dict, data: dict) -> dict:
         arch = planning.Arch(**plan["chosen"])
-        tc = self.train_config(name, arch, plan["steps"], data["vocab"])
+        tc = self.train_config(name, arch, plan["steps"], data["vocab"],
+                               compile=self.cfg.compile and plan.get("compile", {}).get("used", False))
         self.say(f"training the {name} model from scratch ({plan['steps']} steps)")
         summary = run_training(tc, log=self.say)
         summary["train_config"] = {k: v for k, v in dataclasses.asdict(tc).items()

@@ -10,7 +10,9 @@ compares it with what the trained model measures.
 
 Steps: both configurations (baseline, LayerSkip) are timed for a few optimizer steps on random tokens, and the
 step count is the one that fits both runs into the training share of the budget (the same for both: equal
-tokens).
+tokens). The shapes are compared on eager steps; the chosen one is then timed with its layers compiled
+(torch.compile), and trains compiled where that is measured faster and works here (the step count then fits the
+compiled steps).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..config import LlamaConfig
 from ..generation import generate
 from ..model import LlamaForCausalLM
 from ..training.machine import choose_autocast
-from ..training.prepare import TrainingForward, prepare_model
+from ..training.prepare import TrainingForward, compile_layers, prepare_model
 from ..training.trainer import TrainConfig, init_weights
 
 # (relative exit depth E / L, agreement of exit E with the last layer on held-out code): the LayerSkip model of an
@@ -103,15 +105,23 @@ def decode_costs(arch: Arch, vocab: int, depths: list[int], new_tokens: int = 48
                      "assumed_alpha": round(best.alpha, 3), "speedup": round(best.speedup, 3)}}
 
 
-def time_training_steps(cfg: TrainConfig, model_config: LlamaConfig, steps: int = 3) -> float:
-    """Median seconds of an optimizer step of this configuration on random tokens (after one warm-up step), with
-    the autocast the run will choose."""
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    step_s: float   # median seconds of the timed optimizer steps
+    first_s: float  # the warm-up step: buffers allocated, and with compiled layers their compilation
+
+
+def time_training_steps(cfg: TrainConfig, model_config: LlamaConfig, steps: int = 3) -> StepTiming:
+    """Optimizer steps of this configuration on random tokens (one warm-up step, then ``steps`` timed), with the
+    autocast the run will choose and its layers compiled where ``cfg.compile`` says so."""
     autocast = choose_autocast(cfg.autocast, torch.device("cpu"))
     model = LlamaForCausalLM(model_config)
     init_weights(model, cfg.init_std, cfg.seed)
     model.tie_weights()
     model.train()
     loss_fn = prepare_model(model, layer_dropout=cfg.dropout_config(), early_exit_loss=cfg.exit_config())
+    if cfg.compile:
+        compile_layers(model)
     fwd = TrainingForward(model, loss_fn)
     opt = torch.optim.AdamW([p for p in fwd.parameters() if p.requires_grad], lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
@@ -127,7 +137,7 @@ def time_training_steps(cfg: TrainConfig, model_config: LlamaConfig, steps: int 
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    return StepTiming(statistics.median(times[1:]), times[0])
 
 
 # Two timings of the same shape's decode stages differ by 5-10% on this shared machine (the 24x160 plan predicted

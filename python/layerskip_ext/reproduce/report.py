@@ -206,7 +206,9 @@ def format_report(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict,
     lines += ["", f"LayerSkip recipe: layer dropout {tc['layer_dropout']} ({tc['ld_scale']} over depth), early-exit "
               f"loss e_scale {tc['early_exit']} ({tc['ee_scale']}) at exits {tc['ee_layers']} plus the last layer, "
               f"self-distillation {tc['distill']}; both runs lr {tc['lr']}, seed {tc['seed']}, autocast "
-              f"{runs['layerskip']['throughput'].get('autocast', '-')}.", "",
+              f"{runs['layerskip']['throughput'].get('autocast', '-')}, "
+              f"{'compiled' if tc.get('compile') else 'eager'} layers"
+              f"{' (' + plan['compile']['reason'] + ')' if plan.get('compile') else ''}.", "",
               "## Per-layer exit quality on held-out code", ""]
     lines += _per_layer_rows(evals["baseline"]["per_layer"], evals["layerskip"]["per_layer"])
     lines += ["", f"Last-layer perplexity LayerSkip / baseline: {s['ppl_ratio']:.3f}. Plot: agreement.png.", ""]

@@ -48,7 +48,7 @@ from .data import BatchOrder, PackedSequences, stream_fingerprint
 from .early_exit import EarlyExitLossConfig
 from .layer_dropout import LayerDropoutConfig
 from .machine import choose_autocast, throughput
-from .prepare import TrainingForward, prepare_model
+from .prepare import TrainingForward, compile_layers, prepare_model
 from .tokenizer_train import MIN_VOCAB, train_bpe_tokenizer
 
 if TYPE_CHECKING:
@@ -473,10 +473,7 @@ class TrainingRun:
             else:
                 self.runner = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            # compile each decoder layer in place (parameter names unchanged); dynamic shapes because the number of
-            # kept rows changes from step to step under layer dropout
-            for layer in model.model.layers:
-                layer.layer.compile(dynamic=True)
+            compile_layers(model)
 
     # ---- optimizer and resume ------------------------------------------------------------------------------
     def build_optimizer(self) -> None:
