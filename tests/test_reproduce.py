@@ -63,6 +63,10 @@ def test_every_stage_runs_and_reports(finished):
         assert kinds == sorted((E, s, g) for E in {c["exit_layer"] for c in cells}
                                for s, g in ((True, False), (False, True), (True, True)))
         assert all(c["equal_to_ar"] for c in cells), "a sweep cell's output differs from autoregressive decoding"
+    # 192 tokens per model cannot show the recipe: the plan and the report say so, with a budget that would
+    short = rep["plan"]["short_of_tokens"]
+    assert "192 tokens per model is below the 1,400,000" in short and "--budget-min " in short
+    assert "**Too few tokens for a meaningful control**" in md
     # both runs saw the same tokens; only the LayerSkip run has exits below the last layer
     tr = rep["training"]
     assert tr["baseline"]["tokens_seen"] == tr["layerskip"]["tokens_seen"] == 3 * 2 * 32
@@ -155,6 +159,15 @@ def _timed_row(rep):
     return row
 
 
+def test_plan_with_enough_tokens_has_no_warning(tmp_path, corpus):
+    from layerskip_ext.reproduce import plan as planning
+    rep = Reproduction(tiny(tmp_path, corpus), log=lambda m: None)
+    row = _timed_row(rep)
+    enough = -(-planning.MEANINGFUL_TOKENS // (2 * 32))
+    assert rep.short_of_tokens(row, enough, compiled=False) is None
+    assert rep.short_of_tokens(row, enough - 1, compiled=False) is not None
+
+
 def test_plan_trains_compiled_where_measured_faster(tmp_path, corpus, monkeypatch):
     from layerskip_ext.reproduce import plan as planning
     rep = Reproduction(tiny(tmp_path, corpus, compile=True), log=lambda m: None)
@@ -163,15 +176,15 @@ def test_plan_trains_compiled_where_measured_faster(tmp_path, corpus, monkeypatc
     seen = []
 
     def timed(tc, mconf):
-        seen.append(tc.compile)
-        return _Timing(0.8)
-    monkeypatch.setattr(planning, "time_training_steps", timed)
+        seen.append(tc.early_exit > 0)
+        return _Timing(1.1), _Timing(0.88)   # eager steps timed alongside read slower than the plan's
+    monkeypatch.setattr(planning, "time_eager_and_compiled", timed)
     got = rep.plan_compile(row, 300)
-    assert seen == [True, True] and got["used"] and got["step_pair_speedup"] == pytest.approx(1.25)
-    assert row["train_step_s"] == {"baseline": 0.8, "layerskip": 0.8}
-    assert row["train_step_s_eager"] == {"baseline": 1.0, "layerskip": 1.0}
-    # the budget refits to the faster steps, less each training's start-up compilation
-    assert eager_steps < row["steps_in_budget"] < eager_steps * 1.25 + 1
+    assert seen == [False, True] and got["used"] and got["step_pair_speedup"] == pytest.approx(1.25)
+    assert row["train_step_s"] == {"baseline": 0.88, "layerskip": 0.88}
+    assert row["train_step_s_eager"] == {"baseline": 1.1, "layerskip": 1.1}
+    # the budget refits to the compiled steps, less each training's start-up compilation
+    assert eager_steps < row["steps_in_budget"] < eager_steps / 0.88 + 1
 
 
 def test_plan_trains_eager_where_compiled_is_slower_or_fails(tmp_path, corpus, monkeypatch):
@@ -179,13 +192,13 @@ def test_plan_trains_eager_where_compiled_is_slower_or_fails(tmp_path, corpus, m
     rep = Reproduction(tiny(tmp_path, corpus, compile=True), log=lambda m: None)
     row = _timed_row(rep)
     before = dict(row)
-    monkeypatch.setattr(planning, "time_training_steps", lambda tc, mconf: _Timing(1.2))
+    monkeypatch.setattr(planning, "time_eager_and_compiled", lambda tc, mconf: (_Timing(1.0), _Timing(1.2)))
     got = rep.plan_compile(row, 300)
     assert not got["used"] and "as long as eager" in got["reason"] and row == before
 
     def broken(tc, mconf):
         raise RuntimeError("InductorError: no working C++ compiler\nlong traceback")
-    monkeypatch.setattr(planning, "time_training_steps", broken)
+    monkeypatch.setattr(planning, "time_eager_and_compiled", broken)
     got = rep.plan_compile(row, 300)
     assert not got["used"] and row == before
     assert got["reason"] == ("torch.compile failed here (RuntimeError: InductorError: no working C++ compiler): "

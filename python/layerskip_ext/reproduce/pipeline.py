@@ -322,13 +322,31 @@ class Reproduction:
         if steps < 1:
             raise TrainingError(f"--budget-min {cfg.budget_min} leaves no time to train {chosen['label']} "
                                 f"(a step pair takes {sum(chosen['train_step_s'].values()):.1f} s); raise it")
+        short = self.short_of_tokens(chosen, steps, compiled["used"])
+        if short:
+            self.say(f"warning: {short}")
         self.say(f"plan: {chosen['label']}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens per model "
                  f"({'compiled' if compiled['used'] else 'eager'} layers; cost model's best under the prior "
                  f"agreement: E={chosen['best']['exit_layer']} d={chosen['best']['num_speculations']} "
                  f"{chosen['best']['speedup']:.2f}x)")
         return {"candidates": rows, "chosen": chosen["arch"], "label": chosen["label"], "steps": steps,
                 "tokens_per_model": steps * cfg.batch_size * cfg.seq_len, "compile": compiled,
+                "short_of_tokens": short,
                 "prior_agreement": planning.PRIOR_AGREEMENT}
+
+    def short_of_tokens(self, row: dict, steps: int, compiled: bool) -> Optional[str]:
+        """Why a plan of so few tokens cannot show the recipe (and the budget that would), or None."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.seq_len
+        if steps * per_step >= planning.MEANINGFUL_TOKENS:
+            return None
+        needed = math.ceil(planning.MEANINGFUL_TOKENS / per_step)
+        minutes = (self.elapsed_min() * 60 + row["eval_s"] + 60 + (2 * COMPILE_START_S if compiled else 0)
+                   + needed * TRAIN_TIME_MARGIN * sum(row["train_step_s"].values())) / 60
+        return (f"{steps * per_step:,} tokens per model is below the {planning.MEANINGFUL_TOKENS:,} at which this "
+                f"recipe's control stopped looping in earlier runs here (docs/reproduce.md): the baseline's greedy "
+                f"output may repeat itself and self-speculate fast too; --budget-min {math.ceil(minutes)} would "
+                f"fit {needed} steps on this machine as timed")
 
     def fit_steps(self, row: dict, compiled: bool) -> None:
         """The steps (and tokens) of a timed shape that fit what is left of the budget: both trainings at
@@ -341,34 +359,35 @@ class Reproduction:
         row["tokens_in_budget"] = row["steps_in_budget"] * self.cfg.batch_size * self.cfg.seq_len
 
     def plan_compile(self, row: dict, vocab: int) -> dict:
-        """Times the chosen shape's steps again with torch.compile'd layers (the compilation is cached on disk, so
-        the trainings reuse it). Where that works and is faster, the shape's step times and step count become the
-        compiled ones. -> the decision, with why."""
+        """Times the chosen shape's steps eager and with torch.compile'd layers, alternating (the compilation is
+        cached on disk, so the trainings reuse it). Where compiled steps work and are faster, the shape's step
+        times and step count become the compiled ones. -> the decision, with why."""
         arch = planning.Arch(**row["arch"])
         mconf = arch.config(vocab, context=max(1024, self.cfg.seq_len))
-        self.say(f"timing {arch} with compiled layers (torch.compile; the first time takes about a minute)")
+        self.say(f"timing {arch} eager against compiled layers (torch.compile; the first time takes about a "
+                 f"minute)")
         try:
-            timed = {n: planning.time_training_steps(self.train_config(n, arch, 100, vocab, compile=True), mconf)
+            timed = {n: planning.time_eager_and_compiled(self.train_config(n, arch, 100, vocab), mconf)
                      for n in ("baseline", "layerskip")}
         except Exception as e:  # noqa: BLE001 - inductor needs a working C++ toolchain; anything else: eager
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
             reason = f"torch.compile failed here ({type(e).__name__}: {first_line}): training eager"
             self.say(reason)
             return {"used": False, "reason": reason}
-        eager = dict(row["train_step_s"])
-        steps = {n: round(t.step_s, 3) for n, t in timed.items()}
+        eager = {n: round(e.step_s, 3) for n, (e, _) in timed.items()}
+        steps = {n: round(c.step_s, 3) for n, (_, c) in timed.items()}
+        first = {n: round(c.first_s, 1) for n, (_, c) in timed.items()}
         gain = sum(eager.values()) / sum(steps.values())
-        first = {n: round(t.first_s, 1) for n, t in timed.items()}
+        found = {"step_pair_speedup": round(gain, 3), "step_s": steps, "eager_step_s": eager, "first_step_s": first}
         if gain < 1.0:
             reason = f"compiled steps {1 / gain:.2f}x as long as eager ones here: training eager"
             self.say(reason)
-            return {"used": False, "reason": reason, "step_s": steps, "first_step_s": first}
+            return {"used": False, "reason": reason, **found}
         row["train_step_s_eager"], row["train_step_s"] = eager, steps
         self.fit_steps(row, compiled=True)
-        reason = f"a compiled step pair is {gain:.2f}x faster than eager (timed minutes apart)"
+        reason = f"a compiled step pair {gain:.2f}x faster than eager, timed alternately"
         self.say(reason)
-        return {"used": True, "reason": reason, "step_pair_speedup": round(gain, 3), "step_s": steps,
-                "eager_step_s": eager, "first_step_s": first}
+        return {"used": True, "reason": reason, **found}
 
     def exit_layers(self, num_layers: int) -> list[int]:
         if self.cfg.exit_layers:
