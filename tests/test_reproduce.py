@@ -65,7 +65,7 @@ def test_every_stage_runs_and_reports(finished):
         assert all(c["equal_to_ar"] for c in cells), "a sweep cell's output differs from autoregressive decoding"
     # 192 tokens per model cannot show the recipe: the plan and the report say so, with a budget that would
     short = rep["plan"]["short_of_tokens"]
-    assert "192 tokens per model is below the 1,400,000" in short and "--budget-min " in short
+    assert "192 tokens per model is below the 1,400,000" in short and short.endswith("--steps 21875")
     assert "**Too few tokens for a meaningful control**" in md
     # both runs saw the same tokens; only the LayerSkip run has exits below the last layer
     tr = rep["training"]
@@ -166,6 +166,8 @@ def test_plan_with_enough_tokens_has_no_warning(tmp_path, corpus):
     enough = -(-planning.MEANINGFUL_TOKENS // (2 * 32))
     assert rep.short_of_tokens(row, enough, compiled=False) is None
     assert rep.short_of_tokens(row, enough - 1, compiled=False) is not None
+    planned = Reproduction(tiny(tmp_path / "planned", corpus, steps=None), log=lambda m: None)
+    assert "--budget-min " in planned.short_of_tokens(row, enough - 1, compiled=False)
 
 
 def test_plan_trains_compiled_where_measured_faster(tmp_path, corpus, monkeypatch):
