@@ -342,7 +342,7 @@ class Reproduction:
         if steps * per_step >= planning.MEANINGFUL_TOKENS:
             return None
         needed = math.ceil(planning.MEANINGFUL_TOKENS / per_step)
-        minutes = (self.elapsed_min() * 60 + row["eval_s"] + 60 + (2 * COMPILE_START_S if compiled else 0)
+        minutes = (self.elapsed_min() * 60 + self._untrained_s(row, compiled)
                    + needed * TRAIN_TIME_MARGIN * sum(row["train_step_s"].values())) / 60
         remedy = (f"--steps {needed}" if cfg.steps else
                   f"--budget-min {math.ceil(minutes)} would fit {needed} steps on this machine as timed")
@@ -352,13 +352,17 @@ class Reproduction:
 
     def fit_steps(self, row: dict, compiled: bool) -> None:
         """The steps (and tokens) of a timed shape that fit what is left of the budget: both trainings at
-        TRAIN_TIME_MARGIN x the timed step pair, after the evaluation's estimate, a minute for loading and the
-        report, and (compiled layers) each training's start-up compilation."""
+        TRAIN_TIME_MARGIN x the timed step pair, after the time that is not training (_untrained_s)."""
         per_pair = TRAIN_TIME_MARGIN * sum(row["train_step_s"].values())
-        left = (self.cfg.budget_min * 60 - self.elapsed_min() * 60 - row["eval_s"] - 60
-                - (2 * COMPILE_START_S if compiled else 0))
+        left = self.cfg.budget_min * 60 - self.elapsed_min() * 60 - self._untrained_s(row, compiled)
         row["steps_in_budget"] = max(0, int(left / per_pair)) if per_pair > 0 else 0
         row["tokens_in_budget"] = row["steps_in_budget"] * self.cfg.batch_size * self.cfg.seq_len
+
+    @staticmethod
+    def _untrained_s(row: dict, compiled: bool) -> float:
+        """Seconds after the plan that are not training steps: the evaluation's estimate, a minute for loading and
+        the report, and (compiled layers) each training's start-up compilation."""
+        return row["eval_s"] + 60 + (2 * COMPILE_START_S if compiled else 0)
 
     def plan_compile(self, row: dict, vocab: int) -> dict:
         """Times the chosen shape's steps eager and with torch.compile'd layers, alternating (the compilation is
