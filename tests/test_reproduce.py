@@ -63,10 +63,10 @@ def test_every_stage_runs_and_reports(finished):
         assert kinds == sorted((E, s, g) for E in {c["exit_layer"] for c in cells}
                                for s, g in ((True, False), (False, True), (True, True)))
         assert all(c["equal_to_ar"] for c in cells), "a sweep cell's output differs from autoregressive decoding"
-    # 192 tokens per model cannot show the recipe: the plan and the report say so, with a budget that would
-    short = rep["plan"]["short_of_tokens"]
-    assert "192 tokens per model is below the 1,400,000" in short and short.endswith("--steps 21875")
-    assert "**Too few tokens for a meaningful control**" in md
+    # 3 steps per model cannot show the recipe: the plan and the report say so, with the steps that would
+    short = rep["plan"]["short_of_training"]
+    assert "3 training steps per model is below the 330" in short and short.endswith("--steps 330")
+    assert "**Too little training for a meaningful control**" in md
     # both runs saw the same tokens; only the LayerSkip run has exits below the last layer
     tr = rep["training"]
     assert tr["baseline"]["tokens_seen"] == tr["layerskip"]["tokens_seen"] == 3 * 2 * 32
@@ -159,15 +159,15 @@ def _timed_row(rep):
     return row
 
 
-def test_plan_with_enough_tokens_has_no_warning(tmp_path, corpus):
+def test_plan_with_enough_steps_has_no_warning(tmp_path, corpus):
     from layerskip_ext.reproduce import plan as planning
     rep = Reproduction(tiny(tmp_path, corpus), log=lambda m: None)
     row = _timed_row(rep)
-    enough = -(-planning.MEANINGFUL_TOKENS // (2 * 32))
-    assert rep.short_of_tokens(row, enough, compiled=False) is None
-    assert rep.short_of_tokens(row, enough - 1, compiled=False) is not None
+    enough = planning.MEANINGFUL_STEPS
+    assert rep.short_of_training(row, enough, compiled=False) is None
+    assert rep.short_of_training(row, enough - 1, compiled=False) is not None
     planned = Reproduction(tiny(tmp_path / "planned", corpus, steps=None), log=lambda m: None)
-    assert "--budget-min " in planned.short_of_tokens(row, enough - 1, compiled=False)
+    assert "--budget-min " in planned.short_of_training(row, enough - 1, compiled=False)
 
 
 def test_plan_trains_compiled_where_measured_faster(tmp_path, corpus, monkeypatch):

@@ -16,13 +16,14 @@ from .common import float_list, int_list, setup_threads, str_list
 
 NAME = "reproduce"
 HELP = "train a LayerSkip model and a baseline from scratch here, measure both, write a report"
+D = ReproduceConfig  # the defaults live in one place: the config's fields
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--out", required=True, help="output folder (models, evaluations, report.md); rerun to resume")
-    p.add_argument("--budget-min", type=float, default=60.0,
-                   help="minutes for the whole run; the step count is planned to fit (default 60)")
+    p.add_argument("--budget-min", type=float, default=D.budget_min,
+                   help=f"minutes for the whole run; the step count is planned to fit (default {D.budget_min:g})")
     p.add_argument("--data", default=None, help="a folder of code to train on (default: this Python's stdlib)")
     p.add_argument("--held-out", type=str_list, default=None, metavar="DIR1,DIR2",
                    help="sub-folders of --data held out for evaluation (default asyncio,email,json)")
@@ -30,14 +31,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the model's shape: layers,hidden,heads,kv_heads,intermediate (default: planned by the "
                         "cost model among a few candidates)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: what fits the budget)")
-    p.add_argument("--vocab", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--function-prompts", type=int, default=12, help="held-out function prompts (default 12)")
-    p.add_argument("--humaneval-prompts", type=int, default=12, help="HumanEval prompts (default 12; 0: none)")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--vocab", type=int, default=D.vocab, help=f"tokenizer vocabulary (default {D.vocab})")
+    p.add_argument("--batch-size", type=int, default=D.batch_size,
+                   help=f"sequences a training step (default {D.batch_size}: more steps for the same tokens)")
+    p.add_argument("--seq-len", type=int, default=D.seq_len)
+    p.add_argument("--lr", type=float, default=D.lr)
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--function-prompts", type=int, default=D.function_prompts,
+                   help=f"held-out function prompts (default {D.function_prompts})")
+    p.add_argument("--humaneval-prompts", type=int, default=D.humaneval_prompts,
+                   help=f"HumanEval prompts (default {D.humaneval_prompts}; 0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens)
     p.add_argument("--exit-layers", default=None, metavar="E1,E2,...", help="sweep exits (default: shallow spread)")
     p.add_argument("--draft-stops", default=None, metavar="P1,P2,...",
                    help="dynamic drafting thresholds the sweep tries (default 0.05,0.1; '' for none)")
@@ -45,8 +49,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="dynamic drafting: adaptive round-length growths the sweep tries (default 4; '' for none)")
     p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
                    help="the most drafts a dynamic round may make (default 16)")
-    p.add_argument("--eval-sequences", type=int, default=128,
-                   help="held-out sequences scored for the per-layer table (default 128)")
+    p.add_argument("--eval-sequences", type=int, default=D.eval_sequences,
+                   help=f"held-out sequences scored for the per-layer table (default {D.eval_sequences})")
     p.add_argument("--no-compile", action="store_true",
                    help="train eager (default: torch.compile the decoder layers where that is measured faster)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")

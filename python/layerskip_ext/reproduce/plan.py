@@ -164,11 +164,13 @@ def time_eager_and_compiled(cfg: TrainConfig, model_config: LlamaConfig, steps: 
     return eager, compiled
 
 
-# Below about this many training tokens per model, the runs here produced models whose greedy continuations of
-# held-out prompts loop, so that even the control's shallow exits predict them: the baseline's best confirmed
-# speedup was 2.27x at 0.67M tokens and 1.30x at 0.96M, against 0.77x at 1.47M and 0.94x at 1.72M (2026-12-01).
-# A plan short of it says so, with the budget that would reach it.
-MEANINGFUL_TOKENS = 1_400_000
+# Below about this many optimizer steps per model, the runs here produced models whose greedy continuations of
+# held-out prompts loop, so that even the control's shallow exits predict them. Steps, not tokens, decide it at this
+# scale: at batch 16 the baseline's best confirmed speedup was 2.27x after 164 steps and 1.30x after 235, against
+# 0.77x after 358 and 0.94x after 419 (2026-12-01); at batch 8, 327 steps (0.67M tokens, which had looped at batch
+# 16) gave a control whose d=1 drafts at layer 4 were accepted on .33 of its own greedy output, against .78 after
+# 164 steps of 16 (2026-12-02). A plan short of it says so, with the budget that would reach it.
+MEANINGFUL_STEPS = 330
 
 # Two timings of the same shape's decode stages differ by 5-10% on this shared machine (the 24x160 plan predicted
 # 1.074x in one run and 1.033x in the next), so predictions closer than this are a tie.

@@ -173,8 +173,8 @@ def format_report(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict,
              f"in all (budget {cfg.budget_min:g}).", "",
              "## Targets", "", "| target | met | measured |", "|---|---|---|"]
     lines += [f"| {c['target']} | {'yes' if c['met'] else '**no**'} | {c['value']} |" for c in s["checks"]]
-    if plan.get("short_of_tokens"):
-        lines += ["", f"**Too few tokens for a meaningful control**: {plan['short_of_tokens']}."]
+    if plan.get("short_of_training"):
+        lines += ["", f"**Too little training for a meaningful control**: {plan['short_of_training']}."]
     lines += ["", "## Data", "",
               f"Training: {data['training_files']} files of {data['root']} ({data['training_bytes'] / 1e6:.1f} MB, "
               f"{data['training_tokens']:,} tokens with the {data['vocab']}-token BPE tokenizer trained on them); "
