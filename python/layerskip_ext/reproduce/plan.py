@@ -29,7 +29,7 @@ from ..generation import generate
 from ..model import LlamaForCausalLM
 from ..training.machine import choose_autocast
 from ..training.prepare import TrainingForward, compile_layers, prepare_model
-from ..training.trainer import TrainConfig, init_weights
+from ..training.trainer import TrainConfig, init_weights, new_model, new_optimizer
 
 # (relative exit depth E / L, agreement of exit E with the last layer on held-out code): the LayerSkip model of an
 # earlier from-scratch run here (16 layers x 192, 2.5M tokens, layer dropout 0.2, exit loss every 2nd layer:
@@ -115,15 +115,12 @@ def _training_step(cfg: TrainConfig, model_config: LlamaConfig, compiled: bool):
     """-> a function that runs one optimizer step of this configuration on random tokens (with the autocast the run
     will choose, the layers compiled or not) and returns its seconds."""
     autocast = choose_autocast(cfg.autocast, torch.device("cpu"))
-    model = LlamaForCausalLM(model_config)
-    init_weights(model, cfg.init_std, cfg.seed)
-    model.tie_weights()
-    model.train()
+    model = new_model(model_config, cfg).train()
     loss_fn = prepare_model(model, layer_dropout=cfg.dropout_config(), early_exit_loss=cfg.exit_config())
     if compiled:
         compile_layers(model)
     fwd = TrainingForward(model, loss_fn)
-    opt = torch.optim.AdamW([p for p in fwd.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = new_optimizer([p for p in fwd.parameters() if p.requires_grad], cfg)
     g = torch.Generator().manual_seed(0)
     done = [0]
 

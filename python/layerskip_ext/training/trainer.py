@@ -270,6 +270,22 @@ def init_weights(model: torch.nn.Module, std: float, seed: int) -> None:
                 p.fill_(1.0)
 
 
+def new_model(model_config: "LlamaConfig", cfg: TrainConfig) -> LlamaForCausalLM:
+    """A model of this config with fresh weights, as a run from scratch starts (and as the reproduction's plan
+    times it): normal(0, init_std) matrices from the run's seed, norms at one, the head tied where the config ties."""
+    model = LlamaForCausalLM(model_config)
+    init_weights(model, cfg.init_std, cfg.seed)
+    return model
+
+
+def new_optimizer(params: list, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at the run's base LR, weight decay on the matrices only (not the norms' scales)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.base_lr(), betas=tuple(cfg.betas))
+
+
 _FIRST = ("num_hidden_layers", "hidden_size", "vocab_size", "intermediate_size", "num_attention_heads",
           "num_key_value_heads")
 
@@ -421,8 +437,7 @@ class TrainingRun:
             model = LlamaForCausalLM.from_state_dict(self.ckpt.config, self.ckpt.state_dict, dtype=torch.float32)
             self.ckpt = None
         else:
-            model = LlamaForCausalLM(self.model_config)
-            init_weights(model, cfg.init_std, cfg.seed)
+            model = new_model(self.model_config, cfg)
         self.lora_alpha = None
         if cfg.lora_rank:
             self.lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank)
@@ -479,11 +494,7 @@ class TrainingRun:
     def build_optimizer(self) -> None:
         cfg = self.cfg
         self.params = [p for p in self.fwd.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.base_lr(),
-                                     betas=tuple(cfg.betas))
+        self.opt = new_optimizer(self.params, cfg)
         self.start_step = 0
         self.order = BatchOrder(self.data, cfg.seed)
         state = self.state
