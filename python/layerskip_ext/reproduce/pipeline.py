@@ -53,14 +53,16 @@ LAYERSKIP_RECIPE = dict(layer_dropout=0.1, ld_scale="exponential", early_exit=0.
 # Real training steps take longer than the plan's few timed steps on random tokens (data, logging, checkpoints, the
 # clock a shared machine sustains for minutes). 24x160 baseline, three runs of 2026-12-01: 2.905 s against 2.291 s
 # planned (1.27x; 419 steps), 3.17 s against 3.07 s (1.03x; 235 steps), 3.43 s against 2.67 s (1.28x; 358 steps,
-# a run planned with a 1.15x margin that ended at 68.9 minutes). The drift is the machine's, not the probe's, so
+# a run planned with a 1.15x margin that ended at 68.9 minutes); 20x192 compiled at batch 8, 2026-12-02: 0.97x and
+# 1.09x (baseline, LayerSkip). The drift is the machine's, not the probe's, so
 # the plan keeps 1.3x: a slow run ends near the hour, a fast one early.
 TRAIN_TIME_MARGIN = 1.3
 # What a sweep cell costs, as a multiple of its tokens x the planned AR step (prefills, the baseline model's slow
 # self-speculative cells, the AR step of a trained model), in the runs of 2026-12-01: ~2.0 (the first), 1.16 (the
 # second, whose 0.96M-token models decoded in loops), 1.88 (the third, 1.47M tokens: 21.1 minutes of evaluation
 # against 14.6 planned with 1.3), 0.96 (the fourth, 0.67M tokens: looping models self-speculate fast, so their
-# cells are cheap; 13.4 minutes against 27.8 planned). The plan allows 2.0: an hour is a limit, not a target.
+# cells are cheap; 13.4 minutes against 27.8 planned), ~1.1 (the fifth, 1.67M tokens at batch 8 on AVX-512: 11.2 minutes
+# against 20 planned). The plan allows 2.0: an hour is a limit, not a target.
 EVAL_TIME_FACTOR = 2.0
 # A training run with compiled layers starts by compiling them again, mostly from the on-disk cache the plan's
 # timing filled (a 24x160 first step took 11-12 s with a warm cache against 4-5 s for the next ones).
