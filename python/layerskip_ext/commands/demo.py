@@ -30,7 +30,7 @@ NANO_MODEL = "nano-layerskip"
 LABELS = {
     DEFAULT_MODEL: "SmolLM2-135M-Instruct with the LayerSkip LoRA adapter trained here (continual pretraining on "
                    "~1M tokens of a CPU: self-speculation about at parity)",
-    NANO_MODEL: "a 7M-parameter model trained from scratch on this project's 2-core CPU by `layerskip reproduce` "
+    NANO_MODEL: "a 9M-parameter model trained from scratch on this project's 2-core CPU by `layerskip reproduce` "
                 "(LayerSkip recipe, Python's standard library; 1.9x on held-out prompts); a demonstration, not a "
                 "useful assistant",
 }
