@@ -170,6 +170,28 @@ def test_plan_with_enough_steps_has_no_warning(tmp_path, corpus):
     assert "--budget-min " in planned.short_of_training(row, enough - 1, compiled=False)
 
 
+def test_plan_trains_max_steps_where_the_budget_fits_them(tmp_path, corpus):
+    """The default plan's steps do not grow with the machine's speed: --max-steps where the budget fits more, what
+    fits where it fits fewer (and then the warning names the flag that is short)."""
+    from layerskip_ext.reproduce import plan as planning
+    roomy = Reproduction(tiny(tmp_path / "roomy", corpus, steps=None, budget_min=600, max_steps=500),
+                         log=lambda m: None)
+    row = _timed_row(roomy)   # (36000 s - 120 s) / (1.3 x 2 s) = 13800 steps would fit
+    assert row["steps_fitting"] > 500 and row["steps_in_budget"] == 500
+    assert row["tokens_in_budget"] == 500 * 2 * 32
+    tight = Reproduction(tiny(tmp_path / "tight", corpus, steps=None, budget_min=10, max_steps=500),
+                         log=lambda m: None)
+    row = _timed_row(tight)   # (600 s - 120 s) / 2.6 s = 184 steps
+    assert row["steps_in_budget"] == row["steps_fitting"] == 184
+    capped = Reproduction(tiny(tmp_path / "capped", corpus, steps=None, budget_min=600, max_steps=100),
+                          log=lambda m: None)
+    row = _timed_row(capped)
+    assert row["steps_in_budget"] == 100
+    assert capped.short_of_training(row, 100, compiled=False).endswith(f"--max-steps {planning.MEANINGFUL_STEPS}")
+    with pytest.raises(TrainingError, match="--max-steps must be >= 1"):
+        tiny(tmp_path, corpus, max_steps=0).validate()
+
+
 def test_plan_trains_compiled_where_measured_faster(tmp_path, corpus, monkeypatch):
     from layerskip_ext.reproduce import plan as planning
     rep = Reproduction(tiny(tmp_path, corpus, compile=True), log=lambda m: None)

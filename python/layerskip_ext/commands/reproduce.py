@@ -23,14 +23,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--out", required=True, help="output folder (models, evaluations, report.md); rerun to resume")
     p.add_argument("--budget-min", type=float, default=D.budget_min,
-                   help=f"minutes for the whole run; the step count is planned to fit (default {D.budget_min:g})")
+                   help=f"minutes the whole run may take; fewer steps are planned where the default's do not fit "
+                        f"(default {D.budget_min:g})")
     p.add_argument("--data", default=None, help="a folder of code to train on (default: this Python's stdlib)")
     p.add_argument("--held-out", type=str_list, default=None, metavar="DIR1,DIR2",
                    help="sub-folders of --data held out for evaluation (default asyncio,email,json)")
     p.add_argument("--arch", default=None, metavar="L,H,HEADS,KV,MLP",
                    help="the model's shape: layers,hidden,heads,kv_heads,intermediate (default: planned by the "
                         "cost model among a few candidates)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: what fits the budget)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="exactly this many training steps per model (default: --max-steps, fewer where the budget "
+                        "cannot fit them)")
+    p.add_argument("--max-steps", type=int, default=D.max_steps,
+                   help=f"the steps a default plan trains, the same on a fast machine as on a slow one; fewer only "
+                        f"where --budget-min cannot fit them (default {D.max_steps})")
     p.add_argument("--vocab", type=int, default=D.vocab, help=f"tokenizer vocabulary (default {D.vocab})")
     p.add_argument("--batch-size", type=int, default=D.batch_size,
                    help=f"sequences a training step (default {D.batch_size}: more steps for the same tokens)")
@@ -72,7 +78,7 @@ def run(args) -> int:
     if args.dynamic_depths:
         kw["dynamic_depths"] = tuple(int_list(args.dynamic_depths, "--dynamic-depths"))
     cfg = ReproduceConfig(out=args.out, budget_min=args.budget_min, data=args.data, arch=args.arch, vocab=args.vocab,
-                          steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                          steps=args.steps, max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                           seed=args.seed, function_prompts=args.function_prompts,
                           humaneval_prompts=args.humaneval_prompts, max_new_tokens=args.max_new_tokens,
                           eval_sequences=args.eval_sequences, threads=args.threads, progress=not args.no_progress,

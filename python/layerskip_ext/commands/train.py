@@ -128,7 +128,8 @@ def run(args) -> int:
         perf = summary["throughput"]
         if "tokens_per_s" in perf:
             print(f"{perf['tokens_per_s']:.0f} tokens/s, {perf['achieved_gflops']:.0f} GFLOP/s = "
-                  f"{perf['fraction_of_matmul_rate']:.0%} of this machine's {perf['autocast']} matmul rate; exit loss "
+                  f"{perf['fraction_of_matmul_rate']:.0%} of this machine's {perf['autocast']} matmul rate "
+                  f"({perf['fraction_of_fp32_rate']:.0%} of its fp32 rate); exit loss "
                   f"{perf['exit_loss_share']:.0%} of the time (autocast {perf['autocast']}: {perf['reason']})")
         print(f"model: {summary['out']}")
     return 0

@@ -77,7 +77,13 @@ class ReproduceConfig:
     held_out: tuple = HELD_OUT           # sub-folders of data held out for evaluation
     arch: Optional[str] = None           # "layers,hidden,heads,kv_heads,intermediate" (default: planned)
     vocab: int = 4096
-    steps: Optional[int] = None          # default: what fits the budget
+    steps: Optional[int] = None          # exactly this many steps per model (the budget then only checked)
+    # The default plan trains this many steps per model, fewer only where the budget cannot fit them, so that the
+    # result does not depend on how fast the machine is that hour. Filling the hour instead gave different models
+    # on the same machine: 816 steps of 20x192 on a slow hour (the shipped run: perplexity -13.1% against the
+    # control, 1.93x confirmed, the control 1.20x) and 1153 steps of 16x192 on a fast one (2026-12-02: -4.9%,
+    # 1.53x, the control 1.04x). Longer training improves the last layer faster than a shallow exit.
+    max_steps: int = 816
     # 8 x 256 tokens a step: at equal tokens (and equal time: a step's throughput did not change) twice the
     # optimizer steps of 16 x 256 train a far better model in this short regime. 0.67M tokens of the 16x192 control
     # (bf16, 2026-12-02): held-out perplexity 442 (batch 16, 163 steps), 304 (8), 220 (4); its d=1 drafts at layer
@@ -117,6 +123,8 @@ class ReproduceConfig:
             raise TrainingError(f"--budget-min must be > 0, got {self.budget_min!r}")
         if self.steps is not None and self.steps < 1:
             raise TrainingError(f"--steps must be >= 1, got {self.steps}")
+        if self.max_steps < 1:
+            raise TrainingError(f"--max-steps must be >= 1, got {self.max_steps}")
         for name in ("eval_sequences", "function_prompts", "max_new_tokens", "batch_size", "seq_len", "vocab",
                      "dynamic_exits", "confirm_repeats", "confirm_static", "confirm_dynamic"):
             if getattr(self, name) < 1:
@@ -333,13 +341,15 @@ class Reproduction:
         short = self.short_of_training(chosen, steps, compiled["used"])
         if short:
             self.say(f"warning: {short}")
+        limit = ("--steps" if cfg.steps else "--max-steps" if steps == cfg.max_steps else "what fits the budget")
         self.say(f"plan: {chosen['label']}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens per model "
-                 f"({'compiled' if compiled['used'] else 'eager'} layers; cost model's best under the prior "
+                 f"({limit}; the budget fits {chosen['steps_fitting']}; "
+                 f"{'compiled' if compiled['used'] else 'eager'} layers; cost model's best under the prior "
                  f"agreement: E={chosen['best']['exit_layer']} d={chosen['best']['num_speculations']} "
                  f"{chosen['best']['speedup']:.2f}x)")
         return {"candidates": rows, "chosen": chosen["arch"], "label": chosen["label"], "steps": steps,
                 "tokens_per_model": steps * cfg.batch_size * cfg.seq_len, "compile": compiled,
-                "short_of_training": short,
+                "short_of_training": short, "steps_fitting": chosen["steps_fitting"],
                 "prior_agreement": planning.PRIOR_AGREEMENT}
 
     def short_of_training(self, row: dict, steps: int, compiled: bool) -> Optional[str]:
@@ -350,18 +360,25 @@ class Reproduction:
             return None
         minutes = (self.elapsed_min() * 60 + self._untrained_s(row, compiled)
                    + needed * TRAIN_TIME_MARGIN * sum(row["train_step_s"].values())) / 60
-        remedy = (f"--steps {needed}" if cfg.steps else
-                  f"--budget-min {math.ceil(minutes)} would fit {needed} steps on this machine as timed")
+        budget = f"--budget-min {math.ceil(minutes)} would fit {needed} steps on this machine as timed"
+        if cfg.steps:
+            remedy = f"--steps {needed}"
+        elif cfg.max_steps < needed:
+            remedy = f"--max-steps {needed}" + ("" if row.get("steps_fitting", 0) >= needed else f"; {budget}")
+        else:
+            remedy = budget
         return (f"{steps} training steps per model is below the {needed} after which this recipe's control stopped "
                 f"looping in earlier runs here (docs/reproduce.md): the baseline's greedy output may repeat itself "
                 f"and self-speculate fast too; {remedy}")
 
     def fit_steps(self, row: dict, compiled: bool) -> None:
-        """The steps (and tokens) of a timed shape that fit what is left of the budget: both trainings at
-        TRAIN_TIME_MARGIN x the timed step pair, after the time that is not training (_untrained_s)."""
+        """The steps (and tokens) a timed shape trains: --max-steps, or fewer where what is left of the budget does
+        not fit them (both trainings at TRAIN_TIME_MARGIN x the timed step pair, after the time that is not
+        training: _untrained_s). "steps_fitting" keeps what the budget alone would allow."""
         per_pair = TRAIN_TIME_MARGIN * sum(row["train_step_s"].values())
         left = self.cfg.budget_min * 60 - self.elapsed_min() * 60 - self._untrained_s(row, compiled)
-        row["steps_in_budget"] = max(0, int(left / per_pair)) if per_pair > 0 else 0
+        row["steps_fitting"] = max(0, int(left / per_pair)) if per_pair > 0 else 0
+        row["steps_in_budget"] = min(self.cfg.max_steps, row["steps_fitting"])
         row["tokens_in_budget"] = row["steps_in_budget"] * self.cfg.batch_size * self.cfg.seq_len
 
     @staticmethod

@@ -8,11 +8,12 @@ training tokens within the budget is not chosen, and predictions within the timi
 which the shape with the most training tokens wins (choose_shape). The prediction is recorded, and the report
 compares it with what the trained model measures.
 
-Steps: both configurations (baseline, LayerSkip) are timed for a few optimizer steps on random tokens, and the
-step count is the one that fits both runs into the training share of the budget (the same for both: equal
-tokens). The shapes are compared on eager steps; the chosen one is then timed eager against its layers compiled
-(torch.compile), step by step alternately, and trains compiled where that is faster and works here (the step
-count then fits the compiled steps).
+Steps: a fixed number (--max-steps, the same for both models: equal tokens), so that a fast machine trains the
+same models as a slow one; both configurations (baseline, LayerSkip) are timed for a few optimizer steps on random
+tokens, and where the training share of the budget cannot fit that many, the step count is what fits. The shapes
+are compared on eager steps; the chosen one is then timed eager against its layers compiled (torch.compile), step
+by step alternately, and trains compiled where that is faster and works here (what fits is then refitted to the
+compiled steps).
 """
 from __future__ import annotations
 
