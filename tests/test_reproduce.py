@@ -147,6 +147,22 @@ def test_plan_breaks_a_tie_in_predictions_by_training_tokens():
     assert choose_shape([row("a", 1.5, 80), row("b", 1.0, 100)])["label"] == "a"
 
 
+def test_plan_takes_each_shapes_median_timing():
+    """Several timings of one shape become one: each stage's median, the overhead recomputed from the medians (a
+    slow pass on one timing does not move the shape's costs)."""
+    from layerskip_ext.analysis.cost_model import StageCosts, overhead_from_ar
+    from layerskip_ext.reproduce.plan import median_costs
+
+    def timed(scale, ar):
+        return StageCosts(4, {1: 1e-4 * scale, 3: 2e-4 * scale}, {1: 1e-5 * scale, 3: 2e-5 * scale},
+                          {1: 5e-5 * scale, 3: 6e-5 * scale}, 0.0, ar)
+    got = median_costs([timed(1.0, 1e-3), timed(2.5, 3e-3), timed(1.2, 1.1e-3)])
+    assert got.layer_s == pytest.approx({1: 1.2e-4, 3: 2.4e-4}) and got.call_s == pytest.approx({1: 1.2e-5, 3: 2.4e-5})
+    assert got.head_s == pytest.approx({1: 6e-5, 3: 7.2e-5}) and got.ar_step_s == pytest.approx(1.1e-3)
+    assert got.overhead_s == pytest.approx(overhead_from_ar(1.2e-4, 1.2e-5, 6e-5, 4, 1.1e-3))
+    assert got.num_layers == 4
+
+
 class _Timing:
     def __init__(self, step_s, first_s=1.0):
         self.step_s, self.first_s = step_s, first_s

@@ -1,7 +1,8 @@
 """Before training: choose the architecture by the cost model, and check the steps fit the budget.
 
 For each candidate shape a random-weight model is built and its decode stages are timed on this machine (one layer
-at T = 1 and at T = d + 1, the exit head, an autoregressive step: analysis/cost_measure.py); the cost model
+at T = 1 and at T = d + 1, the exit head, an autoregressive step: analysis/cost_measure.py; DECODE_PASSES passes
+over the candidates, each shape's medians used); the cost model
 (analysis/cost_model.py) then predicts each (E, d)'s speedup from an *assumed* agreement curve alpha(E / L) (what
 LayerSkip training from scratch reached in earlier runs here: PRIOR_AGREEMENT). A shape that cannot see enough
 training tokens within the budget is not chosen, and predictions within the timings' noise of the best are a tie,
@@ -24,7 +25,7 @@ import time
 import torch
 
 from ..analysis.cost_measure import measure_stage_costs
-from ..analysis.cost_model import predict
+from ..analysis.cost_model import StageCosts, overhead_from_ar, predict
 from ..config import LlamaConfig
 from ..generation import generate
 from ..model import LlamaForCausalLM
@@ -83,8 +84,9 @@ def random_model(arch: Arch, vocab: int, seed: int = 0) -> LlamaForCausalLM:
 
 
 @torch.no_grad()
-def decode_costs(arch: Arch, vocab: int, depths: list[int], new_tokens: int = 48) -> dict:
-    """Stage costs of a random-weight model of this shape and the cost model's best (E, d) under PRIOR_AGREEMENT."""
+def measure_decode(arch: Arch, vocab: int, depths: list[int], new_tokens: int = 48) -> StageCosts:
+    """One timing of a random-weight model of this shape: its autoregressive step (median of 3 decodes) and its
+    decode stages (analysis/cost_measure.py)."""
     model = random_model(arch, vocab)
     prompt = list(range(1, 33))
     kw = dict(max_new_tokens=new_tokens, stop_token_ids=[], strategy="autoregressive")
@@ -93,16 +95,38 @@ def decode_costs(arch: Arch, vocab: int, depths: list[int], new_tokens: int = 48
     for _ in range(3):
         r = generate(model, prompt, **kw)
         steps.append(r.decode_s / max(1, len(r.sequences[0].tokens) - 1))
-    ar = statistics.median(steps)
-    costs = measure_stage_costs(model, len(prompt) + new_tokens // 2, depths, ar, repeats=5)
+    return measure_stage_costs(model, len(prompt) + new_tokens // 2, depths, statistics.median(steps), repeats=5)
+
+
+def median_costs(timings: list[StageCosts]) -> StageCosts:
+    """Field by field, the median of several timings of one shape (the overhead recomputed from the medians)."""
+    med = statistics.median
+    first = timings[0]
+    table = {name: {t: med(getattr(c, name)[t] for c in timings) for t in getattr(first, name)}
+             for name in ("layer_s", "call_s", "head_s")}
+    ar = med(c.ar_step_s for c in timings)
+    overhead = overhead_from_ar(table["layer_s"][1], table["call_s"][1], table["head_s"][1], first.num_layers, ar)
+    return StageCosts(first.num_layers, table["layer_s"], table["call_s"], table["head_s"], overhead, ar)
+
+
+# The candidates' decode stages are timed this many times, one candidate after another in each pass, and each
+# shape's medians are used. Timed once each, in sequence, one shape's layer cost read 44 us in one plan and 85 us in
+# the next (16x192 at T = 1, 2026-12-02), enough to reorder the shapes: on a shared machine a slow minute hits one
+# candidate, and interleaved passes spread it over all of them.
+DECODE_PASSES = 3
+
+
+def decode_costs(arch: Arch, vocab: int, costs: StageCosts, depths: list[int]) -> dict:
+    """A timed shape's row: its size, its stage costs and the cost model's best (E, d) under PRIOR_AGREEMENT."""
     L = arch.layers
     exits = sorted({max(1, L // 8), max(1, L // 4), max(1, 3 * L // 8), L // 2})
     preds = [predict(costs, prior_alpha(E / L), E, d) for E in exits for d in depths]
     best = max(preds, key=lambda p: p.speedup)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in LlamaForCausalLM(arch.config(vocab)).parameters())  # the head tied: counted once
     return {"arch": dataclasses.asdict(arch), "label": str(arch), "params": params,
             "fp32_mb": round(params * 4 / 2 ** 20, 1), "bf16_mb": round(params * 2 / 2 ** 20, 1),
-            "ar_step_ms": round(ar * 1e3, 3), "layer_ms": {str(t): round(v * 1e3, 4) for t, v in costs.layer_s.items()},
+            "ar_step_ms": round(costs.ar_step_s * 1e3, 3),
+            "layer_ms": {str(t): round(v * 1e3, 4) for t, v in costs.layer_s.items()},
             "head_ms": {str(t): round(v * 1e3, 4) for t, v in costs.head_s.items()},
             "overhead_ms": round(costs.overhead_s * 1e3, 3), "stage_costs": costs.to_dict(),
             "best": {"exit_layer": best.exit_layer, "num_speculations": best.num_speculations,
