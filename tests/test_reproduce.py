@@ -132,19 +132,25 @@ def test_held_out_packages_never_reach_training():
     assert all('"""' in p or "'''" in p for p in prompts)
 
 
-def test_plan_breaks_a_tie_in_predictions_by_training_tokens():
-    """Predictions within PREDICTION_TIE of the best are a tie, won by the shape with the most tokens; a clearly
-    better prediction wins; a shape with too few tokens is never chosen (the rows of the run of 2026-12-01)."""
+def test_plan_breaks_a_tie_in_predictions_by_depth():
+    """Predictions within PREDICTION_TIE of the best are a tie; of the tied shapes that train on (nearly) the most
+    tokens the deepest wins; a clearly better prediction wins; a shape with too few tokens is never chosen (the
+    predictions of a plan of 2026-12-02, all shapes at the default's 816 steps)."""
     from layerskip_ext.reproduce.plan import choose_shape
 
-    def row(label, speedup, steps):
-        return {"label": label, "best": {"speedup": speedup}, "tokens_in_budget": steps * 4096}
-    rows = [row("16x192", 0.992, 329), row("20x192", 1.071, 253), row("24x160", 1.033, 297), row("12x256", 1.059, 289)]
-    assert choose_shape(rows)["label"] == "24x160"  # 1.033 ties 1.071; 297 steps beat 253 and 289
-    rows[2] = row("24x160", 0.95, 297)
-    assert choose_shape(rows)["label"] == "12x256"
-    assert choose_shape([row("a", 1.5, 10), row("b", 1.0, 100)])["label"] == "b"  # 10 steps: under 70% of 100
-    assert choose_shape([row("a", 1.5, 80), row("b", 1.0, 100)])["label"] == "a"
+    def row(layers, speedup, steps):
+        return {"label": f"{layers} layers", "arch": {"layers": layers}, "best": {"speedup": speedup},
+                "tokens_in_budget": steps * 2048}
+    rows = [row(16, 1.21, 816), row(20, 1.42, 816), row(24, 1.44, 816), row(12, 1.34, 816)]
+    assert choose_shape(rows)["label"] == "24 layers"      # 1.42 and 1.34 tie 1.44 (15%): the deepest of them
+    rows[2] = row(24, 1.0, 816)
+    assert choose_shape(rows)["label"] == "20 layers"      # 1.0 does not tie 1.42
+    rows[2] = row(24, 1.44, 650)
+    assert choose_shape(rows)["label"] == "20 layers"      # 650 steps: tied prediction, but fewer tokens
+    rows[2] = row(24, 1.44, 800)
+    assert choose_shape(rows)["label"] == "24 layers"      # 800 of 816 steps: within 5%, a tie
+    assert choose_shape([row(16, 1.7, 816), row(24, 1.3, 816)])["label"] == "16 layers"  # clearly better
+    assert choose_shape([row(24, 1.5, 10), row(16, 1.0, 100)])["label"] == "16 layers"  # 10 steps: under 70%
 
 
 def test_plan_takes_each_shapes_median_timing():
