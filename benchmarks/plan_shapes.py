@@ -29,12 +29,8 @@ def main() -> None:
     candidates = list(planning.CANDIDATES)
     plans = []
     for rep in range(args.repeats):
-        timings: list[list] = [[] for _ in candidates]
-        for _ in range(args.passes):
-            for arch, timed in zip(candidates, timings):
-                timed.append(planning.measure_decode(arch, args.vocab, depths))
-        rows = [planning.decode_costs(arch, args.vocab, planning.median_costs(t), depths)
-                for arch, t in zip(candidates, timings)]
+        costs = planning.time_candidates(candidates, args.vocab, depths, args.passes)
+        rows = [planning.decode_costs(arch, args.vocab, c, depths) for arch, c in zip(candidates, costs)]
         for r in rows:
             r["tokens_in_budget"] = 1  # equal steps for every shape: the default plan's case
         pick = planning.choose_shape(rows)["label"]

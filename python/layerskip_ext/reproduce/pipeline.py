@@ -320,16 +320,10 @@ class Reproduction:
             candidates = [planning.Arch.parse(a) for a in cfg.candidates]
         else:
             candidates = list(planning.CANDIDATES)
-        timings: list[list] = [[] for _ in candidates]
-        for i in range(planning.DECODE_PASSES):
-            self.say(f"timing the decode stages of {len(candidates)} candidate shapes "
-                     f"(pass {i + 1} of {planning.DECODE_PASSES})")
-            for arch, timed in zip(candidates, timings):
-                timed.append(planning.measure_decode(arch, vocab, depths))
         rows = []
-        for arch, timed in zip(candidates, timings):
+        for arch, costs in zip(candidates, planning.time_candidates(candidates, vocab, depths, say=self.say)):
             self.say(f"timing {arch}: training steps")
-            row = planning.decode_costs(arch, vocab, planning.median_costs(timed), depths)
+            row = planning.decode_costs(arch, vocab, costs, depths)
             mconf = arch.config(vocab, context=max(1024, cfg.seq_len))
             row["train_step_s"] = {n: round(planning.time_training_steps(self.train_config(n, arch, 100, vocab),
                                                                          mconf).step_s, 3)

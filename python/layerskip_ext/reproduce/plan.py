@@ -116,6 +116,17 @@ def median_costs(timings: list[StageCosts]) -> StageCosts:
 DECODE_PASSES = 3
 
 
+def time_candidates(candidates: list[Arch], vocab: int, depths: list[int], passes: int = DECODE_PASSES,
+                    say=lambda msg: None) -> list[StageCosts]:
+    """Each candidate's decode stages, timed in ``passes`` passes over all of them -> each one's medians."""
+    timings: list[list[StageCosts]] = [[] for _ in candidates]
+    for i in range(passes):
+        say(f"timing the decode stages of {len(candidates)} candidate shapes (pass {i + 1} of {passes})")
+        for arch, timed in zip(candidates, timings):
+            timed.append(measure_decode(arch, vocab, depths))
+    return [median_costs(t) for t in timings]
+
+
 def decode_costs(arch: Arch, vocab: int, costs: StageCosts, depths: list[int]) -> dict:
     """A timed shape's row: its size, its stage costs and the cost model's best (E, d) under PRIOR_AGREEMENT."""
     L = arch.layers
