@@ -1,6 +1,7 @@
 """layerskip reproduce end to end on a tiny corpus and shape (minutes of the real run become seconds): every stage
 runs, the report holds both models' tables and sweeps, every sweep cell is token-identical to autoregressive
 decoding, a rerun resumes without retraining, a changed setting is refused, and the held-out split stays out."""
+import dataclasses
 import json
 import os
 import shutil
@@ -132,17 +133,17 @@ def test_held_out_packages_never_reach_training():
     assert all('"""' in p or "'''" in p for p in prompts)
 
 
-def test_plan_breaks_a_tie_in_predictions_by_depth():
-    """Predictions within PREDICTION_TIE of the best are a tie; of the tied shapes that train on (nearly) the most
-    tokens the deepest wins; a clearly better prediction wins; a shape with too few tokens is never chosen (the
-    predictions of a plan of 2026-12-02, all shapes at the default's 816 steps)."""
+def test_plan_breaks_a_tie_in_predictions_by_training_tokens():
+    """Predictions within PREDICTION_TIE of the best are a tie; of the tied shapes, one that trains on (nearly) the
+    most tokens wins, then the higher prediction; a shape with too few tokens is never chosen (the predictions of a
+    plan of 2026-12-02, all shapes at the default's 816 steps)."""
     from layerskip_ext.reproduce.plan import choose_shape
 
     def row(layers, speedup, steps):
         return {"label": f"{layers} layers", "arch": {"layers": layers}, "best": {"speedup": speedup},
                 "tokens_in_budget": steps * 2048}
     rows = [row(16, 1.21, 816), row(20, 1.42, 816), row(24, 1.44, 816), row(12, 1.34, 816)]
-    assert choose_shape(rows)["label"] == "24 layers"      # 1.42 and 1.34 tie 1.44 (15%): the deepest of them
+    assert choose_shape(rows)["label"] == "24 layers"      # 1.42 and 1.34 tie 1.44 (15%): equal tokens
     rows[2] = row(24, 1.0, 816)
     assert choose_shape(rows)["label"] == "20 layers"      # 1.0 does not tie 1.42
     rows[2] = row(24, 1.44, 650)
@@ -150,7 +151,32 @@ def test_plan_breaks_a_tie_in_predictions_by_depth():
     rows[2] = row(24, 1.44, 800)
     assert choose_shape(rows)["label"] == "24 layers"      # 800 of 816 steps: within 5%, a tie
     assert choose_shape([row(16, 1.7, 816), row(24, 1.3, 816)])["label"] == "16 layers"  # clearly better
+    assert choose_shape([row(16, 1.3, 816), row(24, 1.2, 816)])["label"] == "16 layers"  # tied: the prediction
     assert choose_shape([row(24, 1.5, 10), row(16, 1.0, 100)])["label"] == "16 layers"  # 10 steps: under 70%
+
+
+def test_default_plan_trains_the_default_shape_and_records_the_prediction(tmp_path, corpus, monkeypatch):
+    """Without --arch / --candidates every candidate is timed and predicted, the cost model's pick recorded, and
+    DEFAULT_ARCH trained; with --candidates the pick is trained."""
+    from layerskip_ext.analysis.cost_model import StageCosts
+    from layerskip_ext.reproduce import plan as planning
+
+    def costs(arch):  # the 12-layer shape predicted fastest: the others' exit heads make every draft dear
+        head = 0.0 if arch.layers == 12 else 1e-2
+        T = (1, 2, 3, 4, 5, 7)
+        return StageCosts(arch.layers, dict.fromkeys(T, 1e-4), dict.fromkeys(T, 0.0), dict.fromkeys(T, head), 0.0,
+                          arch.layers * 1e-4 + head)
+    monkeypatch.setattr(planning, "time_candidates", lambda cands, vocab, depths, say=None: [costs(a) for a in cands])
+    monkeypatch.setattr(planning, "time_training_steps", lambda tc, mconf: planning.StepTiming(0.5, 0.5))
+    data = {"vocab": 300, "prompts": [{"text": "def f():"}] * 3}
+    plan = Reproduction(tiny(tmp_path / "default", corpus, arch=None, steps=None), log=lambda m: None).plan(data)
+    assert len(plan["candidates"]) == len(planning.CANDIDATES)
+    assert planning.Arch(**plan["chosen"]) == planning.DEFAULT_ARCH and plan["cost_model_pick"].startswith("12x256")
+    assert plan["chosen_by"].startswith("the default shape")
+    picked = Reproduction(tiny(tmp_path / "picked", corpus, arch=None, steps=None,
+                               candidates=tuple(",".join(map(str, dataclasses.astuple(a)))
+                                                for a in planning.CANDIDATES)), log=lambda m: None).plan(data)
+    assert picked["label"].startswith("12x256") and picked["chosen_by"] == "the cost model's pick"
 
 
 def test_plan_takes_each_shapes_median_timing():

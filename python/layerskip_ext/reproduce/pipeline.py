@@ -332,7 +332,13 @@ class Reproduction:
             rows.append(row)
         for row in rows:
             self.fit_steps(row, compiled=False)
-        chosen = planning.choose_shape(rows)
+        predicted = planning.choose_shape(rows)
+        if cfg.arch or cfg.candidates:
+            chosen, chosen_by = predicted, "the cost model's pick" if len(rows) > 1 else "--arch"
+        else:  # the default: see planning.DEFAULT_ARCH for why not the prediction
+            chosen = next(r for r in rows if planning.Arch(**r["arch"]) == planning.DEFAULT_ARCH)
+            chosen_by = (f"the default shape (the cost model's pick under the prior, within its noise: "
+                         f"{predicted['label']})")
         compiled = self.plan_compile(chosen, vocab) if cfg.compile else {"used": False, "reason": "--no-compile"}
         steps = cfg.steps or chosen["steps_in_budget"]
         if steps < 1:
@@ -342,12 +348,13 @@ class Reproduction:
         if short:
             self.say(f"warning: {short}")
         limit = ("--steps" if cfg.steps else "--max-steps" if steps == cfg.max_steps else "what fits the budget")
-        self.say(f"plan: {chosen['label']}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens per model "
+        self.say(f"plan: {chosen['label']}, {chosen_by}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens per model "
                  f"({limit}; the budget fits {chosen['steps_fitting']}; "
                  f"{'compiled' if compiled['used'] else 'eager'} layers; cost model's best under the prior "
                  f"agreement: E={chosen['best']['exit_layer']} d={chosen['best']['num_speculations']} "
                  f"{chosen['best']['speedup']:.2f}x)")
-        return {"candidates": rows, "chosen": chosen["arch"], "label": chosen["label"], "steps": steps,
+        return {"candidates": rows, "chosen": chosen["arch"], "label": chosen["label"], "chosen_by": chosen_by,
+                "cost_model_pick": predicted["label"], "steps": steps,
                 "tokens_per_model": steps * cfg.batch_size * cfg.seq_len, "compile": compiled,
                 "short_of_training": short, "steps_fitting": chosen["steps_fitting"],
                 "prior_agreement": planning.PRIOR_AGREEMENT}

@@ -188,7 +188,7 @@ def format_report(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict,
               f"{data['eval_tokens']:,} of them scored). Prompts: "
               + ", ".join(f"{sum(1 for p in data['prompts'] if p['source'] == src)} {src}"
                           for src in dict.fromkeys(p["source"] for p in data["prompts"])) + ".", "",
-              "## Plan: the shape chosen by the cost model", "",
+              "## Plan: the candidate shapes and the cost model", "",
               "Random-weight models of each shape, timed here; predicted best speedup under the prior agreement "
               "curve (alpha by relative depth " + ", ".join(f"{x:g}: {y:.2f}" for x, y in plan["prior_agreement"])
               + ").", "",
@@ -203,7 +203,8 @@ def format_report(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict,
     why = "--steps" if cfg.steps else f"--max-steps {cfg.max_steps}"
     if plan.get("steps_fitting") is not None:
         why += f"; the budget fits {plan['steps_fitting']}"
-    lines += ["", f"Chosen: **{plan['label']}**, {plan['steps']} steps, {plan['tokens_per_model']:,} tokens per "
+    by = f" ({plan['chosen_by']})" if plan.get("chosen_by") else ""
+    lines += ["", f"Chosen: **{plan['label']}**{by}, {plan['steps']} steps, {plan['tokens_per_model']:,} tokens per "
               f"model ({why}).", "", "## Training", "",
               "| model | steps | tokens | minutes | tokens/s | GFLOP/s achieved | of the fp32 matmul rate | "
               "of the rate of the dtype trained in | exit-loss share | final loss |",
