@@ -177,6 +177,8 @@ def test_default_plan_trains_the_default_shape_and_records_the_prediction(tmp_pa
                                candidates=tuple(",".join(map(str, dataclasses.astuple(a)))
                                                 for a in planning.CANDIDATES)), log=lambda m: None).plan(data)
     assert picked["label"].startswith("12x256") and picked["chosen_by"] == "the cost model's pick"
+    with pytest.raises(TrainingError, match="--candidates '16,192': expected"):
+        tiny(tmp_path, corpus, arch=None, candidates=("16,192",)).validate()
 
 
 def test_plan_takes_each_shapes_median_timing():

@@ -29,8 +29,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=str_list, default=None, metavar="DIR1,DIR2",
                    help="sub-folders of --data held out for evaluation (default asyncio,email,json)")
     p.add_argument("--arch", default=None, metavar="L,H,HEADS,KV,MLP",
-                   help="the model's shape: layers,hidden,heads,kv_heads,intermediate (default: planned by the "
-                        "cost model among a few candidates)")
+                   help="the model's shape: layers,hidden,heads,kv_heads,intermediate (default 20,192,6,2,512: "
+                        "the shape that paid, docs/reproduce.md; the plan still times and predicts the candidates)")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="L,H,HEADS,KV,MLP",
+                   help="let the cost model choose the shape among these (e.g. 16,192,6,2,512 24,160,5,1,448) and "
+                        "train its pick")
     p.add_argument("--steps", type=int, default=None,
                    help="exactly this many training steps per model (default: --max-steps, fewer where the budget "
                         "cannot fit them)")
@@ -67,6 +70,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     setup_threads(args.threads)
     kw = {}
+    if args.candidates:
+        kw["candidates"] = tuple(args.candidates)
     if args.held_out:
         kw["held_out"] = tuple(args.held_out)
     if args.exit_layers:

@@ -75,7 +75,7 @@ class ReproduceConfig:
     budget_min: float = 60.0
     data: Optional[str] = None           # a folder of code (default: this Python's standard library)
     held_out: tuple = HELD_OUT           # sub-folders of data held out for evaluation
-    arch: Optional[str] = None           # "layers,hidden,heads,kv_heads,intermediate" (default: planned)
+    arch: Optional[str] = None           # "layers,hidden,heads,kv_heads,intermediate" (default: plan.DEFAULT_ARCH)
     vocab: int = 4096
     steps: Optional[int] = None          # exactly this many steps per model (the budget then only checked)
     # The default plan trains this many steps per model, fewer only where the budget cannot fit them, so that the
@@ -113,7 +113,8 @@ class ReproduceConfig:
     confirm_static: int = 3              # how many of the fastest static cells are measured again
     confirm_dynamic: int = 2             # ... and dynamic cells
     exit_layers: Optional[tuple] = None  # default: a spread over the shallow half
-    candidates: Optional[tuple] = None   # Arch strings to plan over (default plan.CANDIDATES)
+    candidates: Optional[tuple] = None   # Arch strings the cost model chooses among (default: plan.CANDIDATES
+                                         # are timed and predicted, plan.DEFAULT_ARCH trained)
     compile: bool = True                 # train with torch.compile'd layers where that is measured faster
     threads: Optional[int] = None
     progress: bool = True
@@ -141,11 +142,13 @@ class ReproduceConfig:
             raise TrainingError(f"--dynamic-depths must be integers >= 1, got {list(self.dynamic_depths)}")
         if self.humaneval_prompts < 0:
             raise TrainingError(f"--humaneval-prompts must be >= 0, got {self.humaneval_prompts}")
-        if self.arch is not None:
+        for flag, text in [("--arch", self.arch)] + [("--candidates", a) for a in (self.candidates or ())]:
+            if text is None:
+                continue
             try:
-                planning.Arch.parse(self.arch)
+                planning.Arch.parse(text)
             except (TypeError, ValueError):
-                raise TrainingError(f"--arch {self.arch!r}: expected layers,hidden,heads,kv_heads,intermediate "
+                raise TrainingError(f"{flag} {text!r}: expected layers,hidden,heads,kv_heads,intermediate "
                                     f"(five integers)") from None
 
 
@@ -334,7 +337,7 @@ class Reproduction:
             self.fit_steps(row, compiled=False)
         predicted = planning.choose_shape(rows)
         if cfg.arch or cfg.candidates:
-            chosen, chosen_by = predicted, "the cost model's pick" if len(rows) > 1 else "--arch"
+            chosen, chosen_by = predicted, "--arch" if cfg.arch else "the cost model's pick"
         else:  # the default: see planning.DEFAULT_ARCH for why not the prediction
             chosen = next(r for r in rows if planning.Arch(**r["arch"]) == planning.DEFAULT_ARCH)
             chosen_by = (f"the default shape (the cost model's pick under the prior, within its noise: "
@@ -348,8 +351,8 @@ class Reproduction:
         if short:
             self.say(f"warning: {short}")
         limit = ("--steps" if cfg.steps else "--max-steps" if steps == cfg.max_steps else "what fits the budget")
-        self.say(f"plan: {chosen['label']}, {chosen_by}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens per model "
-                 f"({limit}; the budget fits {chosen['steps_fitting']}; "
+        self.say(f"plan: {chosen['label']}, {chosen_by}, {steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
+                 f"per model ({limit}; the budget fits {chosen['steps_fitting']}; "
                  f"{'compiled' if compiled['used'] else 'eager'} layers; cost model's best under the prior "
                  f"agreement: E={chosen['best']['exit_layer']} d={chosen['best']['num_speculations']} "
                  f"{chosen['best']['speedup']:.2f}x)")
