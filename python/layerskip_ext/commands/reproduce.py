@@ -83,7 +83,8 @@ def run(args) -> int:
     if args.dynamic_depths:
         kw["dynamic_depths"] = tuple(int_list(args.dynamic_depths, "--dynamic-depths"))
     cfg = ReproduceConfig(out=args.out, budget_min=args.budget_min, data=args.data, arch=args.arch, vocab=args.vocab,
-                          steps=args.steps, max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                          steps=args.steps, max_steps=args.max_steps, batch_size=args.batch_size,
+                          seq_len=args.seq_len, lr=args.lr,
                           seed=args.seed, function_prompts=args.function_prompts,
                           humaneval_prompts=args.humaneval_prompts, max_new_tokens=args.max_new_tokens,
                           eval_sequences=args.eval_sequences, threads=args.threads, progress=not args.no_progress,

@@ -7,8 +7,8 @@ over the candidates, each shape's medians used); the cost model
 LayerSkip training from scratch reached in earlier runs here: PRIOR_AGREEMENT). A shape that cannot see enough
 training tokens within the budget is not chosen, and predictions within the timings' noise of the best are a tie,
 which the shape with (nearly) the most training tokens wins (choose_shape). A default run records that pick and
-trains DEFAULT_ARCH, the shape that paid in trained runs here (the predictions cannot tell the shapes apart). The prediction is recorded, and the report
-compares it with what the trained model measures.
+trains DEFAULT_ARCH, the shape that paid in trained runs here (the predictions cannot tell the shapes apart). The
+prediction is recorded, and the report compares it with what the trained model measures.
 
 Steps: a fixed number (--max-steps, the same for both models: equal tokens), so that a fast machine trains the
 same models as a slow one; both configurations (baseline, LayerSkip) are timed for a few optimizer steps on random

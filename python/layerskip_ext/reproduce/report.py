@@ -23,6 +23,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def _trained_dtype(throughput: dict) -> str:
+    return "fp32" if throughput.get("autocast") == "none" else str(throughput.get("autocast"))
+
+
 def _best(ev: dict, key: str) -> Optional[dict]:
     """The confirmed best setting (interleaved repeats: pipeline.confirm) where there is one, else the sweep's."""
     conf = ev.get("confirm")
@@ -214,7 +218,7 @@ def format_report(cfg, data: dict, plan: dict, runs: dict, evals: dict, s: dict,
         lines.append(f"| {n} | {r['step']} | {r['tokens_seen']:,} | {r['time_s'] / 60:.1f} | "
                      f"{_f(t.get('tokens_per_s'), '.0f')} | {_f(t.get('achieved_gflops'), '.1f')} | "
                      f"{_pct(t.get('fraction_of_fp32_rate'))} | "
-                     f"{_pct(t.get('fraction_of_matmul_rate'))} ({'fp32' if t.get('autocast') == 'none' else t.get('autocast')}) | "
+                     f"{_pct(t.get('fraction_of_matmul_rate'))} ({_trained_dtype(t)}) | "
                      f"{_f(t.get('exit_loss_share') and 100 * t['exit_loss_share'], '.0f')}% | {r['loss']:.3f} |")
     tc = runs["layerskip"]["train_config"]
     lines += ["", f"LayerSkip recipe: layer dropout {tc['layer_dropout']} ({tc['ld_scale']} over depth), early-exit "
