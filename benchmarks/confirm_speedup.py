@@ -8,7 +8,8 @@ where the exit head's top probability falls below stop (0: never), the round's l
 generation/draft_length.py). Every prompt is decoded back to back by autoregressive decoding and each setting
 (analysis/confirm.py, the method of `layerskip reproduce`'s confirmation stage); a setting's speedup is the median
 over the repeats of its tokens/s over the same repeat's autoregressive tokens/s. Greedy; outputs must be identical.
---prompts: 'humaneval', a JSONL with a 'prompt' field, or a reproduce output folder (its held-out prompts).
+--prompts: 'humaneval', 'reproduce' (the prompts `layerskip reproduce` evaluates on: 12 held-out functions + 12
+HumanEval), a JSONL with a 'prompt' field, or a reproduce output folder (its held-out prompts).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from layerskip_ext.analysis.confirm import Setting, interleaved_speedups
 from layerskip_ext.model import load_model
 from layerskip_ext.prompts import humaneval_path, read_prompts
+from layerskip_ext.reproduce.data import evaluation_prompts, held_out_dirs, stdlib_dir
 
 
 def parse_setting(text: str) -> Setting:
@@ -36,6 +38,8 @@ def parse_setting(text: str) -> Setting:
 
 
 def load_prompts(spec: str, limit: int) -> list[str]:
+    if spec == "reproduce":
+        return [p["text"] for p in evaluation_prompts(held_out_dirs(stdlib_dir()), 12, 12)][:limit]
     if os.path.isdir(spec):
         with open(os.path.join(spec, "stages", "data.json"), encoding="utf-8") as f:
             return [p["text"] for p in json.load(f)["prompts"]][:limit]

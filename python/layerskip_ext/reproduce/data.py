@@ -13,6 +13,7 @@ import textwrap
 from typing import Optional
 
 from ..errors import TrainingError
+from ..prompts import humaneval_path, read_prompts
 
 # Never read: test suites (huge and repetitive), installed third-party code, GUI and tooling data, build files.
 EXCLUDED = ("test", "site-packages", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
@@ -89,3 +90,13 @@ def held_out_text(folders: list[str], max_bytes: Optional[int] = None) -> list[s
         if max_bytes is not None and total >= max_bytes:
             break
     return docs
+
+
+def evaluation_prompts(folders: list[str], functions: int, humaneval: int) -> list[dict]:
+    """The prompts a reproduction evaluates on: ``functions`` held-out function headers + docstrings, then the
+    first ``humaneval`` HumanEval prompts (an optional extra: ImportError/OSError when it is not installed).
+    -> [{"source": ..., "text": ...}]."""
+    prompts = [{"source": "held-out functions", "text": t} for t in function_prompts(folders, functions)]
+    if humaneval:
+        prompts += [{"source": "HumanEval", "text": t} for t in read_prompts(humaneval_path())[:humaneval]]
+    return prompts

@@ -35,14 +35,13 @@ from ..errors import LayerSkipError, TrainingError
 from ..io import load_checkpoint, save_hf_folder
 from ..io.layerskip_block import write_layerskip_block
 from ..model import load_model
-from ..prompts import humaneval_path, read_prompts
 from ..training.data import evaluation_sequences
 from ..training.machine import matmul_gflops
 from ..training.tokenizer_train import train_bpe_tokenizer
 from ..training.trainer import TrainConfig, run_training
 from . import plan as planning
 from .report import write_report
-from .data import HELD_OUT, function_prompts, held_out_text, stdlib_dir, training_exclusions
+from .data import HELD_OUT, evaluation_prompts, held_out_text, stdlib_dir, training_exclusions
 
 # The LayerSkip run's recipe (chosen by measurement: docs/reproduce.md). Fixed exits at shallow layers, where a
 # draft is cheap, instead of a rotation over every layer: each exit adds ~11% to a step of this size.
@@ -273,14 +272,11 @@ class Reproduction:
                                 f"{cfg.seq_len + 1}")
         eval_seqs = evaluation_sequences(ids, cfg.seq_len, cfg.eval_sequences).tolist()
         n = len(eval_seqs)
-        prompts = [{"source": "held-out functions", "text": t}
-                   for t in function_prompts(held, cfg.function_prompts)]
-        if cfg.humaneval_prompts:
-            try:
-                prompts += [{"source": "HumanEval", "text": t}
-                            for t in read_prompts(humaneval_path())[:cfg.humaneval_prompts]]
-            except Exception as e:  # noqa: BLE001 - an optional extra: say so and go on with the held-out prompts
-                self.say(f"no HumanEval prompts ({e})")
+        try:
+            prompts = evaluation_prompts(held, cfg.function_prompts, cfg.humaneval_prompts)
+        except Exception as e:  # noqa: BLE001 - HumanEval is an optional extra: say so, go on with the held-out
+            self.say(f"no HumanEval prompts ({e})")
+            prompts = evaluation_prompts(held, cfg.function_prompts, 0)
         with open(os.path.join(self.stages, "eval_sequences.json"), "w", encoding="utf-8") as f:
             json.dump(eval_seqs, f)
         return {"root": root, "exclude": exclude, "held_out": [os.path.relpath(d, root) for d in held],
@@ -340,7 +336,9 @@ class Reproduction:
             chosen, chosen_by = predicted, "--arch" if cfg.arch else "the cost model's pick"
         else:  # the default: see planning.DEFAULT_ARCH for why not the prediction
             chosen = next(r for r in rows if planning.Arch(**r["arch"]) == planning.DEFAULT_ARCH)
-            chosen_by = (f"the default shape (the cost model's pick under the prior, within its noise: "
+            same = predicted is chosen
+            chosen_by = ("the default shape, also the cost model's pick under the prior" if same else
+                         f"the default shape (the cost model's pick under the prior, within its noise: "
                          f"{predicted['label']})")
         compiled = self.plan_compile(chosen, vocab) if cfg.compile else {"used": False, "reason": "--no-compile"}
         steps = cfg.steps or chosen["steps_in_budget"]
