@@ -7,10 +7,11 @@ Greedy self-speculation along the model's own greedy outputs is fully determined
 last layer at each output token (analysis/cost_measure.measure_agreement: one teacher-forced pass per prompt), so
 any policy choosing (E, d) from earlier rounds can be replayed exactly; its time is the sum of its rounds' times,
 each the measured mean round time of static (E, d) decoding on the same prompts (a table timed here: it includes
-everything a real round cost, Python too, which stage microbenchmarks miss). An *oracle* that picks each round's
-(E, d) knowing the round's agreements bounds what any per-round choice can gain. Predictions from timed parts,
-not end-to-end timings: measure a policy that looks worth it with benchmarks/confirm_speedup.py. The prompts are `layerskip reproduce`'s (12 held-out functions + 12
-HumanEval) unless --prompts says otherwise.
+everything a real round costs, Python too, which stage microbenchmarks miss). An *oracle* that picks each
+round's (E, d) knowing the agreements (dynamic programming) bounds what any per-round choice can gain.
+Predictions from timed parts, not end-to-end timings: measure a policy that looks worth it with
+benchmarks/confirm_speedup.py. The prompts are `layerskip reproduce`'s (12 held-out functions + 12 HumanEval)
+unless --prompts says otherwise.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def exit_bandit(exits: Sequence[int], most: int, g: int, cost: RoundTime, explor
 
     def policy(state, last):
         if state is None:
-            state = {"n": 0, "i": 0, "stats": {E: [0.0, 0, 0] for E in exits}, "len": min(most, g)}
+            state = {"n": 0, "stats": {E: [0.0, 0, 0] for E in exits}, "len": min(most, g)}
         else:
             E, d, k = last
             st = state["stats"][E]
@@ -263,8 +264,9 @@ def main() -> int:
     cost = lambda E, d: table[(E, min(d, depths[-1]))]  # noqa: E731
     ar_s = ar_step_s * ar.decode_tokens
     print(f"{args.model}: {len(prompts)} prompts, {ar.decode_tokens} tokens; round times timed on "
-          f"{len(timing)} prompts x {args.passes} passes, fitted (RMS residual {rms:.1%}); AR {ar_step_s * 1e3:.3f} ms/token; round E=4 d=1 "
-          f"{table.get((4, 1), 0) * 1e3:.3f} ms, d=8 {table.get((4, 8), 0) * 1e3:.3f} ms; predicted speedups:")
+          f"{len(timing)} prompts x {args.passes} passes, fitted (RMS residual {rms:.1%}); AR "
+          f"{ar_step_s * 1e3:.3f} ms/token; round E=4 d=1 {table.get((4, 1), 0) * 1e3:.3f} ms, d=8 "
+          f"{table.get((4, 8), 0) * 1e3:.3f} ms; predicted speedups:")
 
     def show(label: str, seconds: float, emitted: int) -> float:
         speed = ar_s / seconds * emitted / ar.decode_tokens
