@@ -84,6 +84,8 @@ def test_every_stage_runs_and_reports(finished):
     assert (block["draft_stop"], block["draft_growth"]) == (tuned["draft_stop"], tuned["draft_growth"])
     kinds = [s["kind"] for s in conf["settings"]]
     assert kinds == sorted(kinds, key=["static", "dynamic"].index) and set(kinds) == {"static", "dynamic"}
+    static_exits = {s["exit_layer"] for s in conf["settings"] if s["kind"] == "static"}
+    assert {s["exit_layer"] for s in conf["settings"] if s["kind"] == "dynamic"} <= static_exits
     assert "dynamic_gain" in conf and conf["best"]["speedup"] == max(s["speedup"] for s in conf["settings"])
     for st in conf["settings"]:
         assert len(st["speedups"]) == conf["repeats"] and st["equal_to_ar"]

@@ -440,8 +440,8 @@ class Reproduction:
         cfg = self.cfg
         E = len(self.exit_layers(arch.layers))
         dynamic = len(dynamic_cells([0], cfg.dynamic_depths, cfg.draft_stops, cfg.draft_growths))
-        cells = (E * len(cfg.depths) + min(E, cfg.dynamic_exits) * dynamic
-                 + 4 + (1 + cfg.confirm_static + cfg.confirm_dynamic) * cfg.confirm_repeats)
+        confirmed = 1 + cfg.confirm_static + 2 * cfg.confirm_dynamic  # AR, static, dynamic + static at its exit
+        cells = E * len(cfg.depths) + min(E, cfg.dynamic_exits) * dynamic + 4 + confirmed * cfg.confirm_repeats
         tokens = len(data["prompts"]) * cfg.max_new_tokens
         return 2 * (cells * tokens * ar_step_s * EVAL_TIME_FACTOR + 45)
 
@@ -518,8 +518,9 @@ class Reproduction:
 
 
     def confirm(self, name: str, ev: dict, data: dict) -> dict:
-        """The sweep's fastest static and dynamic cells measured again against autoregressive decoding, robustly to
-        the machine's drift (analysis/confirm.py): the best of many one-pass cells is biased up."""
+        """The sweep's fastest static and dynamic cells (and the fastest static cell at each of those dynamic cells'
+        exits) measured again against autoregressive decoding, robustly to the machine's drift
+        (analysis/confirm.py): the best of many one-pass cells is biased up."""
         cfg = self.cfg
         sw = ev["sweep"]
 
@@ -529,8 +530,14 @@ class Reproduction:
                          draft_stop=c.get("draft_stop", 0.0), draft_growth=c.get("draft_growth", 0),
                          sweep_speedup=c["speedup"]) for c in cells]
 
-        settings = (fastest(sw["cells"], cfg.confirm_static, "static")
-                    + fastest(sw["dynamic_cells"], cfg.confirm_dynamic, "dynamic"))
+        static = fastest(sw["cells"], cfg.confirm_static, "static")
+        dynamic = fastest(sw["dynamic_cells"], cfg.confirm_dynamic, "dynamic")
+        # Dynamic drafting is judged against static drafting at its own exit too: without that static cell, a
+        # dynamic cell's gain over the best static mixes in the difference between two exits.
+        for E in dict.fromkeys(c["exit_layer"] for c in dynamic):
+            if not any(c["exit_layer"] == E for c in static):
+                static += fastest([c for c in sw["cells"] if c["exit_layer"] == E], 1, "static")
+        settings = static + dynamic
         model, tokenizer = load_model(self.export_dir(name), backend="auto")
         prompts = [tokenizer.encode(p["text"]) for p in data["prompts"]]
         stop_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
