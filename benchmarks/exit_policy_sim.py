@@ -25,6 +25,7 @@ import torch
 
 from layerskip_ext.analysis.cost_measure import measure_agreement
 from layerskip_ext.analysis.sweep import run_prompts
+from layerskip_ext.generation.draft_length import DraftLength
 from layerskip_ext.model import load_model
 from layerskip_ext.prompts import humaneval_path, read_prompts
 from layerskip_ext.reproduce.data import evaluation_prompts, held_out_dirs, stdlib_dir
@@ -63,6 +64,14 @@ def smoothed(table: dict, num_layers: int) -> tuple[dict, float]:
     return {(0, 0): table[(0, 0)], **{c: float(v) for c, v in zip(cells, fit)}}, rms
 
 
+def accepted_run(agree: Sequence[bool], pos: int, d: int) -> int:
+    """How many of d drafts from position pos the full model accepts: the run of agreements there."""
+    k = 0
+    while k < d and pos + k < len(agree) and agree[pos + k]:
+        k += 1
+    return k
+
+
 def replay(agreements: dict[int, list[list[bool]]], cost: RoundTime, policy: Policy, max_new_tokens: int
            ) -> tuple[float, int]:
     """-> (predicted decode seconds, emitted tokens) of a policy over every prompt's greedy output."""
@@ -73,10 +82,7 @@ def replay(agreements: dict[int, list[list[bool]]], cost: RoundTime, policy: Pol
         while pos < n:
             state, E, d = policy(state, last)
             d = max(0, min(d, max_new_tokens - pos - 1))
-            agree = agreements[E][p]
-            k = 0
-            while k < d and pos + k < n and agree[pos + k]:
-                k += 1
+            k = accepted_run(agreements[E][p], pos, d)
             seconds += cost(E, d)
             step = min(k + 1, n - pos)
             emitted += step
@@ -89,18 +95,18 @@ def exit_bandit(exits: Sequence[int], most: int, g: int, cost: RoundTime, explor
     """Length as growing(); the exit is the one with the most tokens per second so far in this generation (each
     exit's rounds' times summed: in an engine, a wall clock), every exit tried once at the start and the least
     tried one again every explore_every rounds."""
-    exits = sorted(exits)
+    exits, length = sorted(exits), DraftLength(most, g)
 
     def policy(state, last):
         if state is None:
-            state = {"n": 0, "stats": {E: [0.0, 0, 0] for E in exits}, "len": min(most, g)}
+            state = {"n": 0, "stats": {E: [0.0, 0, 0] for E in exits}, "len": length.first()}
         else:
             E, d, k = last
             st = state["stats"][E]
             st[0] += cost(E, d)
             st[1] += k + 1
             st[2] += 1
-            state["len"] = min(most, d + g) if k == d else max(1, k + 1)
+            state["len"] = length.after(d, k == d, k)
         state["n"] += 1
         untried = [E for E in exits if not state["stats"][E][2]]
         if untried:
@@ -131,10 +137,10 @@ def stopping(agreements, probs, cost: RoundTime, E: int, most: int, g: int, tau:
     top probability q_i: rule 'each' (csrc/draft.cpp today): stop before the first draft with q_i < tau;
     'product': stop before the draft that takes q_1 x ... x q_i below tau (the chance, if calibrated, that the
     whole run is accepted)."""
-    seconds, emitted = 0.0, 0
+    seconds, emitted, length = 0.0, 0, DraftLength(most, g)
     for agree, q in zip(agreements[E], probs[E]):
         n, pos = len(agree), 1
-        current = min(most, g) if g else most
+        current = length.first()
         while pos < n:
             d = max(1, min(current, max_new_tokens - pos - 1))
             proposed, run = 0, 1.0
@@ -143,15 +149,12 @@ def stopping(agreements, probs, cost: RoundTime, E: int, most: int, g: int, tau:
                 if run < tau:
                     break
                 proposed += 1
-            k = 0
-            while k < proposed and agree[pos + k]:
-                k += 1
+            k = accepted_run(agree, pos, proposed)
             seconds += cost(E, max(1, proposed))  # (a stopped round also ran one more draft step)
             step = min(k + 1, n - pos)
             emitted += step
             pos += step
-            if g:
-                current = min(most, current + g) if k == proposed else max(1, k + 1)
+            current = length.after(current, k == proposed, k)
     return seconds, emitted
 
 
@@ -161,29 +164,28 @@ def static(E: int, d: int) -> Policy:
 
 def growing(E: int, most: int, g: int) -> Policy:
     """generation/draft_length.py's rule."""
+    length = DraftLength(most, g)
+
     def policy(state, last):
-        if last is None:
-            return None, E, min(most, g)
-        _, d, k = last
-        return None, E, (min(most, d + g) if k == d else max(1, k + 1))
+        return None, E, (length.first() if last is None else length.after(last[1], last[2] == last[1], last[2]))
     return policy
 
 
 def exit_ladder(exits: Sequence[int], most: int, g: int) -> Policy:
     """Length as growing(); the exit steps one rung shallower after a fully accepted round of the longest length
     (easy text: cheaper drafts) and one rung deeper after a round whose first draft was rejected."""
-    exits = sorted(exits)
+    exits, length = sorted(exits), DraftLength(most, g)
 
     def policy(state, last):
         i = len(exits) // 2 if state is None else state
         if last is None:
-            return i, exits[i], min(most, g)
+            return i, exits[i], length.first()
         _, d, k = last
         if k == d and d == most:
             i = max(0, i - 1)
         elif k == 0:
             i = min(len(exits) - 1, i + 1)
-        return i, exits[i], (min(most, d + g) if k == d else max(1, k + 1))
+        return i, exits[i], length.after(d, k == d, k)
     return policy
 
 
@@ -193,7 +195,7 @@ def oracle(agreements, cost: RoundTime, exits: Sequence[int], depths: Sequence[i
     over the output's positions): a bound on every policy. growth > 0: the length follows growing()'s rule and only
     the exit is chosen (what a per-round exit choice alone could gain); one exit: only the length is chosen (what
     a perfect draft stop could gain)."""
-    most = depths[-1]
+    most, length = depths[-1], DraftLength(depths[-1], growth)
     seconds, emitted = 0.0, 0
     for p in range(len(agreements[exits[0]])):
         n = len(agreements[exits[0]][p])
@@ -203,20 +205,16 @@ def oracle(agreements, cost: RoundTime, exits: Sequence[int], depths: Sequence[i
             for c in lengths:
                 options = []
                 for E in exits:
-                    agree = agreements[E][p]
                     for d in ([c] if growth else depths):
                         d = max(0, min(d, max_new_tokens - pos - 1))
-                        k = 0
-                        while k < d and pos + k < n and agree[pos + k]:
-                            k += 1
-                        nxt = (min(most, d + growth) if k == d else max(1, k + 1)) if growth else 0
+                        k = accepted_run(agreements[E][p], pos, d)
+                        nxt = length.after(d, k == d, k) if growth else 0
                         options.append(cost(E, d) + best[(min(n, pos + k + 1), max(nxt, 1) if growth else 0)])
                 best[(pos, c)] = min(options)
         if n > 1:
-            seconds += best[(1, min(most, growth) if growth else 0)]
+            seconds += best[(1, length.first() if growth else 0)]
         emitted += max(0, n - 1)
     return seconds, emitted
-
 
 
 def parse_range(text: str) -> list[int]:
@@ -268,8 +266,11 @@ def main() -> int:
           f"{ar_step_s * 1e3:.3f} ms/token; round E=4 d=1 {table.get((4, 1), 0) * 1e3:.3f} ms, d=8 "
           f"{table.get((4, 8), 0) * 1e3:.3f} ms; predicted speedups:")
 
+    def speedup(seconds: float, emitted: int) -> float:  # tokens/s against autoregressive decoding's
+        return ar_s / seconds * emitted / ar.decode_tokens
+
     def show(label: str, seconds: float, emitted: int) -> float:
-        speed = ar_s / seconds * emitted / ar.decode_tokens
+        speed = speedup(seconds, emitted)
         print(f"  {label:<34} {speed:5.2f}x")
         return speed
 
@@ -277,7 +278,7 @@ def main() -> int:
     for E in exits:
         for d in depths:
             s, e = replay(agreements, cost, static(E, d), args.max_new_tokens)
-            rows.append((ar_s / s * e / ar.decode_tokens, f"static E={E} d={d}"))
+            rows.append((speedup(s, e), f"static E={E} d={d}"))
     rows.sort(reverse=True)
     for speed, label in rows[:3]:
         print(f"  {label:<34} {speed:5.2f}x")
@@ -299,7 +300,7 @@ def main() -> int:
             for g in (2, 4):
                 results.append((f"bandit {ex} d<={depths[-1]} growth {g}",
                                 replay(agreements, cost, exit_bandit(ex, depths[-1], g, cost), args.max_new_tokens)))
-    scored = sorted(((ar_s / s * e / ar.decode_tokens, label) for label, (s, e) in results), reverse=True)
+    scored = sorted(((speedup(s, e), label) for label, (s, e) in results), reverse=True)
     for speed, label in scored[:8]:
         print(f"  {label:<34} {speed:5.2f}x  ({speed / best_static - 1:+.1%} over the best static)")
     probs = top_probs(model, prompts, ar.outputs, exits)
@@ -310,7 +311,7 @@ def main() -> int:
                 for rule in ("each", "product"):
                     for tau in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5):
                         s, e = stopping(agreements, probs, cost, E, most, g, tau, rule, args.max_new_tokens)
-                        stops.append((ar_s / s * e / ar.decode_tokens, f"stop {rule} {tau} E={E} d<={most} g{g}"))
+                        stops.append((speedup(s, e), f"stop {rule} {tau} E={E} d<={most} g{g}"))
     stops.sort(reverse=True)
     for rule in ("each", "product"):
         for speed, label in [x for x in stops if f" {rule} " in x[1]][:4]:
