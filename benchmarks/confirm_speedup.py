@@ -5,7 +5,9 @@
 
 Each setting is E:d (static drafting), E:d:stop or E:d:stop:growth (dynamic drafting: at most d drafts, stopping
 where the exit head's top probability falls below stop (0: never), the round's length adapting by growth:
-generation/draft_length.py). Every prompt is decoded back to back by autoregressive decoding and each setting
+generation/draft_length.py); a stop ending in "m" (E:d:0.4m[:growth]) is a threshold on the chance of a stop model
+fitted here, per exit, on other prompts than those measured (reproduce/data.stop_fit_prompts: 36 held-out functions
++ 36 HumanEval; generation/draft_stop.py). Every prompt is decoded back to back by autoregressive decoding and each setting
 (analysis/confirm.py, the method of `layerskip reproduce`'s confirmation stage); a setting's speedup is the median
 over the repeats of its tokens/s over the same repeat's autoregressive tokens/s. Greedy; outputs must be identical.
 --prompts: 'humaneval', 'reproduce' (the prompts `layerskip reproduce` evaluates on: 12 held-out functions + 12
@@ -21,18 +23,22 @@ import sys
 import torch
 
 from layerskip_ext.analysis.confirm import Setting, interleaved_speedups
+from layerskip_ext.analysis.draft_stop_fit import fit_stop_model
+from layerskip_ext.generation.draft_stop import FEATURES
 from layerskip_ext.model import load_model
 from layerskip_ext.prompts import humaneval_path, read_prompts
-from layerskip_ext.reproduce.data import evaluation_prompts, held_out_dirs, stdlib_dir
+from layerskip_ext.reproduce.data import evaluation_prompts, held_out_dirs, stdlib_dir, stop_fit_prompts
 
 
-def parse_setting(text: str) -> Setting:
+def parse_setting(text: str) -> tuple[Setting, bool]:
+    """-> (the setting, whether its stop is a fitted stop model's threshold)."""
     parts = text.split(":")
     if len(parts) not in (2, 3, 4):
         raise SystemExit(f"--settings: {text!r} is not E:d, E:d:stop or E:d:stop:growth")
+    fitted = len(parts) > 2 and parts[2].endswith("m")
     try:
-        return Setting(int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0,
-                       int(parts[3]) if len(parts) > 3 else 0)
+        return Setting(int(parts[0]), int(parts[1]), float(parts[2].rstrip("m")) if len(parts) > 2 else 0.0,
+                       int(parts[3]) if len(parts) > 3 else 0), fitted
     except ValueError:
         raise SystemExit(f"--settings: {text!r}: E, d and growth are integers, stop a probability") from None
 
@@ -59,10 +65,21 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = [parse_setting(s) for s in args.settings.split(",") if s]
+    parsed = [parse_setting(s) for s in args.settings.split(",") if s]
+    settings = [s for s, _ in parsed]
     model, tokenizer = load_model(args.model, backend="auto")
     prompts = [tokenizer.encode(t) for t in load_prompts(args.prompts, args.num_prompts)]
     stops = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids or [])
+    fits = {}
+    for E in sorted({s.exit_layer for s, fitted in parsed if fitted}):
+        fit_on = [tokenizer.encode(t) for t in stop_fit_prompts(held_out_dirs(stdlib_dir()), 36, 36)]
+        fits[E] = fit_stop_model(model, fit_on, E, args.max_new_tokens, stops)
+        print(f"stop model, exit {E}: fitted on {fits[E].tokens} draft positions of {len(fit_on)} other prompts "
+              f"(agreement {fits[E].agreement:.3f}, AUC {fits[E].auc:.3f}): "
+              + ", ".join(f"{n} {w:+.3f}" for n, w in zip(FEATURES, fits[E].weights)))
+    for s, fitted in parsed:
+        if fitted:
+            s.stop_model = fits[s.exit_layer].weights
     ar = interleaved_speedups(model, prompts, settings, args.repeats, args.max_new_tokens, stops)
     print(f"{args.model}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads; autoregressive tokens/s per repeat: "
@@ -75,7 +92,8 @@ def main() -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "autoregressive_tokens_per_s": ar,
                        "settings": [dict(label=s.label, exit_layer=s.exit_layer, num_speculations=s.num_speculations,
-                                         draft_stop=s.draft_stop, draft_growth=s.draft_growth, speedup=s.speedup,
+                                         draft_stop=s.draft_stop, draft_growth=s.draft_growth,
+                                         draft_stop_model=s.stop_model, speedup=s.speedup,
                                          speedups=s.speedups, equal_to_ar=s.equal_to_ar) for s in settings]},
                       f, indent=1)
     return 0 if all(s.equal_to_ar for s in settings) else 1

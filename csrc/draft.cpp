@@ -12,10 +12,20 @@
 // that, and all after, are -1 (verification rejects them: the full model's token comes instead, so the output is
 // unchanged whatever the threshold). The loop stops once no row proposes confidently; the outputs then have d' <
 // num_drafts drafts (d' + 1 hidden states). Deciding that reads one bool per step on the host (on a GPU, a sync).
+//
+// With a stop model (stop_model[6] float64 on the CPU: generation/draft_stop.py fits it), a draft's chance of
+// acceptance is sigmoid(w0 + w1 margin + w2..w5 [match >= 1..4]) instead of its top probability: margin = the exit
+// head's largest logit minus the next (exit_head_top2 on the CPU: no softmax), match = the longest k <= 4 such that
+// the row's last k tokens followed by the draft occur earlier in its context (context[B, C] int64 on the CPU,
+// context_len[B]: each row's prompt and emitted tokens, ending with tokens[b]; the drafts of the round extend it).
+// A row proposes while the product of its drafts' chances (that the whole run is accepted) stays >= stop_below.
+// The features are computed on the host (on a GPU: one small copy per step, the sync the stop reads anyway).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/any.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/topk.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/ge.h>
 #include <ATen/ops/logical_and.h>
@@ -28,6 +38,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/poison.h"
@@ -41,12 +52,33 @@ using LayerRangeFn = at::Tensor(const at::Tensor&, at::TensorList, at::TensorLis
 using ExitHeadArgmaxFn = at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
                                     const std::optional<at::Tensor>&);
 using ExitHeadLogSoftmaxFn = ExitHeadArgmaxFn;
+using ExitHeadTop2Fn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
+                                                          const at::Tensor&, const std::optional<at::Tensor>&);
+
+constexpr int64_t kStopModelSize = 6;  // w0 (bias), w1 (margin), w2..w5 (match >= 1, 2, 3, 4)
+constexpr int64_t kLongestMatch = 4;
+
+// The longest k <= kLongestMatch such that seq[n - k, n) followed by next occurs in seq[0, n) (0: next never follows
+// seq's last token there). O(n x k): contexts are thousands of tokens at most.
+int64_t match_level(const std::vector<int64_t>& seq, int64_t next) {
+  const int64_t n = static_cast<int64_t>(seq.size());
+  int64_t best = 0;
+  for (int64_t j = 1; j < n && best < kLongestMatch; ++j) {
+    if (seq[j] != next) continue;
+    int64_t k = 0;
+    while (k < kLongestMatch && j - 1 - k >= 0 && seq[j - 1 - k] == seq[n - 1 - k]) ++k;
+    best = std::max(best, k);
+  }
+  return best;
+}
+
+double log_sigmoid(double z) { return z >= 0 ? -std::log1p(std::exp(-z)) : z - std::log1p(std::exp(z)); }
 
 // tokens[B] int64: each row's newest token (not yet in the cache), at position start[B]; embed[V, H];
 // weights / caches / cos / sin / heads / eps / scale: layer_range_forward's, for layers [0, E);
 // norm_weight / norm_eps / lm_head / vocab_subset: exit_head_argmax's.
 // -> drafts[B, d] int64, hidden[B, d + 1, H]: layer E's output for tokens, drafts[:, 0], ..., drafts[:, d - 1]
-// (d' <= d of them with stop_below > 0: see above).
+// (d' <= d of them with stop_below > 0: see above). stop_model / context / context_len: see above (all or none).
 std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const at::Tensor& embed,
                                                 at::TensorList weights, at::TensorList k_caches,
                                                 at::TensorList v_caches, const at::Tensor& start,
@@ -54,7 +86,10 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
                                                 int64_t num_kv_heads, double eps, double scale,
                                                 const at::Tensor& norm_weight, double norm_eps,
                                                 const at::Tensor& lm_head, const std::optional<at::Tensor>& vocab_subset,
-                                                int64_t num_drafts, double stop_below) {
+                                                int64_t num_drafts, double stop_below,
+                                                const std::optional<at::Tensor>& stop_model,
+                                                const std::optional<at::Tensor>& context,
+                                                const std::optional<at::Tensor>& context_len) {
   constexpr const char* op = "draft_greedy";
   check_rank(tokens, 1, op, "tokens", "[B]");
   check_dtype(tokens, at::kLong, op, "tokens");
@@ -67,6 +102,37 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
               stop_below);
   TORCH_CHECK(!weights.empty(), op, ": weights is empty (the draft needs at least one layer)");
   const int64_t B = tokens.size(0), H = embed.size(1), d = num_drafts;
+  const bool modelled = stop_model.has_value() && stop_model->defined();
+  TORCH_CHECK(modelled == (context.has_value() && context->defined()) &&
+                  modelled == (context_len.has_value() && context_len->defined()),
+              op, ": stop_model, context and context_len go together (all or none)");
+  TORCH_CHECK(!modelled || stop_below > 0.0, op, ": a stop_model needs stop_below > 0 (its threshold)");
+  std::vector<double> w;
+  std::vector<std::vector<int64_t>> seqs;  // each row's context, extended by the round's drafts
+  if (modelled) {
+    TORCH_CHECK(stop_model->device().is_cpu() && stop_model->scalar_type() == at::kDouble && stop_model->dim() == 1 &&
+                    stop_model->size(0) == kStopModelSize,
+                op, ": stop_model must be a CPU float64 tensor [", kStopModelSize, "], got ", stop_model->sizes(), " ",
+                stop_model->scalar_type(), " on ", stop_model->device());
+    check_rank(*context, 2, op, "context", "[B, C]");
+    check_dtype(*context, at::kLong, op, "context");
+    check_size(*context, 0, B, op, "context", "B = tokens.size(0)");
+    check_rank(*context_len, 1, op, "context_len", "[B]");
+    check_dtype(*context_len, at::kLong, op, "context_len");
+    check_size(*context_len, 0, B, op, "context_len", "B = tokens.size(0)");
+    TORCH_CHECK(context->device().is_cpu() && context_len->device().is_cpu(), op,
+                ": context and context_len must be on the CPU (the stop features are computed on the host)");
+    const at::Tensor sm = stop_model->contiguous(), ctx = context->contiguous(), len = context_len->contiguous();
+    w.assign(sm.const_data_ptr<double>(), sm.const_data_ptr<double>() + kStopModelSize);
+    const int64_t C = ctx.size(1);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = len.const_data_ptr<int64_t>()[b];
+      TORCH_CHECK(n >= 1 && n <= C, op, ": context_len[", b, "] = ", n, " is outside [1, ", C, "]");
+      const int64_t* row = ctx.const_data_ptr<int64_t>() + b * C;
+      seqs.emplace_back(row, row + n);
+      seqs.back().reserve(n + d);
+    }
+  }
 
   static auto layer_range = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("layerskip::layer_range_forward", "")
@@ -77,6 +143,12 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
   static auto head_log_softmax = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("layerskip::exit_head_log_softmax", "")
                                      .typed<ExitHeadLogSoftmaxFn>();
+  static auto head_top2 = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("layerskip::exit_head_top2", "")
+                              .typed<ExitHeadTop2Fn>();
+  const bool subset = vocab_subset.has_value() && vocab_subset->defined();
+  std::vector<double> chance(B, 0.0);  // log of each row's product of acceptance chances (stop model)
+  std::vector<uint8_t> proposing(B, 1);
   const bool dynamic = stop_below > 0.0;
   const double log_stop = dynamic ? std::log(stop_below) : 0.0;
 
@@ -101,9 +173,44 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
       drafts.select(1, i).copy_(token);
       continue;
     }
+    if (modelled) {
+      at::Tensor top2;  // [B, 2]: the two largest logits (log-probabilities on a GPU: the same difference)
+      if (h.is_cpu()) {
+        std::tie(token, top2) = head_top2.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
+      } else {
+        const at::Tensor logp = head_log_softmax.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
+        const auto [values, cols] = at::topk(logp, 2, 1);
+        const at::Tensor col = cols.select(1, 0);
+        token = subset ? vocab_subset->index_select(0, col) : col;
+        top2 = values;
+      }
+      const at::Tensor tok_host = token.cpu(), top2_host = top2.to(at::kCPU, at::kFloat).contiguous();
+      const int64_t* tk = tok_host.const_data_ptr<int64_t>();
+      const float* tv = top2_host.const_data_ptr<float>();
+      std::vector<int64_t> out(B, -1);
+      bool any = false;
+      for (int64_t b = 0; b < B; ++b) {
+        if (proposing[b]) {
+          const int64_t m = match_level(seqs[b], tk[b]);
+          const double z = w[0] + w[1] * (double(tv[2 * b]) - double(tv[2 * b + 1])) + w[2] * (m >= 1) +
+                           w[3] * (m >= 2) + w[4] * (m >= 3) + w[5] * (m >= 4);
+          chance[b] += log_sigmoid(z);
+          proposing[b] = chance[b] >= log_stop;
+        }
+        if (proposing[b]) out[b] = tk[b];
+        any = any || proposing[b];
+        seqs[b].push_back(tk[b]);
+      }
+      drafts.select(1, i).copy_(at::from_blob(out.data(), {B}, at::TensorOptions().dtype(at::kLong)));
+      if (!any) {
+        used = i;
+        break;
+      }
+      continue;
+    }
     const at::Tensor logp = head_log_softmax.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
     const auto [top, col] = at::max(logp, 1);  // [B]: the most probable column and its log-probability
-    token = vocab_subset.has_value() && vocab_subset->defined() ? vocab_subset->index_select(0, col) : col;
+    token = subset ? vocab_subset->index_select(0, col) : col;
     const at::Tensor confident = at::ge(top, log_stop);
     active = i == 0 ? confident : at::logical_and(active, confident);
     drafts.select(1, i).copy_(at::where(active, token, at::full({}, -1, token.options())));

@@ -28,6 +28,9 @@ TORCH_LIBRARY(layerskip, m) {
   // float64 and rounded once; with vocab_subset[V'], over those rows of lm_head only ([..., V']).
   m.def("exit_head_log_softmax(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) "
         "-> Tensor");
+  // The argmax (as exit_head_argmax) and the two largest logits [..., 2] float32 (CPU; dynamic drafting's stop model).
+  m.def("exit_head_top2(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) "
+        "-> (Tensor tokens, Tensor top2)");
   // drafts[B, d] int64, target[B, d+1] int64 (the verifier's argmax), positions[B] int64 (+= accepted + 1 in place)
   //   -> accepted[B] (agreeing prefix length), next_token[B] = target[b, accepted[b]]
   m.def("verify_greedy(Tensor drafts, Tensor target, Tensor(a!) positions) -> (Tensor accepted, Tensor next_token)");
@@ -45,11 +48,14 @@ TORCH_LIBRARY(layerskip, m) {
   // start[B], embed[V, H]; layer_range_forward's arguments for layers [0, E); exit_head_argmax's; d = num_drafts.
   // d + 1 steps of h = layer_range_forward(embed[token]) at start + i, token = exit_head_argmax(h) (not after the
   // last) -> drafts[B, d] int64, hidden[B, d + 1, H] (layer E's output per step). Bitwise those ops one by one.
-  // stop_below > 0: dynamic drafting, fewer drafts where the exit head is not confident (csrc/draft.cpp).
+  // stop_below > 0: dynamic drafting, fewer drafts where the exit head is not confident (csrc/draft.cpp); with
+  // stop_model[6] float64, context[B, C] and context_len[B] int64 (all on the CPU), where a fitted model of the
+  // drafts' acceptance says the run is unlikely to be accepted (generation/draft_stop.py).
   m.def("draft_greedy(Tensor tokens, Tensor embed, Tensor[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor start, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float scale, "
         "Tensor norm_weight, float norm_eps, Tensor lm_head, Tensor? vocab_subset, int num_drafts, "
-        "float stop_below=0.) -> (Tensor drafts, Tensor hidden)");
+        "float stop_below=0., Tensor? stop_model=None, Tensor? context=None, Tensor? context_len=None) "
+        "-> (Tensor drafts, Tensor hidden)");
   // Bad values the CUDA kernels met since the last call on like's device (bits: csrc/cuda/launchers.h
   // kDeviceError*: a vocab_subset entry outside lm_head, a uniform outside [0, 1), a draft outside [0, V)), which
   // the CPU ops raise on at once; reading them synchronises with the device and clears them. CPU: always 0.

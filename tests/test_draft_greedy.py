@@ -199,7 +199,7 @@ def test_self_speculative_uses_the_native_draft_and_stays_lossless():
     model = tiny_model(5, torch.float32, num_hidden_layers=4, backend="native")
     calls = []
     real = native_kernels().draft_greedy
-    model.build_decoder(dataclasses.replace(native_kernels(), draft_greedy=lambda *a: calls.append(a[-2]) or real(*a)))
+    model.build_decoder(dataclasses.replace(native_kernels(), draft_greedy=lambda *a: calls.append(a[16]) or real(*a)))
     prompts = [[5, 9, 2, 7], [1, 2, 3, 4, 5, 6, 7]]
     ar = generate(model, prompts, max_new_tokens=20, stop_token_ids=[], strategy="autoregressive")
     for E, d in ((1, 3), (2, 1), (3, 5)):

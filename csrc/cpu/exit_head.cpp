@@ -2,6 +2,7 @@
 //   exit_head_sample:      tokens drawn from the filtered distribution (temperature / top-k / top-p) by inverse CDF
 //                          from the caller's uniforms, and that distribution (what verify_sampling takes as q / p)
 //   exit_head_log_softmax: log-probabilities (scoring, evaluation)
+//   exit_head_top2:        the argmax and the two largest logits (dynamic drafting's stop features: no softmax)
 // The logits are linear(rms_norm(h, norm_weight), lm_head) exactly as the native ops compute them (the same panel
 // and gemm kernel as exit_head_argmax / linear, rounded to h's dtype), written straight into the float32 output.
 // Everything after the gemm is per row, in a fixed order (common/head_filter.h, common/sampling.h), so a row's
@@ -201,11 +202,58 @@ at::Tensor exit_head_log_softmax_cpu(const at::Tensor& h, const at::Tensor& norm
   return out;
 }
 
+// -> tokens[...] int64 (the argmax, ties: the lowest column, ids through vocab_subset as exit_head_argmax), top2[..., 2]
+// float32: the largest logit and the next one (equal on a tie). Their difference is the log-probability margin
+// between the two most probable tokens, which needs no log-sum-exp: the draft's stop model reads only that.
+std::tuple<at::Tensor, at::Tensor> exit_head_top2_cpu(const at::Tensor& h, const at::Tensor& norm_weight, double eps,
+                                                      const at::Tensor& lm_head,
+                                                      const std::optional<at::Tensor>& vocab_subset) {
+  constexpr const char* op = "exit_head_top2";
+  const auto d = validate_exit_head(op, h, norm_weight, lm_head, vocab_subset);
+  check_device_type(h, c10::DeviceType::CPU, op, "h");
+  if (d.subset) check_subset_values(*vocab_subset, lm_head.size(0), op);
+  std::vector<int64_t> shape = row_shape(h);
+  at::Tensor tokens = at::empty(shape, h.options().dtype(at::kLong));
+  shape.push_back(2);
+  at::Tensor top2 = at::empty(shape, h.options().dtype(at::kFloat));
+  if (poison_outputs().load()) {
+    tokens.fill_(-1);
+    top2.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  if (d.M == 0) return {tokens, top2};
+  TORCH_CHECK(d.V >= 2, op, ": needs at least 2 vocabulary columns, got V = ", d.V);
+  const int64_t* subset = d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr;
+  std::vector<float> logits(static_cast<size_t>(d.M * d.V));
+  head_logits(h, norm_weight, static_cast<float>(eps), lm_head, subset, d.M, d.H, d.V, logits.data(), d.V);
+  int64_t* tp = tokens.mutable_data_ptr<int64_t>();
+  float* vp = top2.mutable_data_ptr<float>();
+  for (int64_t m = 0; m < d.M; ++m) {
+    const float* row = logits.data() + m * d.V;
+    int64_t best = 0;
+    float first = row[0], second = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 1; j < d.V; ++j) {
+      const float x = row[j];
+      if (x > first) {
+        second = first;
+        first = x;
+        best = j;
+      } else if (x > second) {
+        second = x;
+      }
+    }
+    tp[m] = subset != nullptr ? subset[best] : best;
+    vp[2 * m] = first;
+    vp[2 * m + 1] = second;
+  }
+  return {tokens, top2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) {
   m.impl("exit_head_sample", &exit_head_sample_cpu);
   m.impl("exit_head_log_softmax", &exit_head_log_softmax_cpu);
+  m.impl("exit_head_top2", &exit_head_top2_cpu);
 }
 
 }  // namespace layerskip::cpu

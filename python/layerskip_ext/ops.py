@@ -22,6 +22,8 @@ Shapes (B batch, T new tokens, S cache capacity, H hidden, nH query heads, nKV k
       the token drawn by inverse CDF with each row's uniform from the filtered distribution of softmax(logits / T)
       (top-k, top-p, renormalised: sampling_probs_reference), and that distribution (verify_sampling's q / p).
   exit_head_log_softmax(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] or None) -> [..., V] f32
+  exit_head_top2(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] or None)
+      -> (tokens[...] int64 (exit_head_argmax's), top2[..., 2] f32: the two largest logits)   (CPU)
   verify_greedy(drafts[B, d] int64, target[B, d+1] int64, positions[B] int64!) -> (accepted[B], next_token[B])
   verify_sampling(drafts[B, d], q[B, d, V] f32, p[B, d+1, V] f32, uniforms[B, d+1] f32, positions[B]!)
       -> (accepted[B], next_token[B]); both add accepted + 1 to positions in place.
@@ -227,6 +229,22 @@ def exit_head_log_softmax_reference(h: torch.Tensor, norm_weight: torch.Tensor, 
                                           linear_reference)
 
 
+def exit_head_top2_composed(h, norm_weight, eps, lm_head, vocab_subset, rms_norm_fn,
+                            linear_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    w = lm_head if vocab_subset is None else lm_head[vocab_subset]
+    logits = linear_fn(rms_norm_fn(h, norm_weight, eps), w.contiguous()).float()
+    top2 = logits.topk(2, dim=-1).values
+    col = logits.argmax(-1)  # (argmax: ties -> the lowest index; topk's order among ties is unspecified)
+    return (col if vocab_subset is None else vocab_subset[col]), top2
+
+
+def exit_head_top2_reference(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                             vocab_subset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the exit head's argmax [...] int64, its two largest logits [..., 2] float32, the larger first): the
+    features dynamic drafting's stop model reads (their difference is a log-probability margin: no softmax)."""
+    return exit_head_top2_composed(h, norm_weight, eps, lm_head, vocab_subset, rms_norm_reference, linear_reference)
+
+
 def verify_greedy_reference(drafts: torch.Tensor, target: torch.Tensor,
                             positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """accepted[b] = length of the prefix where drafts[b] == target[b, :d]; next_token[b] = target[b, accepted[b]];
@@ -306,19 +324,55 @@ def layer_range_forward_reference(h, weights, k_caches, v_caches, start, positio
                                         cache_attention_fn=cache_attention_reference)
 
 
+STOP_MODEL_SIZE = 6     # csrc/draft.cpp kStopModelSize: bias, margin, match >= 1, 2, 3, 4
+LONGEST_MATCH = 4       # csrc/draft.cpp kLongestMatch
+
+
+def match_level(seq, nxt: int) -> int:
+    """The longest k <= LONGEST_MATCH such that seq's last k tokens followed by nxt occur in seq (csrc/draft.cpp)."""
+    n, best = len(seq), 0
+    for j in range(1, n):
+        if seq[j] != nxt:
+            continue
+        k = 0
+        while k < LONGEST_MATCH and j - 1 - k >= 0 and seq[j - 1 - k] == seq[n - 1 - k]:
+            k += 1
+        best = max(best, k)
+        if best == LONGEST_MATCH:
+            break
+    return best
+
+
+def acceptance_log_chance(stop_model, margin: float, seq, draft: int) -> float:
+    """log sigmoid(w . features) of one draft (csrc/draft.cpp): stop_model [6] (a tensor or a sequence), margin = the
+    exit head's largest logit minus the next, seq the row's context before the draft."""
+    w = [float(x) for x in stop_model]
+    m = match_level(seq, draft)
+    z = w[0] + w[1] * margin
+    for k in range(1, LONGEST_MATCH + 1):  # (the native op's order of additions: the same bits)
+        z += w[1 + k] * float(m >= k)
+    return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+
+
 def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads: int,
                           num_kv_heads: int, eps: float, scale: float, norm_weight, norm_eps: float, lm_head,
-                          vocab_subset, num_drafts: int, stop_below: float = 0.0, *, layer_range_fn, head_argmax_fn,
-                          head_log_softmax_fn=None):
+                          vocab_subset, num_drafts: int, stop_below: float = 0.0, stop_model=None, context=None,
+                          context_len=None, *, layer_range_fn, head_argmax_fn, head_log_softmax_fn=None,
+                          head_top2_fn=None):
     """The greedy draft stage from separate layer-range / exit-head functions: d + 1 steps of embedding, layers
     [0, E) at position start + i, and (but after the last) the exit head's argmax as the next token.
     -> drafts [B, d] int64, hidden [B, d+1, H] (layer E's output per step).
 
     stop_below > 0 (dynamic drafting, csrc/draft.cpp): the head is head_log_softmax_fn's most probable column; a row
     whose top probability falls below stop_below proposes -1 from then on, and the stage ends when no row proposes
-    (d' < d drafts, d' + 1 hidden states)."""
+    (d' < d drafts, d' + 1 hidden states). With stop_model [6] float64 and context [B, C] / context_len [B] int64:
+    the chance is generation/draft_stop.py's (head_top2_fn's margin and the context's n-gram match), multiplied
+    over the row's drafts."""
     B = tokens.shape[0]
     token, drafts, hidden, active = tokens, [], [], None
+    if stop_model is not None:
+        seqs = [context[b, :int(context_len[b])].tolist() for b in range(B)]
+        chance, proposing = [0.0] * B, [True] * B
     for i in range(num_drafts + 1):
         pos = start + i
         h = layer_range_fn(torch.nn.functional.embedding(token.view(B, 1), embed), weights, k_caches, v_caches, pos,
@@ -329,6 +383,20 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
         if stop_below <= 0:
             token = head_argmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
             drafts.append(token)
+            continue
+        if stop_model is not None:
+            token, top2 = head_top2_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
+            out = []
+            for b, (t, (first, second)) in enumerate(zip(token.tolist(), top2.tolist())):
+                if proposing[b]:
+                    chance[b] += acceptance_log_chance(stop_model, first - second, seqs[b], t)
+                    proposing[b] = chance[b] >= math.log(stop_below)
+                out.append(t if proposing[b] else -1)
+                seqs[b].append(t)
+            drafts.append(torch.tensor(out, dtype=torch.int64, device=token.device))
+            if not any(proposing):
+                drafts.pop()
+                break
             continue
         top, col = head_log_softmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset).max(-1)
         token = col if vocab_subset is None else vocab_subset[col]
@@ -344,13 +412,16 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
 
 def draft_greedy_reference(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads: int,
                            num_kv_heads: int, eps: float, scale: float, norm_weight, norm_eps: float, lm_head,
-                           vocab_subset, num_drafts: int, stop_below: float = 0.0):
+                           vocab_subset, num_drafts: int, stop_below: float = 0.0, stop_model=None, context=None,
+                           context_len=None):
     """Plain-PyTorch greedy draft stage (writes the caches of layers < E in place, like the native op)."""
     return draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads,
                                  num_kv_heads, eps, scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts,
-                                 stop_below, layer_range_fn=layer_range_forward_reference,
+                                 stop_below, stop_model, context, context_len,
+                                 layer_range_fn=layer_range_forward_reference,
                                  head_argmax_fn=exit_head_argmax_reference,
-                                 head_log_softmax_fn=exit_head_log_softmax_reference)
+                                 head_log_softmax_fn=exit_head_log_softmax_reference,
+                                 head_top2_fn=exit_head_top2_reference)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -388,6 +459,7 @@ if _native.native_available():
     _exit_head_argmax_op = torch.ops.layerskip.exit_head_argmax.default
     _exit_head_sample_op = torch.ops.layerskip.exit_head_sample.default
     _exit_head_log_softmax_op = torch.ops.layerskip.exit_head_log_softmax.default
+    _exit_head_top2_op = torch.ops.layerskip.exit_head_top2.default
     _verify_greedy_op = torch.ops.layerskip.verify_greedy.default
     _verify_sampling_op = torch.ops.layerskip.verify_sampling.default
     _layer_range_forward_op = torch.ops.layerskip.layer_range_forward.default
@@ -402,6 +474,7 @@ else:
     _exit_head_argmax_op = _missing("exit_head_argmax")
     _exit_head_sample_op = _missing("exit_head_sample")
     _exit_head_log_softmax_op = _missing("exit_head_log_softmax")
+    _exit_head_top2_op = _missing("exit_head_top2")
     _verify_greedy_op = _missing("verify_greedy")
     _verify_sampling_op = _missing("verify_sampling")
     _layer_range_forward_op = _missing("layer_range_forward")
@@ -459,6 +532,12 @@ def exit_head_log_softmax(h: torch.Tensor, norm_weight: torch.Tensor, eps: float
     return _exit_head_log_softmax_op(h, norm_weight, eps, lm_head, vocab_subset)
 
 
+def exit_head_top2(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                   vocab_subset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native :func:`exit_head_top2_reference` (CPU): the argmax and the two largest logits of the exit head."""
+    return _exit_head_top2_op(h, norm_weight, eps, lm_head, vocab_subset)
+
+
 def verify_greedy(drafts: torch.Tensor, target: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Native :func:`verify_greedy_reference` (positions updated in place)."""
@@ -508,17 +587,20 @@ def draft_greedy(tokens: torch.Tensor, embed: torch.Tensor, weights: list[torch.
                  v_caches: list[torch.Tensor], start: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  num_heads: int, num_kv_heads: int, eps: float, scale: float, norm_weight: torch.Tensor,
                  norm_eps: float, lm_head: torch.Tensor, vocab_subset: torch.Tensor | None,
-                 num_drafts: int, stop_below: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_drafts: int, stop_below: float = 0.0, stop_model: torch.Tensor | None = None,
+                 context: torch.Tensor | None = None,
+                 context_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Native :func:`draft_greedy_reference`: the greedy draft stage in one call, bitwise
     :func:`draft_greedy_native_composed` (the native layer-range and exit-head ops step by step)."""
     return _draft_greedy_op(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads, num_kv_heads, eps,
-                            scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts, stop_below)
+                            scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts, stop_below, stop_model,
+                            context, context_len)
 
 
 def draft_greedy_native_composed(*args) -> tuple[torch.Tensor, torch.Tensor]:
     """The draft stage step by step with the native ops (what draft_greedy must equal bitwise)."""
     return draft_greedy_composed(*args, layer_range_fn=layer_range_forward, head_argmax_fn=exit_head_argmax,
-                                 head_log_softmax_fn=exit_head_log_softmax)
+                                 head_log_softmax_fn=exit_head_log_softmax, head_top2_fn=exit_head_top2)
 
 
 def layer_range_forward_native_composed(h, weights, k_caches, v_caches, start, positions, cos, sin, num_heads,
@@ -590,6 +672,11 @@ if _native.native_available():
         V = _head_columns("exit_head_log_softmax", h, lm_head, vocab_subset)
         return h.new_empty((*h.shape[:-1], V), dtype=torch.float32)
 
+    @torch.library.register_fake("layerskip::exit_head_top2")
+    def _exit_head_top2_fake(h, norm_weight, eps, lm_head, vocab_subset):
+        _head_columns("exit_head_top2", h, lm_head, vocab_subset)
+        return h.new_empty(h.shape[:-1], dtype=torch.int64), h.new_empty((*h.shape[:-1], 2), dtype=torch.float32)
+
     @torch.library.register_fake("layerskip::verify_greedy")
     def _verify_greedy_fake(drafts, target, positions):
         torch._check(drafts.dim() == 2, lambda: f"verify_greedy: drafts must be 2-D [B, d], got {drafts.dim()}-D")
@@ -602,7 +689,8 @@ if _native.native_available():
 
     @torch.library.register_fake("layerskip::draft_greedy")
     def _draft_greedy_fake(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads, num_kv_heads, eps,
-                           scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts, stop_below=0.0):
+                           scale, norm_weight, norm_eps, lm_head, vocab_subset, num_drafts, stop_below=0.0,
+                           stop_model=None, context=None, context_len=None):
         torch._check(tokens.dim() == 1, lambda: f"draft_greedy: tokens must be 1-D [B], got {tokens.dim()}-D")
         torch._check(embed.dim() == 2, lambda: f"draft_greedy: embed must be 2-D [V, H], got {embed.dim()}-D")
         torch._check(num_drafts >= 0, lambda: f"draft_greedy: num_drafts must be >= 0, got {num_drafts}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from .sweep import run_prompts, setting_label
 
@@ -22,6 +22,7 @@ class Setting:
     num_speculations: int
     draft_stop: float = 0.0
     draft_growth: int = 0
+    stop_model: Optional[list[float]] = None  # a fitted stop model (generation/draft_stop.py): draft_stop is its threshold
     speedups: list[float] = field(default_factory=list)   # per repeat
     tokens_per_s: list[float] = field(default_factory=list)
     equal_to_ar: bool = True
@@ -30,7 +31,8 @@ class Setting:
     def of(cls, d: dict) -> "Setting":
         """The setting a reproduce stage's dict describes (exit_layer, num_speculations, draft_stop,
         draft_growth)."""
-        return cls(d["exit_layer"], d["num_speculations"], d.get("draft_stop", 0.0), d.get("draft_growth", 0))
+        return cls(d["exit_layer"], d["num_speculations"], d.get("draft_stop", 0.0), d.get("draft_growth", 0),
+                   d.get("draft_stop_model"))
 
     @property
     def speedup(self) -> float:
@@ -38,7 +40,8 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth)
+        return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth,
+                             self.stop_model is not None)
 
 
 def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequence[Setting], repeats: int,
@@ -48,7 +51,7 @@ def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequ
     runs = [None, *settings]  # None: autoregressive
 
     def once(r, ps, n):
-        args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop, r.draft_growth)
+        args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop, r.draft_growth, r.stop_model)
         return run_prompts(model, ps, n, stop_ids, *args)
 
     for r in runs:  # warm-up: first calls allocate buffers and page weights in

@@ -47,12 +47,14 @@ class RunStats:
         return self.decode_tokens / self.rounds if self.rounds else 0.0
 
 
-def setting_label(exit_layer: int, d: int, draft_stop: float = 0.0, draft_growth: int = 0) -> str:
-    """"E=6 d=6" (static); dynamic: "E=6 d<=16 grow 4 stop<0.05" (the parts it uses)."""
+def setting_label(exit_layer: int, d: int, draft_stop: float = 0.0, draft_growth: int = 0,
+                  fitted_stop: bool = False) -> str:
+    """"E=6 d=6" (static); dynamic: "E=6 d<=16 grow 4 stop<0.05" (the parts it uses; "fitted stop<0.4": the
+    threshold is on a fitted stop model's chance, generation/draft_stop.py)."""
     if not (draft_stop or draft_growth):
         return f"E={exit_layer} d={d}"
     return (f"E={exit_layer} d<={d}" + (f" grow {draft_growth}" if draft_growth else "")
-            + (f" stop<{draft_stop:g}" if draft_stop else ""))
+            + ((" fitted" if fitted_stop else "") + f" stop<{draft_stop:g}" if draft_stop else ""))
 
 
 @dataclasses.dataclass
@@ -146,14 +148,15 @@ def default_exit_layers(num_layers: int, count: int = 6) -> list[int]:
 
 def run_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Iterable[int],
                 exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
-                draft_stop: float = 0.0, draft_growth: int = 0) -> RunStats:
+                draft_stop: float = 0.0, draft_growth: int = 0, draft_stop_model=None) -> RunStats:
     """Greedy decoding of each prompt alone; autoregressive when exit_layer is None. Self-speculation drafts
     exactly as asked: draft_stop and draft_growth 0 are static (a model's tuned dynamic drafting is not applied
-    behind the caller's back)."""
+    behind the caller's back), and a stop model is used only when given."""
     strategy = "autoregressive" if exit_layer is None else "self_speculative"
     stats = RunStats([])
     stops = list(stop_ids)
-    extra = {} if exit_layer is None else {"draft_stop": float(draft_stop), "draft_growth": int(draft_growth)}
+    extra = {} if exit_layer is None else {"draft_stop": float(draft_stop), "draft_growth": int(draft_growth),
+                                           "draft_stop_model": draft_stop_model}
     for p in prompts:
         r = generate(model, [list(p)], strategy=strategy, max_new_tokens=max_new_tokens, stop_token_ids=stops,
                      exit_layer=exit_layer, num_speculations=num_speculations, **extra)

@@ -12,6 +12,7 @@ from .autoregressive import generate_autoregressive
 from .batch import DecodeBatch
 from .core import GenerationResult, SequenceOutput, StopRules, TokenCallback, check_prompts
 from .defaults import resolve_strategy
+from .draft_stop import as_stop_model, tuned_stop_model
 from .sampling import SamplingParams
 from .self_speculative import generate_self_speculative
 
@@ -24,7 +25,7 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
              exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
              on_token: Optional[TokenCallback] = None, draft_vocab="auto",
              cuda_graph: bool = False, draft_stop: Optional[float] = None,
-             draft_growth: Optional[int] = None) -> GenerationResult:
+             draft_growth: Optional[int] = None, draft_stop_model="auto") -> GenerationResult:
     """Generate continuations of token-id prompts (one list, or a batch of lists of any lengths).
 
     strategy: "autoregressive" (all layers, one token per pass), "early_exit" (layers < exit_layer, then the
@@ -52,6 +53,10 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     draft_growth, growing by it after a round whose drafts were all accepted (up to num_speculations) and falling to
     one more than the accepted run after a rejection (generation/draft_length.py; None: the model's tuned setting,
     else 0 = every round drafts num_speculations). Same output (in distribution, when sampling).
+
+    draft_stop_model (with draft_stop > 0): the draft stops where a fitted model's chance that the round's whole
+    run is accepted falls below draft_stop, instead of the top probability (generation/draft_stop.py): six weights,
+    None (off), or "auto" (default: the model's tuned one, when draft_stop is the tuned setting too). Same output.
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # a single prompt
@@ -68,8 +73,14 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     asked_stop = draft_stop
     strategy, exit_layer, num_speculations, draft_stop, draft_growth = resolve_strategy(
         model, strategy, exit_layer, num_speculations, draft_stop, draft_growth)
+    if isinstance(draft_stop_model, str):
+        if draft_stop_model != "auto":
+            raise GenerationError(f"draft_stop_model must be 'auto', None or {ops.STOP_MODEL_SIZE} weights, got "
+                                  f"{draft_stop_model!r}")
+        draft_stop_model = tuned_stop_model(model, exit_layer) if asked_stop is None and draft_stop else None
+    stop_model = as_stop_model(draft_stop_model)
     if asked_stop is None and not sampling.greedy:
-        draft_stop = 0.0  # a tuned dynamic-drafting threshold is for greedy decoding
+        draft_stop, stop_model = 0.0, None  # a tuned dynamic-drafting threshold is for greedy decoding
     if strategy == "autoregressive" and exit_layer not in (None, model.num_layers):
         raise GenerationError("exit_layer applies to the early_exit and self_speculative strategies")
     if strategy != "autoregressive":
@@ -86,6 +97,9 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
         raise GenerationError(f"draft_stop must be a probability in [0, 1], got {draft_stop!r}")
     if draft_stop and (strategy != "self_speculative" or not sampling.greedy):
         raise GenerationError("draft_stop (dynamic drafting) applies to greedy self_speculative decoding only")
+    if stop_model is not None and not draft_stop:
+        raise GenerationError("draft_stop_model needs draft_stop > 0: its threshold on the chance that a round's "
+                              "drafts are all accepted")
     if not (isinstance(draft_growth, int) and not isinstance(draft_growth, bool) and draft_growth >= 0):
         raise GenerationError(f"draft_growth must be an integer >= 0, got {draft_growth!r}")
     if draft_growth and strategy != "self_speculative":
@@ -111,8 +125,9 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     batch = DecodeBatch(decoder, rules, capacity)
     if strategy == "self_speculative":
         result = generate_self_speculative(decoder, batch, sampling, result, exit_layer, num_speculations, subset,
-                                           cuda_graph, draft_stop, draft_growth)
-        result.stats.update(draft_stop=draft_stop, draft_growth=draft_growth)
+                                           cuda_graph, draft_stop, draft_growth, stop_model)
+        result.stats.update(draft_stop=draft_stop, draft_growth=draft_growth,
+                            draft_stop_model=None if stop_model is None else stop_model.tolist())
     else:
         result = generate_autoregressive(decoder, batch, sampling, result,
                                          exit_layer=exit_layer if strategy == "early_exit" else None,

@@ -55,6 +55,14 @@ class DecodeBatch:
             last.append(h[0, -1])
         return torch.stack(last)
 
+    def context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each live sequence's prompt and emitted tokens (ending with its newest) -> (tokens [n, C] int64, right-
+        padded with -1; lengths [n] int64), on the CPU: what a draft stop model reads (generation/draft_stop.py)."""
+        seqs = [self.outputs[b].prompt_tokens + self.outputs[b].tokens for b in self.active]
+        width = max(len(s) for s in seqs)
+        tokens = torch.tensor([s + [-1] * (width - len(s)) for s in seqs], dtype=torch.int64)
+        return tokens, torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+
     def room(self) -> int:
         """How many positions past the newest token every live sequence still has in the cache."""
         return self.capacity - 1 - self.top

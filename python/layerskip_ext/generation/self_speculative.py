@@ -17,7 +17,8 @@ probability min(1, p(y)/q(y)), else resample from norm(max(p - q, 0)); emitted t
 Acceptance is the decoder's verify_greedy / verify_sampling (native kernels, or their PyTorch references).
 
 Dynamic drafting: a greedy round's draft stops where the exit head's top probability falls below draft_stop
-(csrc/draft.cpp), and a round's length can adapt to the last round's acceptance (draft_growth:
+(csrc/draft.cpp), or, with a fitted stop model, where the chance that its whole run is accepted does
+(generation/draft_stop.py), and a round's length can adapt to the last round's acceptance (draft_growth:
 generation/draft_length.py, greedy and sampling). Both are lossless: they change only how much is drafted.
 
 Draft vocabulary (greedy only): the draft's exit head may score only a subset of the vocabulary (``draft_vocab``,
@@ -63,7 +64,7 @@ def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sam
 
 
 def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: SamplingParams, generator,
-           draft_vocab=None, draft_stop: float = 0.0) -> torch.Tensor:
+           draft_vocab=None, draft_stop: float = 0.0, stop_model=None) -> torch.Tensor:
     """One draft-verify round, all on the model's device: -> [n, d + 2] int64 (see RoundRow: one tensor, so the
     host reads a round in one transfer). Advances the batch's positions (by accepted + 1, inside the verification
     op) and newest tokens in place, so the next round reads them from the same tensors (what lets a CUDA graph
@@ -71,7 +72,9 @@ def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: Sampl
     # One state for the round's d + 1 positions: the draft and the verification both run on it.
     st = decoder.state(batch.positions, d + 1, batch.cache, batch.rows, max_start=batch.top)
     if sampling.greedy:
-        drafts, hidden = decoder.draft_greedy(batch.last_tokens, st, exit_layer, d, draft_vocab, draft_stop)
+        context = batch.context() if stop_model is not None else None
+        drafts, hidden = decoder.draft_greedy(batch.last_tokens, st, exit_layer, d, draft_vocab, draft_stop,
+                                              stop_model, context)
         if drafts.shape[1] < d:  # dynamic drafting stopped early: verify the positions drafted
             st = dataclasses.replace(st, positions=st.positions[:, :drafts.shape[1] + 1].contiguous())
     else:
@@ -100,12 +103,13 @@ class RoundRow(NamedTuple):
 def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
                               exit_layer: int, num_speculations: int, draft_vocab=None,
                               cuda_graph: bool = False, draft_stop: float = 0.0,
-                              draft_growth: int = 0) -> GenerationResult:
+                              draft_growth: int = 0, stop_model=None) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
     ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. Dynamic drafting:
     draft_stop (greedy): a round drafts while the exit head's top probability stays >= draft_stop (0: off);
     draft_growth: a round's length adapts to the last round's acceptance, up to num_speculations
-    (generation/draft_length.py; 0: every round drafts num_speculations)."""
+    (generation/draft_length.py; 0: every round drafts num_speculations). stop_model (with draft_stop > 0): the
+    draft stops where its fitted chance of acceptance falls below draft_stop (generation/draft_stop.py)."""
     generator = sampling.generator(decoder.device)
     timer = Timer()
     batch.emit_first(choose_tokens(decoder, batch.prefill(), sampling, generator))
@@ -128,7 +132,7 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
         if graphs is not None and d == num_speculations:  # (a graph needs fixed shapes: not dynamic drafting)
             out = graphs.run((d, len(batch.active)), d)
         else:
-            out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab, draft_stop)
+            out = _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab, draft_stop, stop_model)
         all_accepted, least = True, d
         for row, (accepted, next_token, *drafts) in enumerate(out.tolist()):  # the round's only host read
             r = RoundRow(accepted, next_token, drafts)

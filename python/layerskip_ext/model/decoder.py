@@ -247,13 +247,16 @@ class Decoder:
 
     def draft_greedy(self, tokens: torch.Tensor, st: ForwardState, exit_layer: int, num_drafts: int,
                      vocab_subset: Optional[torch.Tensor] = None,
-                     stop_below: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     stop_below: float = 0.0, stop_model: Optional[torch.Tensor] = None,
+                     context: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The greedy draft stage of a self-speculative round: tokens [n] (the newest, not yet cached) at st.start
         through layers < exit_layer, the exit head's argmax proposing the next, num_drafts times, the last proposal
         through layers < exit_layer too. st covers the round's num_drafts + 1 positions (the verification pass
         reuses it). -> (drafts [n, d] int64, layer exit_layer's outputs [n, d + 1, H]).
         stop_below > 0: dynamic drafting (csrc/draft.cpp): proposals stop where the exit head's top probability
-        falls below it (-1 drafts; d' <= d columns)."""
+        falls below it (-1 drafts; d' <= d columns); with stop_model ([6] float64) and context ((tokens [n, C],
+        lengths [n]) int64 on the CPU: each row's prompt and output so far), where the fitted chance that the run is
+        accepted falls below it (generation/draft_stop.py)."""
         if st.positions.shape[1] != num_drafts + 1:
             raise GenerationError(f"the state covers {st.positions.shape[1]} positions; a draft of {num_drafts} "
                                   f"tokens needs {num_drafts + 1}")
@@ -262,7 +265,7 @@ class Decoder:
         return self.kernels.draft_greedy(tokens, self.embed_weight, w, ks, vs, st.start,
                                          st.cos, st.sin, self.num_heads, self.num_kv_heads, self.eps, self.scale,
                                          self.norm_weight, self.norm_eps, self.lm_head, vocab_subset, num_drafts,
-                                         stop_below)
+                                         stop_below, stop_model, *(context or (None, None)))
 
     def head_argmax(self, h: torch.Tensor, vocab_subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """argmax of the shared exit head's logits at h [..., H] -> [...] int64 (over vocab_subset's ids when

@@ -100,3 +100,16 @@ def evaluation_prompts(folders: list[str], functions: int, humaneval: int) -> li
     if humaneval:
         prompts += [{"source": "HumanEval", "text": t} for t in read_prompts(humaneval_path())[:humaneval]]
     return prompts
+
+
+def stop_fit_prompts(folders: list[str], functions: int, humaneval: int, evaluated: int = 12,
+                     evaluated_humaneval: int = 12) -> list[str]:
+    """Prompts to fit a draft stop model on (analysis/draft_stop_fit.py), none of them evaluation_prompts'
+    (held-out functions spread over the files other than the first ``evaluated``, then HumanEval past the first
+    ``evaluated_humaneval``): a stop model is measured on prompts it was not fitted to."""
+    taken = set(function_prompts(folders, evaluated))
+    others = [t for t in function_prompts(folders, 10 * functions) if t not in taken]
+    texts = others[::max(1, len(others) // functions)][:functions]
+    if humaneval:
+        texts += read_prompts(humaneval_path())[evaluated_humaneval:evaluated_humaneval + humaneval]
+    return texts
