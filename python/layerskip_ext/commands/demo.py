@@ -16,6 +16,7 @@ import time
 from ..errors import LayerSkipError
 from ..generation import generate
 from ..generation.defaults import default_speculation, resolve_strategy
+from ..generation.draft_stop import tuned_stop_model
 from ..io import packaged
 from ..model import load_model
 from .common import add_runtime_args, prompt_texts, setup_threads
@@ -167,8 +168,10 @@ def demo_one(args, name: str, prompt: str, label: str) -> None:
         print(f"=== {label} ({len(ids)} tokens) ===\n{prompt}")
     stop, growth = resolve_strategy(model, "self_speculative", E, d,
                                     source=f"{name} {getattr(model, 'source', '')}")[3:]
+    fitted = tuned_stop_model(model, E) is not None
     dyn = (f", round length adapts by {growth}" if growth else "") + (
-        f", drafts stop below top probability {stop:g}" if stop else "")
+        (f", drafts stop where a fitted chance of acceptance falls below {stop:g}" if fitted else
+         f", drafts stop below top probability {stop:g}") if stop else "")
     ss = run("self_speculative", f"self-speculative completion (E={E}, d={d}{dyn}: {origin})")
     ar = run("autoregressive", "autoregressive completion")
     ss_tokens, ar_tokens = ss.sequences[0].tokens, ar.sequences[0].tokens
