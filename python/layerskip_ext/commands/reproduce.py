@@ -58,6 +58,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="dynamic drafting: adaptive round-length growths the sweep tries (default 4; '' for none)")
     p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
                    help="the most drafts a dynamic round may make (default 16)")
+    p.add_argument("--fitted-stops", default=None, metavar="P1,P2,...",
+                   help="thresholds of a fitted draft stop model confirmed at the best dynamic exit (default "
+                        + ",".join(f"{x:g}" for x in D.fitted_stops) + "; '' for none)")
+    p.add_argument("--stop-fit-prompts", type=int, default=D.stop_fit_prompts,
+                   help=f"functions and HumanEval prompts each, none evaluated, the stop model is fitted on "
+                        f"(default {D.stop_fit_prompts})")
     p.add_argument("--eval-sequences", type=int, default=D.eval_sequences,
                    help=f"held-out sequences scored for the per-layer table (default {D.eval_sequences})")
     p.add_argument("--no-compile", action="store_true",
@@ -80,6 +86,9 @@ def run(args) -> int:
         kw["draft_stops"] = tuple(float_list(args.draft_stops, "--draft-stops"))
     if args.draft_growths is not None:
         kw["draft_growths"] = tuple(int_list(args.draft_growths, "--draft-growths"))
+    if args.fitted_stops is not None:
+        kw["fitted_stops"] = tuple(float_list(args.fitted_stops, "--fitted-stops"))
+    kw["stop_fit_prompts"] = args.stop_fit_prompts
     if args.dynamic_depths:
         kw["dynamic_depths"] = tuple(int_list(args.dynamic_depths, "--dynamic-depths"))
     cfg = ReproduceConfig(out=args.out, budget_min=args.budget_min, data=args.data, arch=args.arch, vocab=args.vocab,

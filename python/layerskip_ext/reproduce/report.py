@@ -140,8 +140,15 @@ def _confirm_md(name: str, ev: dict) -> list[str]:
              + ", ".join(f"{x:.1f}" for x in conf["autoregressive_tokens_per_s"]) + ")", "",
              "| setting | sweep | confirmed (median) | per repeat | identical to AR |", "|---|---:|---:|---|---|"]
     for st in conf["settings"]:
-        lines.append(f"| {Setting.of(st).label} | {st['sweep_speedup']:.2f}x | **{st['speedup']:.2f}x** | "
+        sweep = "-" if st["sweep_speedup"] is None else f"{st['sweep_speedup']:.2f}x"
+        lines.append(f"| {Setting.of(st).label} | {sweep} | **{st['speedup']:.2f}x** | "
                      + ", ".join(f"{x:.2f}" for x in st["speedups"]) + f" | {'yes' if st['equal_to_ar'] else 'NO'} |")
+    sm = conf.get("stop_model")
+    if sm:
+        lines.append(f"\nFitted stop (generation/draft_stop.py): exit {sm['exit_layer']}, fitted on {sm['tokens']} draft "
+                     f"positions of {sm['prompts']} prompts not evaluated (agreement {sm['agreement']:.3f}, AUC "
+                     f"{sm['auc']:.3f}); weights " + ", ".join(f"{n} {w:+.3f}" for n, w in zip(sm["features"],
+                                                                                        sm["weights"])) + ".")
     if "dynamic_gain" in conf:
         lines.append(f"\nDynamic over static, same repeats: {100 * conf['dynamic_gain']:+.1f}% (median of the "
                      "per-repeat ratios).")
