@@ -150,7 +150,7 @@ def stopping(agreements, probs, cost: RoundTime, E: int, most: int, g: int, tau:
                     break
                 proposed += 1
             k = accepted_run(agree, pos, proposed)
-            seconds += cost(E, max(1, proposed))  # (a stopped round also ran one more draft step)
+            seconds += cost(E, max(1, proposed))  # (a stopped round also ran the head of the draft it dropped)
             step = min(k + 1, n - pos)
             emitted += step
             pos += step
