@@ -70,9 +70,9 @@ def main() -> int:
     model, tokenizer = load_model(args.model, backend="auto")
     prompts = [tokenizer.encode(t) for t in load_prompts(args.prompts, args.num_prompts)]
     stops = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids or [])
-    fits = {}
-    for E in sorted({s.exit_layer for s, fitted in parsed if fitted}):
-        fit_on = [tokenizer.encode(t) for t in stop_fit_prompts(held_out_dirs(stdlib_dir()), 36, 36)]
+    fits, fit_exits = {}, sorted({s.exit_layer for s, fitted in parsed if fitted})
+    fit_on = [tokenizer.encode(t) for t in stop_fit_prompts(held_out_dirs(stdlib_dir()), 36, 36)] if fit_exits else []
+    for E in fit_exits:
         fits[E] = fit_stop_model(model, fit_on, E, args.max_new_tokens, stops)
         print(f"stop model, exit {E}: fitted on {fits[E].tokens} draft positions of {len(fit_on)} other prompts "
               f"(agreement {fits[E].agreement:.3f}, AUC {fits[E].auc:.3f}): "
@@ -84,9 +84,9 @@ def main() -> int:
     print(f"{args.model}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads; autoregressive tokens/s per repeat: "
           + ", ".join(f"{x:.1f}" for x in ar))
-    print(f"{'setting':<24} {'speedup':>8}  per repeat")
+    print(f"{'setting':<34} {'speedup':>8}  per repeat")
     for s in settings:
-        print(f"{s.label:<24} {s.speedup:7.2f}x  " + ", ".join(f"{x:.3f}" for x in s.speedups)
+        print(f"{s.label:<34} {s.speedup:7.2f}x  " + ", ".join(f"{x:.3f}" for x in s.speedups)
               + ("" if s.equal_to_ar else "  OUTPUT DIFFERS FROM AUTOREGRESSIVE"))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
