@@ -79,7 +79,7 @@ def main() -> int:
               + ", ".join(f"{n} {w:+.3f}" for n, w in zip(FEATURES, fits[E].weights)))
     for s, fitted in parsed:
         if fitted:
-            s.stop_model = fits[s.exit_layer].weights
+            s.draft_stop_model = fits[s.exit_layer].weights
     ar = interleaved_speedups(model, prompts, settings, args.repeats, args.max_new_tokens, stops)
     print(f"{args.model}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads; autoregressive tokens/s per repeat: "
@@ -93,7 +93,7 @@ def main() -> int:
             json.dump({"model": args.model, "autoregressive_tokens_per_s": ar,
                        "settings": [dict(label=s.label, exit_layer=s.exit_layer, num_speculations=s.num_speculations,
                                          draft_stop=s.draft_stop, draft_growth=s.draft_growth,
-                                         draft_stop_model=s.stop_model, speedup=s.speedup,
+                                         draft_stop_model=s.draft_stop_model, speedup=s.speedup,
                                          speedups=s.speedups, equal_to_ar=s.equal_to_ar) for s in settings]},
                       f, indent=1)
     return 0 if all(s.equal_to_ar for s in settings) else 1

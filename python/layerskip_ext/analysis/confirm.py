@@ -22,7 +22,7 @@ class Setting:
     num_speculations: int
     draft_stop: float = 0.0
     draft_growth: int = 0
-    stop_model: Optional[list[float]] = None  # a fitted stop model (generation/draft_stop.py): draft_stop is its threshold
+    draft_stop_model: Optional[list[float]] = None  # fitted (generation/draft_stop.py): draft_stop is its threshold
     speedups: list[float] = field(default_factory=list)   # per repeat
     tokens_per_s: list[float] = field(default_factory=list)
     equal_to_ar: bool = True
@@ -41,7 +41,7 @@ class Setting:
     @property
     def label(self) -> str:
         return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth,
-                             self.stop_model is not None)
+                             self.draft_stop_model is not None)
 
 
 def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequence[Setting], repeats: int,
@@ -51,7 +51,7 @@ def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequ
     runs = [None, *settings]  # None: autoregressive
 
     def once(r, ps, n):
-        args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop, r.draft_growth, r.stop_model)
+        args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop, r.draft_growth, r.draft_stop_model)
         return run_prompts(model, ps, n, stop_ids, *args)
 
     for r in runs:  # warm-up: first calls allocate buffers and page weights in

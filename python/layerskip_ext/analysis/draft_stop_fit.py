@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 
-from ..generation.api import generate
 from ..generation.draft_stop import FEATURES
 from ..ops import LONGEST_MATCH, match_level
+from .sweep import run_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ def fit_stop_model(model, prompts: Sequence[Sequence[int]], exit_layer: int, max
                    stop_token_ids=None, outputs=None) -> StopModelFit:
     """The stop model for exit_layer fitted on the model's greedy outputs of prompts (given, or decoded here)."""
     if outputs is None:
-        outputs = [generate(model, list(p), strategy="autoregressive", max_new_tokens=max_new_tokens,
-                            stop_token_ids=stop_token_ids).sequences[0].tokens for p in prompts]
+        stops = model.config.eos_token_ids if stop_token_ids is None else stop_token_ids
+        outputs = run_prompts(model, prompts, max_new_tokens, stops).outputs
     rows, labels = [], []
     for prompt, out in zip(prompts, outputs):
         r, a = draft_features(model, prompt, out, exit_layer)
@@ -101,4 +101,3 @@ def fit_stop_model(model, prompts: Sequence[Sequence[int]], exit_layer: int, max
     w = fit_logistic(X, y)
     scores = (X @ torch.tensor(w, dtype=torch.float64)).tolist()
     return StopModelFit(exit_layer, w, len(rows), sum(labels) / len(labels), auc(scores, labels))
-
