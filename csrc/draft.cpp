@@ -7,30 +7,23 @@
 // which on a small model is several percent of a round. On a GPU the argmax never leaves the device (no host sync).
 // Registered for CPU and CUDA alike (the ops it calls have both twins).
 //
-// Dynamic drafting (stop_below > 0): each step's exit head is its log-softmax (exit_head_log_softmax, the same
-// logits); a row keeps proposing while its top token's probability is >= stop_below, and its first proposal below
-// that, and all after, are -1 (verification rejects them: the full model's token comes instead, so the output is
-// unchanged whatever the threshold). The loop stops once no row proposes confidently; the outputs then have d' <
-// num_drafts drafts (d' + 1 hidden states). Deciding that reads one bool per step on the host (on a GPU, a sync).
-//
-// With a stop model (stop_model[6] float64 on the CPU: generation/draft_stop.py fits it), a draft's chance of
-// acceptance is sigmoid(w0 + w1 margin + w2..w5 [match >= 1..4]) instead of its top probability: margin = the exit
-// head's largest logit minus the next (exit_head_top2 on the CPU: no softmax), match = the longest k <= 4 such that
-// the row's last k tokens followed by the draft occur earlier in its context (context[B, C] int64 on the CPU,
-// context_len[B]: each row's prompt and emitted tokens, ending with tokens[b]; the drafts of the round extend it).
-// A row proposes while the product of its drafts' chances (that the whole run is accepted) stays >= stop_below.
-// The features are computed on the host (on a GPU: one small copy per step, the sync the stop reads anyway).
+// Dynamic drafting (stop_below > 0): a row proposes while its chance of acceptance is >= stop_below, and its first
+// proposal below that, and all after, are -1 (verification rejects them: the full model's token comes instead, so
+// the output is unchanged whatever the threshold). The stage stops once no row proposes; the outputs then have
+// d' < num_drafts drafts (d' + 1 hidden states). Both rules below are decided by one loop on the host, from B tokens
+// and B (or 2B) values copied there per step (on a GPU, the one sync that stopping needs anyway):
+//   - threshold: the chance is the draft's own probability under the exit head (exit_head_log_softmax's largest);
+//   - stop model (stop_model[6] float64 on the CPU: generation/draft_stop.py fits it): the chance that the row's
+//     whole run of drafts is accepted, the product of sigmoid(w0 + w1 margin + w2..w5 [match >= 1..4]) over them,
+//     with margin = the exit head's largest logit minus the next (exit_head_top2: no softmax) and match = the
+//     longest k <= 4 such that the row's last k tokens followed by the draft occur earlier in its context
+//     (context[B, C] int64 on the CPU, context_len[B]: each row's prompt and emitted tokens, ending with tokens[b];
+//     the drafts of the round extend it).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/any.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/topk.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/ge.h>
-#include <ATen/ops/logical_and.h>
 #include <ATen/ops/max.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/embedding.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -147,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
                               .findSchemaOrThrow("layerskip::exit_head_top2", "")
                               .typed<ExitHeadTop2Fn>();
   const bool subset = vocab_subset.has_value() && vocab_subset->defined();
-  std::vector<double> chance(B, 0.0);  // log of each row's product of acceptance chances (stop model)
-  std::vector<uint8_t> proposing(B, 1);
+  std::vector<double> chance(B, 0.0);  // log of each row's chance that its drafts so far are accepted
+  std::vector<uint8_t> proposing(B, 1);  // a row that stops proposing stays stopped for the round
   const bool dynamic = stop_below > 0.0;
   const double log_stop = dynamic ? std::log(stop_below) : 0.0;
 
@@ -159,7 +152,6 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
     hidden.fill_(std::numeric_limits<float>::quiet_NaN());
   }
   at::Tensor token = tokens;
-  at::Tensor active;  // [B] bool: rows still proposing (dynamic drafting)
   int64_t used = d;
   for (int64_t i = 0; i <= d; ++i) {
     const at::Tensor pos = i == 0 ? start : at::add(start, i);  // [B]: this step's token's position
@@ -173,48 +165,41 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
       drafts.select(1, i).copy_(token);
       continue;
     }
+    // Dynamic drafting: the step's tokens and what each row's chance is computed from, on the host.
+    at::Tensor step_host;  // [B, 2] the two largest logits (stop model) or [B] the top log-probability
     if (modelled) {
-      at::Tensor top2;  // [B, 2]: the two largest logits (log-probabilities on a GPU: the same difference)
-      if (h.is_cpu()) {
-        std::tie(token, top2) = head_top2.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
-      } else {
-        const at::Tensor logp = head_log_softmax.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
-        const auto [values, cols] = at::topk(logp, 2, 1);
-        const at::Tensor col = cols.select(1, 0);
-        token = subset ? vocab_subset->index_select(0, col) : col;
-        top2 = values;
-      }
-      const at::Tensor tok_host = token.cpu(), top2_host = top2.to(at::kCPU, at::kFloat).contiguous();
-      const int64_t* tk = tok_host.const_data_ptr<int64_t>();
-      const float* tv = top2_host.const_data_ptr<float>();
-      std::vector<int64_t> out(B, -1);
-      bool any = false;
-      for (int64_t b = 0; b < B; ++b) {
-        if (proposing[b]) {
+      at::Tensor top2;
+      std::tie(token, top2) = head_top2.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
+      step_host = top2.to(at::kCPU, at::kFloat).contiguous();
+    } else {
+      const at::Tensor logp = head_log_softmax.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
+      const auto [top, col] = at::max(logp, 1);  // [B]: the most probable column and its log-probability
+      token = subset ? vocab_subset->index_select(0, col) : col;
+      step_host = top.to(at::kCPU, at::kFloat).contiguous();
+    }
+    const at::Tensor tok_host = token.cpu();
+    const int64_t* tk = tok_host.const_data_ptr<int64_t>();
+    const float* sv = step_host.const_data_ptr<float>();
+    std::vector<int64_t> out(B, -1);
+    bool any = false;
+    for (int64_t b = 0; b < B; ++b) {
+      if (proposing[b]) {
+        if (modelled) {  // the whole run's chance: the product over the row's drafts
           const int64_t m = match_level(seqs[b], tk[b]);
-          const double z = w[0] + w[1] * (double(tv[2 * b]) - double(tv[2 * b + 1])) + w[2] * (m >= 1) +
+          const double z = w[0] + w[1] * (double(sv[2 * b]) - double(sv[2 * b + 1])) + w[2] * (m >= 1) +
                            w[3] * (m >= 2) + w[4] * (m >= 3) + w[5] * (m >= 4);
           chance[b] += log_sigmoid(z);
-          proposing[b] = chance[b] >= log_stop;
+        } else {  // this draft's own probability
+          chance[b] = double(sv[b]);
         }
-        if (proposing[b]) out[b] = tk[b];
-        any = any || proposing[b];
-        seqs[b].push_back(tk[b]);
+        proposing[b] = chance[b] >= log_stop;
       }
-      drafts.select(1, i).copy_(at::from_blob(out.data(), {B}, at::TensorOptions().dtype(at::kLong)));
-      if (!any) {
-        used = i;
-        break;
-      }
-      continue;
+      if (proposing[b]) out[b] = tk[b];
+      any = any || proposing[b];
+      if (modelled) seqs[b].push_back(tk[b]);
     }
-    const at::Tensor logp = head_log_softmax.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
-    const auto [top, col] = at::max(logp, 1);  // [B]: the most probable column and its log-probability
-    token = subset ? vocab_subset->index_select(0, col) : col;
-    const at::Tensor confident = at::ge(top, log_stop);
-    active = i == 0 ? confident : at::logical_and(active, confident);
-    drafts.select(1, i).copy_(at::where(active, token, at::full({}, -1, token.options())));
-    if (!at::any(active).item<bool>()) {  // nobody proposes: the round verifies the i drafts made so far
+    drafts.select(1, i).copy_(at::from_blob(out.data(), {B}, at::TensorOptions().dtype(at::kLong)));
+    if (!any) {  // nobody proposes: the round verifies the i drafts made so far
       used = i;
       break;
     }

@@ -28,7 +28,7 @@ TORCH_LIBRARY(layerskip, m) {
   // float64 and rounded once; with vocab_subset[V'], over those rows of lm_head only ([..., V']).
   m.def("exit_head_log_softmax(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) "
         "-> Tensor");
-  // The argmax (as exit_head_argmax) and the two largest logits [..., 2] float32 (CPU; dynamic drafting's stop model).
+  // The argmax (as exit_head_argmax) and the two largest logits [..., 2] float32 (dynamic drafting's stop model).
   m.def("exit_head_top2(Tensor h, Tensor norm_weight, float eps, Tensor lm_head, Tensor? vocab_subset) "
         "-> (Tensor tokens, Tensor top2)");
   // drafts[B, d] int64, target[B, d+1] int64 (the verifier's argmax), positions[B] int64 (+= accepted + 1 in place)

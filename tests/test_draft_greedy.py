@@ -92,7 +92,7 @@ def test_dynamic_draft_equals_ops_step_by_step(case, stop_below):
         stopped = (drafts < 0).cumsum(1) > 0
         assert torch.equal(drafts < 0, stopped), "once a row stops it proposes nothing more"
     ref_drafts, _ = ops.draft_greedy_reference(*with_fresh_caches(args), stop_below)
-    assert ref_drafts.shape[1] >= 0  # the reference runs the same steps (its logits differ in their last bits)
+    assert torch.equal(ref_drafts, drafts)  # the same decisions from the plain-PyTorch stage (no near-ties here)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,7 +139,7 @@ def _err_cases():
             a[names.index(name)] = value
         return lambda: ops.draft_greedy(*with_fresh_caches(a))
 
-    tokens, embed, ws, start, lm_head = base[0], base[1], base[2], base[5], base[14]
+    tokens, embed, start, lm_head = base[0], base[1], base[5], base[14]
     S = base[3][0].shape[2]
     return {
         "tokens rank": (call(tokens=tokens.view(-1, 1)), "draft_greedy: tokens must be 1-D [B], got 2-D"),

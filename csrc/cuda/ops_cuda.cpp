@@ -2,9 +2,12 @@
 // The values of start / positions are NOT read here (that would synchronise with the host): the Python caller
 // validates them; the kernels only guard their memory accesses (see launchers.h).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/silu.h>
+#include <ATen/ops/topk.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -242,6 +245,31 @@ at::Tensor exit_head_log_softmax_cuda(const at::Tensor& h, const at::Tensor& nor
   return out;
 }
 
+// exit_head_top2: the head's float32 logits as exit_head_log_softmax computes them, then ATen's reductions over
+// them on the device (no host sync): argmax for the token (its first maximum: exit_head_argmax's tie rule) and
+// topk for the two largest values. Only the draft stop model reads these, once per draft step; not a hot kernel.
+std::tuple<at::Tensor, at::Tensor> exit_head_top2_cuda(const at::Tensor& h, const at::Tensor& norm_weight, double eps,
+                                                       const at::Tensor& lm_head,
+                                                       const std::optional<at::Tensor>& vocab_subset) {
+  constexpr const char* op = "exit_head_top2";
+  const auto d = validate_exit_head(op, h, norm_weight, lm_head, vocab_subset);
+  check_device_type(h, c10::DeviceType::CUDA, op, "h");
+  check_head_rows(op, d);
+  TORCH_CHECK(d.V >= 2, op, ": needs at least 2 vocabulary columns, got V = ", d.V);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const std::vector<int64_t> rows(h.sizes().begin(), h.sizes().end() - 1);
+  std::vector<int64_t> pairs = rows;
+  pairs.push_back(2);
+  if (d.M == 0) return {at::empty(rows, h.options().dtype(at::kLong)), at::empty(pairs, h.options().dtype(at::kFloat))};
+  at::Tensor logits = at::empty({d.M, d.V}, h.options().dtype(at::kFloat));
+  if (poison_outputs().load()) logits.fill_(std::numeric_limits<double>::quiet_NaN());
+  head_logits_cuda(op, d, h, norm_weight, eps, lm_head, vocab_subset, logits);
+  const at::Tensor col = at::argmax(logits, 1);  // [M]
+  const at::Tensor tokens = d.subset ? vocab_subset->index_select(0, col) : col;
+  const at::Tensor top2 = std::get<0>(at::topk(logits, 2, 1));  // [M, 2], largest first
+  return {tokens.view(rows), top2.view(pairs)};
+}
+
 std::tuple<at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& drafts, const at::Tensor& target,
                                                       const at::Tensor& positions) {
   const auto d = validate_verify_greedy(drafts, target, positions);
@@ -335,6 +363,7 @@ TORCH_LIBRARY_IMPL(layerskip, CUDA, m) {
   m.impl("exit_head_argmax", &exit_head_argmax_cuda);
   m.impl("exit_head_sample", &exit_head_sample_cuda);
   m.impl("exit_head_log_softmax", &exit_head_log_softmax_cuda);
+  m.impl("exit_head_top2", &exit_head_top2_cuda);
   m.impl("verify_greedy", &verify_greedy_cuda);
   m.impl("verify_sampling", &verify_sampling_cuda);
   m.impl("layer_range_forward", &layer_range_forward_cuda);

@@ -23,7 +23,7 @@ Shapes (B batch, T new tokens, S cache capacity, H hidden, nH query heads, nKV k
       (top-k, top-p, renormalised: sampling_probs_reference), and that distribution (verify_sampling's q / p).
   exit_head_log_softmax(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] or None) -> [..., V] f32
   exit_head_top2(h[..., H], norm_weight[H], eps, lm_head[V, H], vocab_subset[V'] or None)
-      -> (tokens[...] int64 (exit_head_argmax's), top2[..., 2] f32: the two largest logits)   (CPU)
+      -> (tokens[...] int64 (exit_head_argmax's), top2[..., 2] f32: the two largest logits)
   verify_greedy(drafts[B, d] int64, target[B, d+1] int64, positions[B] int64!) -> (accepted[B], next_token[B])
   verify_sampling(drafts[B, d], q[B, d, V] f32, p[B, d+1, V] f32, uniforms[B, d+1] f32, positions[B]!)
       -> (accepted[B], next_token[B]); both add accepted + 1 to positions in place.
@@ -363,16 +363,17 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
     [0, E) at position start + i, and (but after the last) the exit head's argmax as the next token.
     -> drafts [B, d] int64, hidden [B, d+1, H] (layer E's output per step).
 
-    stop_below > 0 (dynamic drafting, csrc/draft.cpp): the head is head_log_softmax_fn's most probable column; a row
-    whose top probability falls below stop_below proposes -1 from then on, and the stage ends when no row proposes
-    (d' < d drafts, d' + 1 hidden states). With stop_model [6] float64 and context [B, C] / context_len [B] int64:
-    the chance is generation/draft_stop.py's (head_top2_fn's margin and the context's n-gram match), multiplied
-    over the row's drafts."""
+    stop_below > 0 (dynamic drafting, csrc/draft.cpp's host loop): a row proposes while its chance of acceptance
+    stays >= stop_below (-1 from then on), and the stage ends when no row proposes (d' < d drafts, d' + 1 hidden
+    states). The chance is the draft's probability (head_log_softmax_fn's most probable column), or, with
+    stop_model [6] float64 and context [B, C] / context_len [B] int64, generation/draft_stop.py's (head_top2_fn's
+    margin and the context's n-gram match) multiplied over the row's drafts."""
     B = tokens.shape[0]
-    token, drafts, hidden, active = tokens, [], [], None
-    if stop_model is not None:
-        seqs = [context[b, :int(context_len[b])].tolist() for b in range(B)]
-        chance, proposing = [0.0] * B, [True] * B
+    token, drafts, hidden = tokens, [], []
+    modelled = stop_model is not None
+    seqs = [context[b, :int(context_len[b])].tolist() for b in range(B)] if modelled else None
+    chance, proposing = [0.0] * B, [True] * B  # (csrc/draft.cpp's host loop, step for step)
+    log_stop = math.log(stop_below) if stop_below > 0 else 0.0
     for i in range(num_drafts + 1):
         pos = start + i
         h = layer_range_fn(torch.nn.functional.embedding(token.view(B, 1), embed), weights, k_caches, v_caches, pos,
@@ -384,26 +385,24 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
             token = head_argmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
             drafts.append(token)
             continue
-        if stop_model is not None:
-            token, top2 = head_top2_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
-            out = []
-            for b, (t, (first, second)) in enumerate(zip(token.tolist(), top2.tolist())):
-                if proposing[b]:
-                    chance[b] += acceptance_log_chance(stop_model, first - second, seqs[b], t)
-                    proposing[b] = chance[b] >= math.log(stop_below)
-                out.append(t if proposing[b] else -1)
+        if modelled:
+            token, step = head_top2_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset)
+        else:
+            step, col = head_log_softmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset).max(-1)
+            token = col if vocab_subset is None else vocab_subset[col]
+        out = []
+        for b, (t, v) in enumerate(zip(token.tolist(), step.float().tolist())):
+            if proposing[b]:
+                if modelled:  # the product over the row's drafts; v = the two largest logits
+                    chance[b] += acceptance_log_chance(stop_model, v[0] - v[1], seqs[b], t)
+                else:  # the draft's own probability
+                    chance[b] = v
+                proposing[b] = chance[b] >= log_stop
+            out.append(t if proposing[b] else -1)
+            if modelled:
                 seqs[b].append(t)
-            drafts.append(torch.tensor(out, dtype=torch.int64, device=token.device))
-            if not any(proposing):
-                drafts.pop()
-                break
-            continue
-        top, col = head_log_softmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset).max(-1)
-        token = col if vocab_subset is None else vocab_subset[col]
-        confident = top >= math.log(stop_below)
-        active = confident if active is None else active & confident
-        drafts.append(torch.where(active, token, -1))
-        if not bool(active.any()):
+        drafts.append(torch.tensor(out, dtype=torch.int64, device=token.device))
+        if not any(proposing):
             drafts.pop()
             break
     drafts = torch.stack(drafts, dim=1) if drafts else tokens.new_empty(B, 0)
@@ -534,7 +533,8 @@ def exit_head_log_softmax(h: torch.Tensor, norm_weight: torch.Tensor, eps: float
 
 def exit_head_top2(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
                    vocab_subset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Native :func:`exit_head_top2_reference` (CPU): the argmax and the two largest logits of the exit head."""
+    """Native :func:`exit_head_top2_reference`: the argmax and the two largest logits of the exit head (CUDA: the
+    logits kernel, then ATen's argmax and topk on the device)."""
     return _exit_head_top2_op(h, norm_weight, eps, lm_head, vocab_subset)
 
 
