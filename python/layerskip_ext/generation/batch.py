@@ -32,6 +32,8 @@ class DecodeBatch:
         dev = decoder.device
         self.pos = torch.tensor([len(o.prompt_tokens) - 1 for o in self.outputs], dtype=torch.int64, device=dev)
         self.last = torch.tensor([o.prompt_tokens[-1] for o in self.outputs], dtype=torch.int64, device=dev)
+        self._context: torch.Tensor | None = None  # context()'s buffer, made on its first call
+        self._context_len: list[int] = []
         self._live()
 
     def _live(self) -> None:
@@ -56,12 +58,23 @@ class DecodeBatch:
         return torch.stack(last)
 
     def context(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each live sequence's prompt and emitted tokens (ending with its newest) -> (tokens [n, C] int64, right-
-        padded with -1; lengths [n] int64), on the CPU: what a draft stop model reads (generation/draft_stop.py)."""
-        seqs = [self.outputs[b].prompt_tokens + self.outputs[b].tokens for b in self.active]
-        width = max(len(s) for s in seqs)
-        tokens = torch.tensor([s + [-1] * (width - len(s)) for s in seqs], dtype=torch.int64)
-        return tokens, torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        """Each live sequence's prompt and emitted tokens (ending with its newest) -> (tokens [n, capacity] int64,
+        -1 past each length; lengths [n] int64), on the CPU: what a draft stop model reads (generation/draft_stop.py).
+        One buffer for the whole generation: a call writes only the tokens emitted since the last one (a round's
+        worth), so reading the context costs the same at every length."""
+        if self._context is None:
+            self._context = torch.full((len(self.outputs), self.capacity), -1, dtype=torch.int64)
+            self._context_len = [0] * len(self.outputs)
+        for b in self.active:
+            o, have = self.outputs[b], self._context_len[b]
+            total = len(o.prompt_tokens) + len(o.tokens)
+            if have < total:
+                new = o.prompt_tokens[have:] + o.tokens[max(0, have - len(o.prompt_tokens)):]
+                self._context[b, have:total] = torch.tensor(new, dtype=torch.int64)
+                self._context_len[b] = total
+        n = len(self.active)
+        tokens = self._context[:n] if self.active == list(range(n)) else self._context[self.active]
+        return tokens, torch.tensor([self._context_len[b] for b in self.active], dtype=torch.int64)
 
     def room(self) -> int:
         """How many positions past the newest token every live sequence still has in the cache."""
