@@ -14,7 +14,7 @@ from layerskip_ext.analysis.draft_stop_fit import auc, fit_logistic, fit_stop_mo
 from layerskip_ext.errors import GenerationError
 from layerskip_ext.generation import generate
 from layerskip_ext.generation.draft_stop import as_stop_model, tuned_stop_model
-from helpers import argument_error_test, assert_bitwise, poisoned_outputs, randn, seeded, tiny_model
+from helpers import CUDA, argument_error_test, assert_bitwise, poisoned_outputs, randn, seeded, tiny_model
 from test_draft_greedy import CASES, case_args, with_fresh_caches
 
 pytestmark = pytest.mark.skipif(not ops.native_available(),
@@ -140,6 +140,67 @@ def test_fitted_stop_draft_equals_ops_step_by_step(case, stop_below):
         assert torch.equal(drafts < 0, (drafts < 0).cumsum(1) > 0), "once a row stops it proposes nothing more"
     ref, _ = ops.draft_greedy_reference(*with_fresh_caches(args), stop_below, *extra)
     assert torch.equal(ref, drafts)  # the same decisions from the plain-PyTorch stage (no near-ties here)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_exit_head_top2_and_fitted_stop_draft(dtype):
+    """On the GPU: exit_head_top2's tokens == exit_head_argmax, its values close to the reference's logits; a
+    stop-model draft bitwise the native ops step by step (the stop model and context stay on the CPU)."""
+    g = seeded("cuda-top2", dtype)
+    h, nw, head = (randn((5, 96), dtype, g, scale=2.0).cuda(), randn((96,), dtype, g).cuda(),
+                   randn((1000, 96), dtype, g, scale=0.5).cuda())
+    subset = torch.randperm(1000, generator=g)[:300].cuda()
+    for sub in (None, subset):
+        with poisoned_outputs():
+            tokens, top2 = ops.exit_head_top2(h, nw, 1e-5, head, sub)
+        assert torch.equal(tokens, ops.exit_head_argmax(h, nw, 1e-5, head, sub))
+        _, want = ops.exit_head_top2_reference(h.cpu(), nw.cpu(), 1e-5, head.cpu(), None if sub is None else sub.cpu())
+        tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+        torch.testing.assert_close(top2.cpu(), want, **tol)
+    case = CASES[2]
+    args = case_args(case, dtype, "cuda", tag="cuda-fitted-stop")
+    extra = model_args(case, case[1], seeded("cuda-fitted-stop-ctx"))
+    mine, theirs = with_fresh_caches(args), with_fresh_caches(args)
+    with poisoned_outputs():
+        drafts, hidden = ops.draft_greedy(*mine, 0.3, *extra)
+    want_drafts, want_hidden = ops.draft_greedy_native_composed(*theirs, 0.3, *extra)
+    assert torch.equal(drafts, want_drafts)
+    assert_bitwise(hidden, want_hidden, "hidden")
+
+
+def test_decode_batch_context_is_each_live_sequence_so_far():
+    """DecodeBatch.context() == prompt + emitted tokens of each live row, in row order, after rounds of emits and
+    after a sequence in the middle finishes (its row dropped, the others moved up)."""
+    from types import SimpleNamespace
+
+    from layerskip_ext.generation.batch import DecodeBatch
+    from layerskip_ext.generation.core import SequenceOutput, StopRules
+
+    cache = SimpleNamespace(k=[torch.zeros(3, 1, 20, 2)], v=[torch.zeros(3, 1, 20, 2)])
+    decoder = SimpleNamespace(new_cache=lambda B, capacity: cache, device=torch.device("cpu"))
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    rules = StopRules([SequenceOutput(list(p)) for p in prompts], 10, [99], 20)
+    batch = DecodeBatch(decoder, rules, 20)
+
+    def check():
+        tokens, lengths = batch.context()
+        want = [rules.outputs[b].prompt_tokens + rules.outputs[b].tokens for b in batch.active]
+        assert lengths.tolist() == [len(w) for w in want]
+        for row, w in enumerate(want):
+            assert tokens[row, :len(w)].tolist() == w and bool((tokens[row, len(w):] == -1).all())
+
+    check()
+    for step in range(3):
+        for row in range(len(batch.active)):
+            batch.emit(row, [20 + 3 * step + row, 40 + row])
+        check()
+    batch.emit(1, [99])  # sequence 1 stops
+    batch.drop_finished()
+    assert batch.active == [0, 2]
+    batch.emit(1, [77])
+    check()
 
 
 def test_the_cases_stop_some_rows_while_others_draft_on():
