@@ -19,7 +19,7 @@ import torch
 
 from layerskip_ext.analysis.cost_measure import measure_stage_costs
 from layerskip_ext.analysis.cost_model import alpha_needed, speedup_ceiling
-from layerskip_ext.analysis.sweep import run_prompts
+from layerskip_ext.analysis.decode_runs import run_prompts
 from layerskip_ext.commands.common import int_list, setup_threads
 from layerskip_ext.model import load_model
 from layerskip_ext.model.draft_vocab import load_draft_vocab, stored_draft_vocab_path

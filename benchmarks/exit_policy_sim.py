@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from layerskip_ext.analysis.cost_measure import measure_agreement
-from layerskip_ext.analysis.sweep import run_prompts
+from layerskip_ext.analysis.decode_runs import run_prompts
 from layerskip_ext.generation.draft_length import DraftLength
 from layerskip_ext.model import load_model
 from layerskip_ext.prompts import humaneval_path, read_prompts

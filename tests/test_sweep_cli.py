@@ -170,3 +170,54 @@ def test_empty_prompts_file_is_an_error(tiny, capsys, tmp_path):
     args[args.index("--prompts") + 1] = str(empty)
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and "no prompts" in err
+
+
+def test_fitted_stops_fit_on_the_prompts_after_the_swept_ones(tiny, capsys, tmp_path):
+    """--fitted-stops: a stop model per dynamic exit, fitted on the --stop-fit-prompts after the first
+    --num-prompts (never the swept ones), then a cell per threshold on its chance; lossless like every cell."""
+    code, out, err = run_cli(capsys, *sweep_args(tiny, tmp_path / "f", "--fitted-stops", "0.3,0.6",
+                                                 "--stop-fit-prompts", "1", "--dynamic-depths", "3"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "f" / "sweep.json").read_text())
+    assert res["settings"]["stop_fit_prompts"] == 1
+    assert len(res["stop_fits"]) + len(res["stop_fit_errors"]) == 2  # exits 1 and 3
+    assert res["stop_fits"], res["stop_fit_errors"]
+    fitted = [c for c in res["dynamic_cells"] if "draft_stop_model" in c]
+    assert sorted((c["exit_layer"], c["draft_stop"]) for c in fitted) == sorted(
+        (f["exit_layer"], t) for f in res["stop_fits"] for t in (0.3, 0.6))
+    for c in fitted:
+        fit = next(f for f in res["stop_fits"] if f["exit_layer"] == c["exit_layer"])
+        assert c["draft_stop_model"] == [round(w, 6) for w in fit["weights"]] and c["num_speculations"] == 3
+        assert 0 <= c["acceptance"] <= 1
+        if ops.native_available():
+            assert c["equal_to_ar"] is True
+    md = (tmp_path / "f" / "sweep.md").read_text()
+    assert "0.3 fitted" in md and "Fitted stop at E=" in md
+
+
+def test_write_default_stores_a_fitted_stop_and_drops_a_stale_one(tiny, tmp_path):
+    import shutil
+
+    from layerskip_ext.analysis.sweep import Cell
+    from layerskip_ext.commands.sweep import _write_default
+    from layerskip_ext.generation.draft_stop import tuned_stop_model
+
+    hf = str(shutil.copytree(tiny["hf"], tmp_path / "hf_fit"))
+    weights = [-0.5, 2.0, 0.1, 0.6, 0.8, 1.5]
+    best = Cell(3, 6, 0.4, draft_stop_model=weights, acceptance=0.8)
+    _write_default(hf, best, 1.7, predicted=False)
+    model, _ = load_model(hf)
+    assert model.config.layerskip["draft_stop"] == 0.4 and tuned_stop_model(model, 3) == weights
+    _write_default(hf, Cell(2, 4, acceptance=0.5), 1.2, predicted=False)  # a later sweep's static best
+    model, _ = load_model(hf)
+    assert "draft_stop_model" not in model.config.layerskip and tuned_stop_model(model, 2) is None
+
+
+def test_fitted_stops_need_prompts_left_to_fit_on(tiny, capsys, tmp_path):
+    args = sweep_args(tiny, tmp_path / "n", "--fitted-stops", "0.3")
+    args[args.index("--num-prompts") + 1] = "3"
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "none left to fit the stop model on" in err and err.count("\n") == 1, err
+    code, _, err = run_cli(capsys, *sweep_args(tiny, tmp_path / "n", "--fitted-stops", "1.5"))
+    assert code == 2 and "draft-stop threshold 1.5 must be a probability" in err, err
+    assert not (tmp_path / "n").exists()

@@ -13,7 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from .sweep import run_prompts, setting_label
+from .decode_runs import run_prompts
+from .sweep import setting_label
 
 
 @dataclass
@@ -45,23 +46,25 @@ class Setting:
 
 
 def interleaved_speedups(model, prompts: Sequence[Sequence[int]], settings: Sequence[Setting], repeats: int,
-                         max_new_tokens: int, stop_ids: Iterable[int]) -> list[float]:
-    """Fills each setting's speedups / tokens_per_s / equal_to_ar; -> the autoregressive tokens/s per repeat."""
+                         max_new_tokens: int, stop_ids: Iterable[int], batch_size: int = 1) -> list[float]:
+    """Fills each setting's speedups / tokens_per_s / equal_to_ar; -> the autoregressive tokens/s per repeat.
+    batch_size > 1: the prompts decoded that many at a time (one generate call per group, each group in turn)."""
     stop_ids = list(stop_ids)
     runs = [None, *settings]  # None: autoregressive
 
     def once(r, ps, n):
         args = () if r is None else (r.exit_layer, r.num_speculations, r.draft_stop, r.draft_growth, r.draft_stop_model)
-        return run_prompts(model, ps, n, stop_ids, *args)
+        return run_prompts(model, ps, n, stop_ids, *args, batch_size=batch_size)
 
     for r in runs:  # warm-up: first calls allocate buffers and page weights in
         once(r, prompts[:1], 8)
+    groups = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     ar_tps, reference = [], None
     for i in range(repeats):
         tokens, seconds, outputs = [0] * len(runs), [0.0] * len(runs), [[] for _ in runs]
-        for q, prompt in enumerate(prompts):
+        for q, group in enumerate(groups):
             for j in [(i + q + k) % len(runs) for k in range(len(runs))]:
-                st = once(runs[j], [prompt], max_new_tokens)
+                st = once(runs[j], group, max_new_tokens)
                 tokens[j] += st.decode_tokens
                 seconds[j] += st.decode_s
                 outputs[j] += st.outputs

@@ -15,7 +15,7 @@ import torch
 
 from ..generation.draft_stop import FEATURES
 from ..ops import LONGEST_MATCH, match_level
-from .sweep import run_prompts
+from .decode_runs import run_prompts
 
 
 @dataclasses.dataclass(frozen=True)

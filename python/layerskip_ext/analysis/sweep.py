@@ -20,31 +20,10 @@ from typing import Iterable, Optional, Sequence
 from tqdm import tqdm
 
 from ..errors import LayerSkipError
-from ..generation import generate
 from .cost_measure import measure_agreement, measure_stage_costs
 from .cost_model import Prediction, StageCosts, predict, rank_of
-
-
-@dataclasses.dataclass
-class RunStats:
-    outputs: list[list[int]]
-    decode_tokens: int = 0   # tokens after each prompt's first
-    decode_s: float = 0.0
-    drafted: int = 0
-    accepted: int = 0
-    rounds: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_round(self) -> float:
-        return self.decode_tokens / self.rounds if self.rounds else 0.0
+from .decode_runs import RunStats, run_prompts
+from .draft_stop_fit import StopModelFit, fit_stop_model
 
 
 def setting_label(exit_layer: int, d: int, draft_stop: float = 0.0, draft_growth: int = 0,
@@ -63,6 +42,7 @@ class Cell:
     num_speculations: int
     draft_stop: float = 0.0    # dynamic drafting threshold (0: none)
     draft_growth: int = 0      # dynamic drafting: adaptive round length (0: every round drafts d)
+    draft_stop_model: Optional[list[float]] = None  # draft_stop is on this fitted model's chance (draft_stop.py)
     acceptance: Optional[float] = None
     tokens_per_round: Optional[float] = None
     tokens_per_s: Optional[float] = None
@@ -80,7 +60,8 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth)
+        return setting_label(self.exit_layer, self.num_speculations, self.draft_stop, self.draft_growth,
+                             self.draft_stop_model is not None)
 
     @property
     def measured(self) -> bool:
@@ -96,6 +77,8 @@ class SweepResult:
     stage_costs: Optional[StageCosts]
     settings: dict
     dynamic: list[Cell] = dataclasses.field(default_factory=list)   # dynamic drafting, same prompts and baseline
+    stop_fits: list[StopModelFit] = dataclasses.field(default_factory=list)  # the fitted stops' models, per exit
+    stop_fit_errors: list[str] = dataclasses.field(default_factory=list)    # exits where no stop model could fit
 
     @staticmethod
     def _best_of(cells: Sequence[Cell]) -> Optional[Cell]:
@@ -146,30 +129,6 @@ def default_exit_layers(num_layers: int, count: int = 6) -> list[int]:
     return list(range(step, num_layers, step))[:count]
 
 
-def run_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Iterable[int],
-                exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
-                draft_stop: float = 0.0, draft_growth: int = 0, draft_stop_model=None) -> RunStats:
-    """Greedy decoding of each prompt alone; autoregressive when exit_layer is None. Self-speculation drafts
-    exactly as asked: draft_stop and draft_growth 0 are static (a model's tuned dynamic drafting is not applied
-    behind the caller's back), and a stop model is used only when given."""
-    strategy = "autoregressive" if exit_layer is None else "self_speculative"
-    stats = RunStats([])
-    stops = list(stop_ids)
-    extra = {} if exit_layer is None else {"draft_stop": float(draft_stop), "draft_growth": int(draft_growth),
-                                           "draft_stop_model": draft_stop_model}
-    for p in prompts:
-        r = generate(model, [list(p)], strategy=strategy, max_new_tokens=max_new_tokens, stop_token_ids=stops,
-                     exit_layer=exit_layer, num_speculations=num_speculations, **extra)
-        tokens = r.sequences[0].tokens
-        stats.outputs.append(tokens)
-        stats.decode_tokens += max(0, len(tokens) - 1)
-        stats.decode_s += r.decode_s
-        stats.drafted += r.stats.get("draft_tokens", 0)
-        stats.accepted += r.stats.get("accepted_tokens", 0)
-        stats.rounds += r.stats.get("rounds", 0)
-    return stats
-
-
 def warm_up(model, prompt: Sequence[int], exit_layer: int, d: int, stop_ids: Iterable[int]) -> None:
     """One short generation per strategy: first calls allocate buffers and page weights in."""
     run_prompts(model, [prompt], 4, stop_ids)
@@ -194,6 +153,12 @@ def check_draft_stops(draft_stops: Sequence[float]) -> None:
             raise LayerSkipError(f"draft-stop threshold {s} must be a probability strictly between 0 and 1")
 
 
+def check_fitted_stops(fitted_stops: Sequence[float], fit_prompts) -> None:
+    check_draft_stops(fitted_stops)
+    if fitted_stops and not fit_prompts:
+        raise LayerSkipError("fitted stops need prompts to fit the stop model on (other than the swept ones)")
+
+
 def check_draft_growths(draft_growths: Sequence[int]) -> None:
     for g in draft_growths:
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
@@ -212,17 +177,22 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
               max_new_tokens: int, stop_ids: Iterable[int], *, measure: bool = True, with_prediction: bool = True,
               progress: bool = False, settings: Optional[dict] = None, draft_stops: Sequence[float] = (),
               draft_growths: Sequence[int] = (), dynamic_depths: Optional[Sequence[int]] = None,
-              dynamic_exits: Optional[int] = None) -> SweepResult:
+              dynamic_exits: Optional[int] = None, fitted_stops: Sequence[float] = (),
+              fit_prompts: Sequence[Sequence[int]] = ()) -> SweepResult:
     """The autoregressive baseline, then (with_prediction) the cost model, then (measure) every grid cell, then
     (draft_stops, draft_growths) the dynamic cells: every exit layer x dynamic_depths (default: the grid's deepest
     d) x (threshold or none) x (growth or none); with dynamic_exits = k, only the k exit layers whose best grid cell
-    was fastest get dynamic cells (dynamic drafting pays where drafting from that exit already does)."""
+    was fastest get dynamic cells (dynamic drafting pays where drafting from that exit already does).
+    fitted_stops: at each of those exits, a stop model fitted on fit_prompts' greedy outputs (never the swept
+    prompts: analysis/draft_stop_fit.py), then a cell per dynamic depth x threshold on its chance."""
     exit_layers, depths = sorted(set(exit_layers)), sorted(set(depths))
     check_grid(model.num_layers, exit_layers, depths)
     draft_stops = sorted(set(float(s) for s in draft_stops))
     check_draft_stops(draft_stops)
     draft_growths = sorted(set(draft_growths))
     check_draft_growths(draft_growths)
+    fitted_stops = sorted(set(float(s) for s in fitted_stops))
+    check_fitted_stops(fitted_stops, fit_prompts)
     dynamic_depths = sorted(set(dynamic_depths or [depths[-1]]))
     check_grid(model.num_layers, exit_layers, dynamic_depths)
     if dynamic_exits is not None and dynamic_exits < 1:
@@ -241,17 +211,18 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
         alpha, costs, preds = predict_grid(model, prompts, ar, exit_layers, depths, max_new_tokens)
         for key, pred in preds.items():
             cells[key].predicted = pred
-    dynamic = []
+    dynamic, fits, fit_errors = [], [], []
     if measure:
         n_dyn = len(exit_layers) if dynamic_exits is None else min(dynamic_exits, len(exit_layers))
         per_exit = len(dynamic_cells([0], dynamic_depths, draft_stops, draft_growths))
+        per_exit += len(dynamic_depths) * len(fitted_stops)
         bar = tqdm(total=len(cells) + n_dyn * per_exit, desc="sweeping (E, d)", unit="cell", disable=not progress)
 
         def measure_cells(todo):
             out = []
             for c in todo:
                 out.append((c, run_prompts(model, prompts, max_new_tokens, stop_ids, c.exit_layer,
-                                           c.num_speculations, c.draft_stop, c.draft_growth)))
+                                           c.num_speculations, c.draft_stop, c.draft_growth, c.draft_stop_model)))
                 bar.update()
             return out
 
@@ -261,6 +232,15 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
             best = {E: max(st.tokens_per_s for c, st in measured if c.exit_layer == E) for E in exit_layers}
             dyn_exits = sorted(sorted(exit_layers, key=lambda E: -best[E])[:n_dyn])
         dynamic = dynamic_cells(dyn_exits, dynamic_depths, draft_stops, draft_growths)
+        if fitted_stops:
+            fit_outputs = run_prompts(model, fit_prompts, max_new_tokens, stop_ids).outputs
+            for E in dyn_exits:
+                try:
+                    fits.append(fit_stop_model(model, fit_prompts, E, max_new_tokens, outputs=fit_outputs))
+                except ValueError as e:  # every draft accepted (or none): nothing to stop on at this exit
+                    fit_errors.append(str(e))
+            dynamic += [Cell(f.exit_layer, d, t, draft_stop_model=f.weights) for f in fits for d in dynamic_depths
+                        for t in fitted_stops]
         measured += measure_cells(dynamic)
         bar.close()
         runs.append(run_prompts(model, prompts, max_new_tokens, stop_ids).tokens_per_s)
@@ -270,4 +250,4 @@ def run_sweep(model, prompts: Sequence[Sequence[int]], exit_layers: Sequence[int
             c.speedup = st.tokens_per_s / base if base > 0 else 0.0
             c.equal_to_ar = st.outputs == ar.outputs
     return SweepResult(list(cells.values()), sum(runs) / len(runs), runs, alpha, costs, dict(settings or {}),
-                       dynamic)
+                       dynamic, fits, fit_errors)

@@ -35,6 +35,8 @@ def setting_key(c: Optional[Cell]) -> Optional[dict]:
     out = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
     if c.dynamic:
         out.update(draft_stop=c.draft_stop, draft_growth=c.draft_growth)
+    if c.draft_stop_model is not None:
+        out["draft_stop_model"] = [round(w, 6) for w in c.draft_stop_model]
     return out
 
 
@@ -58,6 +60,8 @@ def to_json(res: SweepResult) -> dict:
         "stage_costs": res.stage_costs.to_dict() if res.stage_costs else None,
         "cells": [cell_dict(c) for c in res.cells],
         "dynamic_cells": [cell_dict(c) for c in res.dynamic],
+        "stop_fits": [f.to_dict() for f in res.stop_fits],
+        "stop_fit_errors": list(res.stop_fit_errors),
         "best": _best_dict(best),
         "best_dynamic": _best_dict(res.best_dynamic()),
         "dynamic_gain": _r(dynamic_gain(res)),
@@ -121,17 +125,26 @@ def format_markdown(res: SweepResult, title: str) -> str:
 
 
 def dynamic_table(res: SweepResult) -> list[str]:
-    """Markdown: the dynamic-drafting cells (a round stops drafting where the exit head's top probability falls
-    below the threshold; a round's length grows after a fully accepted round), and the best of them against the
-    best static cell."""
+    """Markdown: the dynamic-drafting cells (a round stops drafting where the exit head's top probability, or a
+    fitted stop model's chance that the round's drafts are all accepted, falls below the threshold; a round's
+    length grows after a fully accepted round), and the best of them against the best static cell."""
     lines = ["## Dynamic drafting: speedup (acceptance, tokens per round)", "",
              "| E | max d | growth | stop below | speedup | acceptance | tokens/round | output |",
              "|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for c in sorted(res.dynamic, key=lambda c: (c.exit_layer, c.num_speculations, c.draft_growth, c.draft_stop)):
+    for c in sorted(res.dynamic, key=lambda c: (c.exit_layer, c.num_speculations, c.draft_stop_model is not None,
+                                                 c.draft_growth, c.draft_stop)):
         if c.measured:
+            stop = (f"{c.draft_stop:g} fitted" if c.draft_stop_model is not None else f"{c.draft_stop:g}") \
+                if c.draft_stop else "-"
             lines.append(f"| {c.exit_layer} | {c.num_speculations} | {c.draft_growth or '-'} | "
-                         f"{c.draft_stop or '-'} | {c.speedup:.2f}x | {c.acceptance:.2f} | {c.tokens_per_round:.2f} | "
+                         f"{stop} | {c.speedup:.2f}x | {c.acceptance:.2f} | {c.tokens_per_round:.2f} | "
                          f"{'=AR' if c.equal_to_ar else '≠AR'} |")
+    for f in res.stop_fits:
+        lines += ["", f"Fitted stop at E={f.exit_layer} (generation/draft_stop.py, on other prompts than these): "
+                      f"{f.tokens} draft positions, agreement {f.agreement:.3f}, AUC {f.auc:.3f}; weights "
+                      + ", ".join(f"{w:.4g}" for w in f.weights)]
+    for e in res.stop_fit_errors:
+        lines += ["", f"No fitted stop: {e}"]
     b, dyn, gain = res.best(), res.best_dynamic(), dynamic_gain(res)
     if gain is not None:
         lines += ["", f"Best dynamic: {dyn.label}: {dyn.speedup:.2f}x against the best static {b.label}: "

@@ -4,6 +4,7 @@
     layerskip sweep --model smollm2-135m-layerskip --predict               # cost model only (fast)
     layerskip sweep --model smollm2-135m-layerskip --write-default         # store the best (E, d) in its config
     layerskip sweep --model nano-layerskip --draft-growths 4 --draft-stops 0.05 --dynamic-depths 8,16   # + dynamic
+    layerskip sweep --model nano-layerskip --fitted-stops 0.3,0.4 --dynamic-depths 16 --write-default  # fitted stop
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-growths", default="", metavar="G1,G2,...",
                    help="dynamic drafting: also measure every exit layer with adaptive round lengths (start at G, "
                         "G more after a fully accepted round, the accepted run + 1 after a rejection; default none)")
+    p.add_argument("--fitted-stops", default="", metavar="P1,P2,...",
+                   help="dynamic drafting: fit a stop model (the chance that a round's drafts are all accepted, "
+                        "from the exit head's top-2 margin and the draft's n-gram match with the context) at every "
+                        "dynamic exit on --stop-fit-prompts other prompts, and measure these thresholds on it "
+                        "(default none)")
+    p.add_argument("--stop-fit-prompts", type=int, default=24, metavar="N",
+                   help="with --fitted-stops: fit on the N prompts after the first --num-prompts of --prompts "
+                        "(default 24)")
     p.add_argument("--dynamic-depths", default=None, metavar="D1,D2,...",
                    help="the most drafts a dynamic round may make (default: the deepest --num-speculations)")
     p.add_argument("--dynamic-exits", type=int, default=None, metavar="K",
@@ -65,6 +74,10 @@ def _check_args(args) -> tuple[list[int] | None, list[int]]:
     check_draft_stops(args.draft_stops)
     args.draft_growths = int_list(args.draft_growths, "--draft-growths")
     check_draft_growths(args.draft_growths)
+    args.fitted_stops = float_list(args.fitted_stops, "--fitted-stops")
+    check_draft_stops(args.fitted_stops)
+    if args.fitted_stops and args.stop_fit_prompts < 1:
+        raise LayerSkipError(f"--stop-fit-prompts must be >= 1, got {args.stop_fit_prompts}")
     args.dynamic_depths = int_list(args.dynamic_depths, "--dynamic-depths") if args.dynamic_depths else None
     if args.dynamic_depths and any(d < 1 for d in args.dynamic_depths):
         raise LayerSkipError("--dynamic-depths: every depth must be >= 1")
@@ -85,7 +98,13 @@ def _check_args(args) -> tuple[list[int] | None, list[int]]:
 def run(args) -> int:
     exits, depths = _check_args(args)
     setup_threads(args.threads)
-    texts = prompt_texts(args.prompts)[:args.num_prompts]  # before loading: a bad prompts file fails fast
+    all_texts = prompt_texts(args.prompts)  # before loading: a bad prompts file fails fast
+    texts = all_texts[:args.num_prompts]
+    fit_texts = all_texts[args.num_prompts:args.num_prompts + args.stop_fit_prompts] if args.fitted_stops else []
+    if args.fitted_stops and not fit_texts:
+        raise LayerSkipError(f"--fitted-stops: {args.prompts} has {len(all_texts)} prompts, none left to fit the stop "
+                             f"model on after the first --num-prompts {args.num_prompts} (fewer --num-prompts, or "
+                             "more prompts)")
     if args.write_default:
 
         layerskip_config_path(args.model)  # a GGUF has nowhere to store it: say so before the long run
@@ -100,12 +119,15 @@ def run(args) -> int:
     settings = {"model": args.model, "dtype": args.dtype, "backend": model.decoder.name,
                 "threads": torch.get_num_threads(), "prompts": args.prompts, "num_prompts": len(prompts),
                 "max_new_tokens": args.max_new_tokens, "load_average_1m": round(os.getloadavg()[0], 2)}
+    if fit_texts:
+        settings["stop_fit_prompts"] = len(fit_texts)
     print(f"sweeping {len(exits)} exit layers x {len(depths)} depths over {len(prompts)} prompts"
           + (" (cost model only)" if args.predict else ""), file=sys.stderr)
     res = run_sweep(model, prompts, exits, depths, args.max_new_tokens, stop_ids, measure=not args.predict,
                     with_prediction=True, progress=True, settings=settings, draft_stops=args.draft_stops,
                     draft_growths=args.draft_growths, dynamic_depths=args.dynamic_depths,
-                    dynamic_exits=args.dynamic_exits)
+                    dynamic_exits=args.dynamic_exits, fitted_stops=args.fitted_stops,
+                    fit_prompts=[tokenizer.encode(t) for t in fit_texts])
     title = f"{args.model} ({args.dtype}, {settings['threads']} threads)"
     print(format_markdown(res, title))
     paths, note = write_reports(res, args.out, title)
@@ -125,6 +147,8 @@ def run(args) -> int:
 def _write_default(model: str, best, speedup: float, predicted: bool) -> None:
     extra = {"speedup": round(speedup, 3), "source": "layerskip sweep" + (" --predict" if predicted else ""),
              "draft_stop": best.draft_stop, "draft_growth": best.draft_growth}
+    if best.draft_stop_model is not None:  # read back by generation/draft_stop.tuned_stop_model at this exit
+        extra["draft_stop_model"] = [round(w, 6) for w in best.draft_stop_model]
     if not predicted:
         extra["acceptance"] = round(best.acceptance, 4)
     path = write_layerskip_block(model, best.exit_layer, best.num_speculations, extra)
