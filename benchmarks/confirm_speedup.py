@@ -11,7 +11,8 @@ fitted here, per exit, on other prompts than those measured (reproduce/data.stop
 (analysis/confirm.py, the method of `layerskip reproduce`'s confirmation stage); a setting's speedup is the median
 over the repeats of its tokens/s over the same repeat's autoregressive tokens/s. Greedy; outputs must be identical.
 --prompts: 'humaneval', 'reproduce' (the prompts `layerskip reproduce` evaluates on: 12 held-out functions + 12
-HumanEval), a JSONL with a 'prompt' field, or a reproduce output folder (its held-out prompts).
+HumanEval), a JSONL with a 'prompt' field, or a reproduce output folder (its held-out prompts). --batch-size B: the
+prompts decoded B at a time (one generate call per group; a setting's tokens/s then counts every row of a group).
 """
 from __future__ import annotations
 
@@ -60,9 +61,13 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="decode the prompts this many at a time, one generate call per group (default 1)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
     parsed = [parse_setting(s) for s in args.settings.split(",") if s]
@@ -80,8 +85,9 @@ def main() -> int:
     for s, fitted in parsed:
         if fitted:
             s.draft_stop_model = fits[s.exit_layer].weights
-    ar = interleaved_speedups(model, prompts, settings, args.repeats, args.max_new_tokens, stops)
-    print(f"{args.model}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {args.repeats} repeats, "
+    ar = interleaved_speedups(model, prompts, settings, args.repeats, args.max_new_tokens, stops, args.batch_size)
+    print(f"{args.model}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+          f"{args.repeats} repeats, "
           f"{torch.get_num_threads()} threads; autoregressive tokens/s per repeat: "
           + ", ".join(f"{x:.1f}" for x in ar))
     print(f"{'setting':<34} {'speedup':>8}  per repeat")
@@ -90,7 +96,7 @@ def main() -> int:
               + ("" if s.equal_to_ar else "  OUTPUT DIFFERS FROM AUTOREGRESSIVE"))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"model": args.model, "autoregressive_tokens_per_s": ar,
+            json.dump({"model": args.model, "batch_size": args.batch_size, "autoregressive_tokens_per_s": ar,
                        "settings": [dict(label=s.label, exit_layer=s.exit_layer, num_speculations=s.num_speculations,
                                          draft_stop=s.draft_stop, draft_growth=s.draft_growth,
                                          draft_stop_model=s.draft_stop_model, speedup=s.speedup,

@@ -11,7 +11,8 @@ from layerskip_ext.analysis.cost_model import (StageCosts, ar_step_model_s, expe
                                                expected_tokens_per_round, overhead_from_ar, predict, rank_of,
                                                replay_rounds, round_time_s)
 from layerskip_ext.analysis.cost_model import alpha_needed, speedup_ceiling
-from layerskip_ext.analysis.sweep import Cell, SweepResult, check_grid, default_exit_layers, run_prompts, run_sweep
+from layerskip_ext.analysis.decode_runs import run_prompts
+from layerskip_ext.analysis.sweep import Cell, SweepResult, check_grid, default_exit_layers, run_sweep
 from layerskip_ext.errors import LayerSkipError
 from tiny_checkpoints import make_tiny_model
 
@@ -150,6 +151,23 @@ def test_replay_of_measured_agreement_equals_real_self_speculation():
             assert ss.outputs == ar.outputs
             rounds, emitted, accepted = replay_rounds(agreements[E], d, max_new)
             assert (rounds, emitted, accepted) == (ss.rounds, ss.decode_tokens, ss.accepted), (E, d)
+
+
+@needs_native
+def test_batched_runs_give_each_prompt_its_own_output():
+    """run_prompts(batch_size=3): the same outputs as each prompt alone (batch-invariant kernels), autoregressive and
+    self-speculative, with a stop model too; every row's tokens counted."""
+    model = damped_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 9, 14, 3)]
+    stop_model = [0.5, 0.3, 0.2, 0.4, 0.6, 0.8]
+    for args in [(), (2, 4), (2, 8, 0.4, 0, stop_model)]:
+        alone = run_prompts(model, prompts, 12, [], *args)
+        batched = run_prompts(model, prompts, 12, [], *args, batch_size=3)
+        assert batched.outputs == alone.outputs, args
+        assert batched.decode_tokens == alone.decode_tokens == sum(len(o) - 1 for o in alone.outputs)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run_prompts(model, prompts, 4, [], batch_size=0)
 
 
 def test_measure_stage_costs_structure():
