@@ -316,7 +316,7 @@ def test_ops_trace_under_torch_compile():
 # --------------------------------------------------------------------------------------------------------------
 
 def _err_cases():
-    f32, bf16 = torch.float32, torch.bfloat16
+    bf16 = torch.bfloat16
     B, T, nH, nKV, S, D = 2, 3, 4, 2, 16, 64
     q = torch.randn(B, T, nH, D)
     kc, vc = torch.zeros(B, nKV, S, D), torch.zeros(B, nKV, S, D)

@@ -139,6 +139,22 @@ def test_held_out_packages_never_reach_training():
     assert all('"""' in p or "'''" in p for p in prompts)
 
 
+def test_stop_fit_prompts_are_held_out_functions_never_evaluated():
+    from layerskip_ext.reproduce.data import stop_fit_prompts
+    held = held_out_dirs(STDLIB)
+    fit = stop_fit_prompts(held, 8, 0, evaluated=5)
+    assert len(fit) == 8 and len(set(fit)) == 8 and not set(fit) & set(function_prompts(held, 5))
+    assert all(p.lstrip().startswith(("def ", "async def ")) for p in fit)
+
+
+@pytest.mark.parametrize("shape", ["20,192,6,2,512", "12,256,8,2,704", "3,64,4,1,96"])
+def test_arch_params_counts_the_models_parameters(shape):
+    from layerskip_ext.model import LlamaForCausalLM
+    from layerskip_ext.reproduce.plan import Arch
+    arch = Arch.parse(shape)
+    assert arch.params(300) == sum(p.numel() for p in LlamaForCausalLM(arch.config(300)).parameters())
+
+
 def test_evaluation_prompts_are_held_out_functions_then_humaneval():
     held = held_out_dirs(STDLIB)
     prompts = evaluation_prompts(held, 3, 0)

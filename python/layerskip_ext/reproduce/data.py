@@ -52,6 +52,17 @@ def function_prompts(folders: list[str], limit: int, min_doc_chars: int = 40,
                      max_chars: int = 1200) -> list[str]:
     """Prompts that end where a function's body begins: its header (decorators left out) and docstring, dedented
     (methods too), from the folders' .py files in a fixed order; every k-th so they spread over the files."""
+    return spread(documented_functions(folders, min_doc_chars, max_chars), limit)
+
+
+def spread(found: list[str], limit: int) -> list[str]:
+    """Every k-th of found, at most limit of them (function_prompts' choice)."""
+    step = max(1, len(found) // limit)
+    return found[::step][:limit]
+
+
+def documented_functions(folders: list[str], min_doc_chars: int = 40, max_chars: int = 1200) -> list[str]:
+    """Every function_prompts candidate in the folders, in order (each file parsed once)."""
     found: list[str] = []
     for path in (p for f in folders for p in _source_files(f)):
         try:
@@ -75,8 +86,7 @@ def function_prompts(folders: list[str], limit: int, min_doc_chars: int = 40,
                 found.append(text if text.endswith("\n") else text + "\n")
     if not found:
         raise TrainingError(f"no function with a docstring found under {', '.join(folders)}")
-    step = max(1, len(found) // limit)
-    return found[::step][:limit]
+    return found
 
 
 def held_out_text(folders: list[str], max_bytes: Optional[int] = None) -> list[str]:
@@ -107,8 +117,9 @@ def stop_fit_prompts(folders: list[str], functions: int, humaneval: int, evaluat
     """Prompts to fit a draft stop model on (analysis/draft_stop_fit.py), none of them evaluation_prompts'
     (held-out functions spread over the files other than the first ``evaluated``, then HumanEval past the first
     ``evaluated_humaneval``): a stop model is measured on prompts it was not fitted to."""
-    taken = set(function_prompts(folders, evaluated))
-    others = [t for t in function_prompts(folders, 10 * functions) if t not in taken]
+    found = documented_functions(folders)
+    taken = set(spread(found, evaluated))
+    others = [t for t in spread(found, 10 * functions) if t not in taken]
     texts = others[::max(1, len(others) // functions)][:functions]
     if humaneval:
         texts += read_prompts(humaneval_path())[evaluated_humaneval:evaluated_humaneval + humaneval]

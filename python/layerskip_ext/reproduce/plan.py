@@ -58,6 +58,12 @@ class Arch:
                            num_key_value_heads=self.kv_heads, max_position_embeddings=context,
                            tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
 
+    def params(self, vocab: int) -> int:
+        """Parameters of config(vocab)'s model (no biases; the LM head tied to the embedding: counted once)."""
+        H, D = self.hidden, self.hidden // self.heads
+        layer = 2 * H + 2 * H * H + 2 * H * self.kv_heads * D + 3 * H * self.intermediate  # norms, q/o, k/v, MLP
+        return vocab * H + self.layers * layer + H
+
     @classmethod
     def parse(cls, text: str) -> "Arch":
         return cls(*(int(x) for x in text.split(",")))
@@ -115,7 +121,9 @@ def median_costs(timings: list[StageCosts]) -> StageCosts:
              for name in ("layer_s", "call_s", "head_s")}
     ar = med(c.ar_step_s for c in timings)
     overhead = overhead_from_ar(table["layer_s"][1], table["call_s"][1], table["head_s"][1], first.num_layers, ar)
-    return StageCosts(first.num_layers, table["layer_s"], table["call_s"], table["head_s"], overhead, ar)
+    draft_heads = [c.draft_head_s for c in timings if c.draft_head_s is not None]
+    return StageCosts(first.num_layers, table["layer_s"], table["call_s"], table["head_s"], overhead, ar,
+                      med(draft_heads) if draft_heads else None)
 
 
 # The candidates' decode stages are timed this many times, one candidate after another in each pass, and each
@@ -142,7 +150,7 @@ def decode_costs(arch: Arch, vocab: int, costs: StageCosts, depths: list[int]) -
     exits = sorted({max(1, L // 8), max(1, L // 4), max(1, 3 * L // 8), L // 2})
     preds = [predict(costs, prior_alpha(E / L), E, d) for E in exits for d in depths]
     best = max(preds, key=lambda p: p.speedup)
-    params = sum(p.numel() for p in LlamaForCausalLM(arch.config(vocab)).parameters())  # the head tied: counted once
+    params = arch.params(vocab)
     return {"arch": dataclasses.asdict(arch), "label": str(arch), "params": params,
             "fp32_mb": round(params * 4 / 2 ** 20, 1), "bf16_mb": round(params * 2 / 2 ** 20, 1),
             "ar_step_ms": round(costs.ar_step_s * 1e3, 3),
