@@ -7,12 +7,16 @@
 // which on a small model is several percent of a round. On a GPU the argmax never leaves the device (no host sync).
 // Registered for CPU and CUDA alike (the ops it calls have both twins).
 //
-// Dynamic drafting (stop_below > 0): a row proposes while its chance of acceptance is >= stop_below, and its first
-// proposal below that, and all after, are -1 (verification rejects them: the full model's token comes instead, so
-// the output is unchanged whatever the threshold). The stage stops once no row proposes; the outputs then have
-// d' < num_drafts drafts (d' + 1 hidden states). Both rules below are decided by one loop on the host, from B tokens
-// and B (or 2B) values copied there per step (on a GPU, the one sync that stopping needs anyway):
-//   - threshold: the chance is the draft's own probability under the exit head (exit_head_log_softmax's largest);
+// Dynamic drafting (stop_below > 0): the stage drafts while the rows' mean chance that their drafts so far are all
+// accepted stays >= stop_below (one row: its own chance); at the first step where it falls below, that step's drafts
+// are dropped and the stage ends with d' < num_drafts drafts (d' + 1 hidden states). Every row proposes its real
+// tokens while the stage runs (they cost nothing more: the step runs for the batch anyway, and verification
+// accepts what the full model agrees with), so the output is unchanged whatever the threshold. The mean, not the
+// most confident row, decides: in a batch one sure row would otherwise make every round as long as its run. Both
+// chances below are computed by one loop on the host, from B tokens and B (or 2B) values copied there per step (on
+// a GPU, the one sync that stopping needs anyway):
+//   - threshold: the chance is the least of the row's drafts' own probabilities under the exit head
+//     (exit_head_log_softmax's largest), so one row drafts while each of its drafts is that probable;
 //   - stop model (stop_model[6] float64 on the CPU: generation/draft_stop.py fits it): the chance that the row's
 //     whole run of drafts is accepted, the product of sigmoid(w0 + w1 margin + w2..w5 [match >= 1..4]) over them,
 //     with margin = the exit head's largest logit minus the next (exit_head_top2: no softmax) and match = the
@@ -22,7 +26,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/max.h>
 #include <ATen/ops/embedding.h>
 #include <ATen/ops/empty.h>
@@ -141,7 +144,6 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
                               .typed<ExitHeadTop2Fn>();
   const bool subset = vocab_subset.has_value() && vocab_subset->defined();
   std::vector<double> chance(B, 0.0);  // log of each row's chance that its drafts so far are accepted
-  std::vector<uint8_t> proposing(B, 1);  // a row that stops proposing stays stopped for the round
   const bool dynamic = stop_below > 0.0;
   const double log_stop = dynamic ? std::log(stop_below) : 0.0;
 
@@ -180,29 +182,26 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
     const at::Tensor tok_host = token.cpu();
     const int64_t* tk = tok_host.const_data_ptr<int64_t>();
     const float* sv = step_host.const_data_ptr<float>();
-    std::vector<int64_t> out(B, -1);
-    bool any = false;
+    double top = -std::numeric_limits<double>::infinity();
     for (int64_t b = 0; b < B; ++b) {
-      if (proposing[b]) {
-        if (modelled) {  // the whole run's chance: the product over the row's drafts
-          const int64_t m = match_level(seqs[b], tk[b]);
-          const double z = w[0] + w[1] * (double(sv[2 * b]) - double(sv[2 * b + 1])) + w[2] * (m >= 1) +
-                           w[3] * (m >= 2) + w[4] * (m >= 3) + w[5] * (m >= 4);
-          chance[b] += log_sigmoid(z);
-        } else {  // this draft's own probability
-          chance[b] = double(sv[b]);
-        }
-        proposing[b] = chance[b] >= log_stop;
+      if (modelled) {  // the whole run's chance: the product over the row's drafts
+        const int64_t m = match_level(seqs[b], tk[b]);
+        const double z = w[0] + w[1] * (double(sv[2 * b]) - double(sv[2 * b + 1])) + w[2] * (m >= 1) +
+                         w[3] * (m >= 2) + w[4] * (m >= 3) + w[5] * (m >= 4);
+        chance[b] += log_sigmoid(z);
+        seqs[b].push_back(tk[b]);
+      } else {  // every draft so far confident: the least probable of them
+        chance[b] = i == 0 ? double(sv[b]) : std::min(chance[b], double(sv[b]));
       }
-      if (proposing[b]) out[b] = tk[b];
-      any = any || proposing[b];
-      if (modelled) seqs[b].push_back(tk[b]);
+      top = std::max(top, chance[b]);
     }
-    drafts.select(1, i).copy_(at::from_blob(out.data(), {B}, at::TensorOptions().dtype(at::kLong)));
-    if (!any) {  // nobody proposes: the round verifies the i drafts made so far
+    double sum = 0.0;  // log of the rows' mean chance, max-shifted (one row: exactly its own)
+    for (int64_t b = 0; b < B; ++b) sum += std::exp(chance[b] - top);
+    if (top + std::log(sum) - std::log(double(B)) < log_stop) {  // the round verifies the i drafts made so far
       used = i;
       break;
     }
+    drafts.select(1, i).copy_(token);
   }
   if (used < d) {
     return {drafts.narrow(1, 0, used).contiguous(), hidden.narrow(1, 0, used + 1).contiguous()};

@@ -119,9 +119,9 @@ def model_args(case, B, g):
 @pytest.mark.parametrize("stop_below", [0.05, 0.3, 0.7, 0.999])
 @pytest.mark.parametrize("case", [c for c in CASES if c[9] >= 3])
 def test_fitted_stop_draft_equals_ops_step_by_step(case, stop_below):
-    """Bitwise the native ops step by step (exit_head_top2 + the same arithmetic), caches included; a row's
-    proposals end at its first draft whose running product of chances falls below the threshold, and the stage
-    ends when no row proposes."""
+    """Bitwise the native ops step by step (exit_head_top2 + the same arithmetic), caches included; the stage ends
+    where the rows' mean chance (each row's: the product over its drafts) falls below the threshold, the kept
+    drafts each row's greedy ones."""
     args = case_args(case, torch.float32, tag="fitted-stop")
     extra = model_args(case, case[1], seeded("fitted-stop-ctx", case))
     mine, theirs = with_fresh_caches(args), with_fresh_caches(args)
@@ -135,9 +135,8 @@ def test_fitted_stop_draft_equals_ops_step_by_step(case, stop_below):
     assert_bitwise(hidden, want_hidden, "hidden")
     for a, b in zip(mine[3] + mine[4], theirs[3] + theirs[4]):
         assert_bitwise(a, b, "caches")
-    if n:
-        assert (drafts[:, -1] >= 0).any()
-        assert torch.equal(drafts < 0, (drafts < 0).cumsum(1) > 0), "once a row stops it proposes nothing more"
+    static, _ = ops.draft_greedy(*with_fresh_caches(args))
+    assert torch.equal(drafts, static[:, :n]), "every row proposes its greedy drafts while the stage runs"
     ref, _ = ops.draft_greedy_reference(*with_fresh_caches(args), stop_below, *extra)
     assert torch.equal(ref, drafts)  # the same decisions from the plain-PyTorch stage (no near-ties here)
 
@@ -203,16 +202,39 @@ def test_decode_batch_context_is_each_live_sequence_so_far():
     check()
 
 
-def test_the_cases_stop_some_rows_while_others_draft_on():
-    """(So the step-by-step test above compares per-row decisions, not only whole stages stopping.)"""
-    mixed = 0
-    for case in [c for c in CASES if c[9] >= 3]:
-        for stop_below in (0.3, 0.7):
+def row_alone(args, extra, b):
+    """Row b of a draft_greedy case as a batch of one (its caches copied)."""
+    a = list(args)
+    a[0], a[5] = args[0][b:b + 1], args[5][b:b + 1]
+    a[3], a[4] = [t[b:b + 1].clone() for t in args[3]], [t[b:b + 1].clone() for t in args[4]]
+    stop_model, ctx, lens = extra
+    return a, (stop_model, ctx[b:b + 1], lens[b:b + 1])
+
+
+@pytest.mark.parametrize("fitted", [True, False])
+def test_a_batch_drafts_while_its_rows_mean_chance_holds(fitted):
+    """In a batch the stage's length lies between its rows' lengths drafted alone (the rows' mean chance is between
+    their least and most confident), every row proposes its own greedy drafts (no -1: a row's drafts cost nothing
+    more while the stage runs); in some case the batch stops before its most confident row would, in some after its
+    least confident would."""
+    below_max = above_min = 0
+    for case in [c for c in CASES if c[9] >= 3 and c[1] >= 2]:
+        for stop_below in (0.05, 0.3, 0.7) if fitted else (0.003, 0.01, 0.02, 0.03):  # (random logits: top p ~.02)
             args = case_args(case, torch.float32, tag="fitted-stop")
-            drafts, _ = ops.draft_greedy(*with_fresh_caches(args), stop_below,
-                                         *model_args(case, case[1], seeded("fitted-stop-ctx", case)))
-            mixed += int(((drafts < 0).any(0) & (drafts >= 0).any(0)).any())
-    assert mixed >= 3
+            extra = model_args(case, case[1], seeded("fitted-stop-ctx", case))
+            extra = extra if fitted else ()
+            drafts, _ = ops.draft_greedy(*with_fresh_caches(args), stop_below, *extra)
+            static, _ = ops.draft_greedy(*with_fresh_caches(args))
+            n = drafts.shape[1]
+            assert torch.equal(drafts, static[:, :n]), "a batch proposes each row's greedy drafts"
+            alone = []
+            for b in range(case[1]):
+                a, e = row_alone(args, model_args(case, case[1], seeded("fitted-stop-ctx", case)), b)
+                alone.append(ops.draft_greedy(*a, stop_below, *(e if fitted else ()))[0].shape[1])
+            assert min(alone) <= n <= max(alone), (case, stop_below, alone, n)
+            below_max += int(n < max(alone))
+            above_min += int(n > min(alone))
+    assert below_max and above_min, "the mean decides: neither the most confident row nor the least"
 
 
 def test_a_stop_model_that_always_accepts_drafts_like_static_and_one_that_never_does_drafts_nothing():

@@ -363,16 +363,17 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
     [0, E) at position start + i, and (but after the last) the exit head's argmax as the next token.
     -> drafts [B, d] int64, hidden [B, d+1, H] (layer E's output per step).
 
-    stop_below > 0 (dynamic drafting, csrc/draft.cpp's host loop): a row proposes while its chance of acceptance
-    stays >= stop_below (-1 from then on), and the stage ends when no row proposes (d' < d drafts, d' + 1 hidden
-    states). The chance is the draft's probability (head_log_softmax_fn's most probable column), or, with
-    stop_model [6] float64 and context [B, C] / context_len [B] int64, generation/draft_stop.py's (head_top2_fn's
-    margin and the context's n-gram match) multiplied over the row's drafts."""
+    stop_below > 0 (dynamic drafting, csrc/draft.cpp's host loop): the stage drafts while the rows' mean chance that
+    their drafts so far are all accepted stays >= stop_below, and ends (d' < d drafts, d' + 1 hidden states) at the
+    first step where it falls below, without that step's drafts. A row's chance is the least of its drafts'
+    probabilities (head_log_softmax_fn's most probable column), or, with stop_model [6] float64 and context [B, C] /
+    context_len [B] int64, generation/draft_stop.py's (head_top2_fn's margin and the context's n-gram match)
+    multiplied over its drafts."""
     B = tokens.shape[0]
     token, drafts, hidden = tokens, [], []
     modelled = stop_model is not None
     seqs = [context[b, :int(context_len[b])].tolist() for b in range(B)] if modelled else None
-    chance, proposing = [0.0] * B, [True] * B  # (csrc/draft.cpp's host loop, step for step)
+    chance = [0.0] * B  # log of each row's chance (csrc/draft.cpp's host loop, step for step)
     log_stop = math.log(stop_below) if stop_below > 0 else 0.0
     for i in range(num_drafts + 1):
         pos = start + i
@@ -390,21 +391,16 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
         else:
             step, col = head_log_softmax_fn(h.view(B, -1), norm_weight, norm_eps, lm_head, vocab_subset).max(-1)
             token = col if vocab_subset is None else vocab_subset[col]
-        out = []
         for b, (t, v) in enumerate(zip(token.tolist(), step.float().tolist())):
-            if proposing[b]:
-                if modelled:  # the product over the row's drafts; v = the two largest logits
-                    chance[b] += acceptance_log_chance(stop_model, v[0] - v[1], seqs[b], t)
-                else:  # the draft's own probability
-                    chance[b] = v
-                proposing[b] = chance[b] >= log_stop
-            out.append(t if proposing[b] else -1)
-            if modelled:
+            if modelled:  # the product over the row's drafts; v = the two largest logits
+                chance[b] += acceptance_log_chance(stop_model, v[0] - v[1], seqs[b], t)
                 seqs[b].append(t)
-        drafts.append(torch.tensor(out, dtype=torch.int64, device=token.device))
-        if not any(proposing):
-            drafts.pop()
+            else:  # the least probable of the row's drafts
+                chance[b] = v if i == 0 else min(chance[b], v)
+        top = max(chance)
+        if top + math.log(sum(math.exp(c - top) for c in chance)) - math.log(B) < log_stop:  # the rows' mean
             break
+        drafts.append(token)
     drafts = torch.stack(drafts, dim=1) if drafts else tokens.new_empty(B, 0)
     return drafts, torch.cat(hidden, dim=1)
 

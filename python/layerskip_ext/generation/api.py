@@ -46,8 +46,9 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     Python between them.
 
     draft_stop (self_speculative, greedy): dynamic drafting: a round drafts up to num_speculations tokens, stopping
-    where the exit head's top probability falls below draft_stop (None: the model's tuned setting, else 0 = off).
-    Same output; it saves the drafts (and their verification) that would likely be rejected.
+    where the exit head's top probability falls below draft_stop (None: the model's tuned setting, else 0 = off;
+    in a batch, where the rows' mean chance does: each row proposes its drafts while the round runs). Same output;
+    it saves the drafts (and their verification) that would likely be rejected.
 
     draft_growth (self_speculative, greedy or sampling): dynamic drafting: a round's length adapts, starting at
     draft_growth, growing by it after a round whose drafts were all accepted (up to num_speculations) and falling to

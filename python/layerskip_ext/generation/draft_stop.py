@@ -12,7 +12,8 @@ over them,
 (match: the longest k <= 4 such that the last k tokens followed by the draft occur earlier in the context;
 ops.match_level), is fitted per model and exit layer on the model's own greedy outputs
 (analysis/draft_stop_fit.py), and a round drafts while the product of its drafts' chances, the chance that the
-whole run is accepted, stays >= draft_stop (csrc/draft.cpp computes it, ops.draft_greedy_reference is its twin).
+whole run is accepted, stays >= draft_stop; a batch drafts while its rows' mean chance does, every row proposing
+its drafts (csrc/draft.cpp computes it, ops.draft_greedy_reference is its twin).
 Lossless by construction: only how many tokens are drafted changes; verification decides what is emitted.
 """
 from __future__ import annotations

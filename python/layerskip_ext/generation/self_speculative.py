@@ -96,7 +96,7 @@ class RoundRow(NamedTuple):
     """One sequence's round, read from _round's [n, d + 2] result; it emits drafts[:accepted] + [next_token]."""
     accepted: int       # how many drafts the full model agreed with
     next_token: int     # its own token after them: the correction, or the bonus when all d were accepted
-    drafts: list[int]   # the d drafted tokens (-1: not proposed, dynamic drafting)
+    drafts: list[int]   # the drafted tokens (dynamic drafting: the d' <= d the round made)
 
 
 @torch.no_grad()
@@ -106,7 +106,8 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
                               draft_growth: int = 0, stop_model=None) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
     ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. Dynamic drafting:
-    draft_stop (greedy): a round drafts while the exit head's top probability stays >= draft_stop (0: off);
+    draft_stop (greedy): a round drafts while the exit head's top probability stays >= draft_stop (0: off; a
+    batch: while its rows' mean chance does, csrc/draft.cpp);
     draft_growth: a round's length adapts to the last round's acceptance, up to num_speculations
     (generation/draft_length.py; 0: every round drafts num_speculations). stop_model (with draft_stop > 0): the
     draft stops where its fitted chance of acceptance falls below draft_stop (generation/draft_stop.py)."""
@@ -137,7 +138,7 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
         for row, (accepted, next_token, *drafts) in enumerate(out.tolist()):  # the round's only host read
             r = RoundRow(accepted, next_token, drafts)
             batch.emit(row, r.drafts[:r.accepted] + [r.next_token])
-            proposed = len(r.drafts) if not draft_stop else sum(t >= 0 for t in r.drafts)
+            proposed = len(r.drafts)
             accepted_total += r.accepted
             drafted += proposed
             all_accepted, least = all_accepted and r.accepted == proposed, min(least, r.accepted)

@@ -253,10 +253,10 @@ class Decoder:
         through layers < exit_layer, the exit head's argmax proposing the next, num_drafts times, the last proposal
         through layers < exit_layer too. st covers the round's num_drafts + 1 positions (the verification pass
         reuses it). -> (drafts [n, d] int64, layer exit_layer's outputs [n, d + 1, H]).
-        stop_below > 0: dynamic drafting (csrc/draft.cpp): proposals stop where the exit head's top probability
-        falls below it (-1 drafts; d' <= d columns); with stop_model ([6] float64) and context ((tokens [n, C],
-        lengths [n]) int64 on the CPU: each row's prompt and output so far), where the fitted chance that the run is
-        accepted falls below it (generation/draft_stop.py)."""
+        stop_below > 0: dynamic drafting (csrc/draft.cpp): the stage stops (d' <= d columns) where the rows' mean
+        chance falls below it: a row's chance is the least top probability of its drafts, or, with stop_model ([6]
+        float64) and context ((tokens [n, C], lengths [n]) int64 on the CPU: each row's prompt and output so far),
+        the fitted chance that its whole run is accepted (generation/draft_stop.py)."""
         if st.positions.shape[1] != num_drafts + 1:
             raise GenerationError(f"the state covers {st.positions.shape[1]} positions; a draft of {num_drafts} "
                                   f"tokens needs {num_drafts + 1}")
