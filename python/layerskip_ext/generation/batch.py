@@ -61,7 +61,7 @@ class DecodeBatch:
         """Each live sequence's prompt and emitted tokens (ending with its newest) -> (tokens [n, capacity] int64,
         -1 past each length; lengths [n] int64), on the CPU: what a draft stop model reads (generation/draft_stop.py).
         One buffer for the whole generation: a call writes only the tokens emitted since the last one (a round's
-        worth), so reading the context costs the same at every length."""
+        worth), not the whole context again (the draft op still reads it: O(C) per draft step, in C++)."""
         if self._context is None:
             self._context = torch.full((len(self.outputs), self.capacity), -1, dtype=torch.int64)
             self._context_len = [0] * len(self.outputs)
