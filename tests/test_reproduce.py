@@ -148,11 +148,14 @@ def test_stop_fit_prompts_are_held_out_functions_never_evaluated():
 
 
 @pytest.mark.parametrize("shape", ["20,192,6,2,512", "12,256,8,2,704", "3,64,4,1,96"])
-def test_arch_params_counts_the_models_parameters(shape):
+@pytest.mark.parametrize("tied", [True, False])
+def test_config_num_parameters_counts_the_models_parameters(shape, tied):
+    import dataclasses as dc
+
     from layerskip_ext.model import LlamaForCausalLM
     from layerskip_ext.reproduce.plan import Arch
-    arch = Arch.parse(shape)
-    assert arch.params(300) == sum(p.numel() for p in LlamaForCausalLM(arch.config(300)).parameters())
+    config = dc.replace(Arch.parse(shape).config(300), tie_word_embeddings=tied)
+    assert config.num_parameters == sum(p.numel() for p in LlamaForCausalLM(config).parameters())
 
 
 def test_evaluation_prompts_are_held_out_functions_then_humaneval():

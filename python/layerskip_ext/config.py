@@ -63,6 +63,20 @@ class LlamaConfig:
                 raise CheckpointError(f"unsupported rope_scaling type {kind!r} (supported: 'llama3')")
 
     @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one decoder layer's projections (q, k, v, o, gate, up, down): what each token multiplies."""
+        H, D = self.hidden_size, self.head_dim
+        return H * D * 2 * (self.num_attention_heads + self.num_key_value_heads) + 3 * H * self.intermediate_size
+
+    @property
+    def num_parameters(self) -> int:
+        """Every parameter of the model: embedding, layers (projections and two norms), final norm, and the LM head
+        unless it is tied to the embedding (no biases in Llama)."""
+        H = self.hidden_size
+        head = 0 if self.tie_word_embeddings else self.vocab_size * H
+        return self.vocab_size * H + self.num_hidden_layers * (self.layer_matmul_params + 2 * H) + H + head
+
+    @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []

@@ -94,10 +94,7 @@ def step_flops(model) -> float:
     """Multiply-adds x 2 of one token through the layers and the head (attention over the cache left out: at the
     positions measured here it is a small part)."""
     cfg = model.config
-    H, L = cfg.hidden_size, cfg.num_hidden_layers
-    kv = cfg.num_key_value_heads * (H // cfg.num_attention_heads)
-    per_layer = H * H * 2 + 2 * H * kv + 3 * H * cfg.intermediate_size
-    return 2.0 * (L * per_layer + cfg.vocab_size * H)
+    return 2.0 * (cfg.num_hidden_layers * cfg.layer_matmul_params + cfg.vocab_size * cfg.hidden_size)
 
 
 def floors(model, fp32_gflops: float) -> dict:

@@ -120,7 +120,7 @@ def stop_fit_prompts(folders: list[str], functions: int, humaneval: int, evaluat
     found = documented_functions(folders)
     taken = set(spread(found, evaluated))
     others = [t for t in spread(found, 10 * functions) if t not in taken]
-    texts = others[::max(1, len(others) // functions)][:functions]
+    texts = spread(others, functions)
     if humaneval:
         texts += read_prompts(humaneval_path())[evaluated_humaneval:evaluated_humaneval + humaneval]
     return texts

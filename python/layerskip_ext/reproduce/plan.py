@@ -58,12 +58,6 @@ class Arch:
                            num_key_value_heads=self.kv_heads, max_position_embeddings=context,
                            tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
 
-    def params(self, vocab: int) -> int:
-        """Parameters of config(vocab)'s model (no biases; the LM head tied to the embedding: counted once)."""
-        H, D = self.hidden, self.hidden // self.heads
-        layer = 2 * H + 2 * H * H + 2 * H * self.kv_heads * D + 3 * H * self.intermediate  # norms, q/o, k/v, MLP
-        return vocab * H + self.layers * layer + H
-
     @classmethod
     def parse(cls, text: str) -> "Arch":
         return cls(*(int(x) for x in text.split(",")))
@@ -150,7 +144,7 @@ def decode_costs(arch: Arch, vocab: int, costs: StageCosts, depths: list[int]) -
     exits = sorted({max(1, L // 8), max(1, L // 4), max(1, 3 * L // 8), L // 2})
     preds = [predict(costs, prior_alpha(E / L), E, d) for E in exits for d in depths]
     best = max(preds, key=lambda p: p.speedup)
-    params = arch.params(vocab)
+    params = arch.config(vocab).num_parameters  # the head tied: counted once
     return {"arch": dataclasses.asdict(arch), "label": str(arch), "params": params,
             "fp32_mb": round(params * 4 / 2 ** 20, 1), "bf16_mb": round(params * 2 / 2 ** 20, 1),
             "ar_step_ms": round(costs.ar_step_s * 1e3, 3),

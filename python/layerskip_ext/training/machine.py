@@ -81,9 +81,8 @@ def train_flops_per_token(config, seq_len: int, exits_per_step: float, kept_laye
     """Forward + backward FLOPs per trained token: 3 x (2 x matmul parameters of the layers run + attention
     4 x context x H per layer, the mean context being (seq_len + 1) / 2) + 3 x 2 x V x H per exit head (the final
     layer's included)."""
-    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    qkv_o = H * config.num_attention_heads * config.head_dim * 2 + H * config.num_key_value_heads * config.head_dim * 2
-    per_layer = 2 * (qkv_o + 3 * H * I) + 4 * (seq_len + 1) / 2 * config.num_attention_heads * config.head_dim
+    H, L = config.hidden_size, config.num_hidden_layers
+    per_layer = 2 * config.layer_matmul_params + 4 * (seq_len + 1) / 2 * config.num_attention_heads * config.head_dim
     return 3.0 * (L * kept_layer_fraction * per_layer + exits_per_step * 2 * config.vocab_size * H)
 
 
