@@ -153,6 +153,15 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
     drafts.fill_(-1);
     hidden.fill_(std::numeric_limits<float>::quiet_NaN());
   }
+  // On a device the step's tokens and values come to the host through two pinned buffers: the tokens' copy is
+  // queued without waiting and the values' copy waits for the stream, so both arrive with one sync per step.
+  const bool on_device = !tokens.device().is_cpu();
+  at::Tensor tok_buf, val_buf;
+  if (dynamic && on_device) {
+    const auto pinned = at::TensorOptions().device(at::kCPU).pinned_memory(true);
+    tok_buf = at::empty({B}, pinned.dtype(at::kLong));
+    val_buf = at::empty(modelled ? at::IntArrayRef{B, 2} : at::IntArrayRef{B}, pinned.dtype(at::kFloat));
+  }
   at::Tensor token = tokens;
   int64_t used = d;
   for (int64_t i = 0; i <= d; ++i) {
@@ -168,18 +177,25 @@ std::tuple<at::Tensor, at::Tensor> draft_greedy(const at::Tensor& tokens, const 
       continue;
     }
     // Dynamic drafting: the step's tokens and what each row's chance is computed from, on the host.
-    at::Tensor step_host;  // [B, 2] the two largest logits (stop model) or [B] the top log-probability
+    at::Tensor values;  // [B, 2] the two largest logits (stop model) or [B] the top log-probability
     if (modelled) {
-      at::Tensor top2;
-      std::tie(token, top2) = head_top2.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
-      step_host = top2.to(at::kCPU, at::kFloat).contiguous();
+      std::tie(token, values) = head_top2.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
     } else {
       const at::Tensor logp = head_log_softmax.call(h.view({B, H}), norm_weight, norm_eps, lm_head, vocab_subset);
       const auto [top, col] = at::max(logp, 1);  // [B]: the most probable column and its log-probability
       token = subset ? vocab_subset->index_select(0, col) : col;
-      step_host = top.to(at::kCPU, at::kFloat).contiguous();
+      values = top;
     }
-    const at::Tensor tok_host = token.cpu();
+    at::Tensor tok_host, step_host;
+    if (on_device) {
+      tok_buf.copy_(token, /*non_blocking=*/true);
+      val_buf.copy_(values);  // waits for the stream: the tokens' copy, queued before, is done too
+      tok_host = tok_buf;
+      step_host = val_buf;
+    } else {
+      tok_host = token.contiguous();
+      step_host = values.to(at::kFloat).contiguous();
+    }
     const int64_t* tk = tok_host.const_data_ptr<int64_t>();
     const float* sv = step_host.const_data_ptr<float>();
     double top = -std::numeric_limits<double>::infinity();

@@ -170,6 +170,34 @@ def test_batched_runs_give_each_prompt_its_own_output():
         run_prompts(model, prompts, 4, [], batch_size=0)
 
 
+@needs_native
+def test_sampled_runs_are_seeded_draws():
+    """run_prompts(sampling=): repeatable for a seed, another seed draws otherwise; a sampled confirmation counts
+    drafts and accepted tokens and leaves equal_to_ar None (draws are not compared); greedy-only errors stay."""
+    from layerskip_ext.analysis.confirm import Setting, interleaved_speedups
+    from layerskip_ext.analysis.decode_runs import Sampling
+    model = damped_model()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 9)]
+    greedy = run_prompts(model, prompts, 16, [])
+    hot = Sampling(temperature=5.0, seed=3)
+    draws = [run_prompts(model, prompts, 16, [], *args, sampling=hot).outputs for args in [(), (), (2, 4), (2, 4)]]
+    assert draws[0] == draws[1] and draws[2] == draws[3], "the same seed must draw the same tokens"
+    assert draws[0] != greedy.outputs  # a hot distribution: a draw that never leaves greedy is not sampling
+    assert run_prompts(model, prompts, 16, [], sampling=Sampling(5.0, seed=4)).outputs != draws[0]
+    settings = [Setting(2, 4), Setting(2, 8, 0.0, 2)]
+    ar = interleaved_speedups(model, prompts, settings, 2, 16, [], sampling=hot)
+    assert len(ar) == 2 and all(x > 0 for x in ar)
+    for s in settings:
+        assert s.equal_to_ar is None and len(s.speedups) == 2 and s.drafted > 0 and 0 <= s.acceptance <= 1
+    with pytest.raises(ValueError, match="temperature > 0"):
+        Sampling(temperature=0.0)
+    assert run_prompts(model, prompts, 16, [], 2, 8, 0.5, sampling=hot).drafted < \
+        run_prompts(model, prompts, 16, [], 2, 8, sampling=hot).drafted  # a sampled draft stops too
+    with pytest.raises(LayerSkipError, match="greedy"):
+        run_prompts(model, prompts, 4, [], 2, 4, 0.5, 0, [0.5, 0.3, 0.2, 0.4, 0.6, 0.8], sampling=hot)
+
+
 def test_measure_stage_costs_structure():
     model = damped_model() if ops.native_available() else make_tiny_model(num_hidden_layers=4)
     c = measure_stage_costs(model, position=20, depths=[1, 3], ar_step_s=1e-3, repeats=2)

@@ -141,9 +141,8 @@ def test_dynamic_drafting_is_lossless_and_drafts_less(backend):
         drafted.append(r.stats["draft_tokens"] / r.stats["rounds"])
     assert drafted[0] == 5 * 2 or drafted[0] <= 10  # the last rounds draft fewer
     assert drafted == sorted(drafted, reverse=True) and drafted[-1] < drafted[0]
-    with pytest.raises(GenerationError, match="greedy self_speculative"):
-        generate(model, [1, 2], strategy="self_speculative", exit_layer=2, num_speculations=2, draft_stop=0.5,
-                 temperature=0.8)
+    with pytest.raises(GenerationError, match="self_speculative decoding only"):
+        generate(model, [1, 2], strategy="autoregressive", draft_stop=0.5)
     with pytest.raises(GenerationError, match="probability"):
         generate(model, [1, 2], strategy="self_speculative", exit_layer=2, num_speculations=2, draft_stop=1.5)
 
@@ -203,6 +202,46 @@ def test_adaptive_length_sampling_follows_the_full_model_distribution():
     for i in (1, 2, 3):
         chi2 = (((counts[i] - n * exact[i]) ** 2) / (n * exact[i])).sum().item()
         assert chi2 < 20.5, (i, counts[i], n * exact[i])  # 5 d.o.f., p = 0.001
+
+
+def test_dynamic_draft_sampling_follows_the_full_model_distribution():
+    """Sampling with draft_stop: a round stops drafting where its draft distribution's top probability falls below
+    the threshold, a decision on the draft's own prefix, so the emitted tokens still follow the full model
+    (chi-square of the 2nd to 4th tokens); rounds of several lengths happen."""
+    model = make_model(list(decoders())[-1], vocab_size=6)
+    params = SamplingParams(temperature=1.3)
+    prompt = [1, 2, 3]
+    exact = _exact_marginals(model, prompt, params, 4)
+    n = 1500
+    counts = torch.zeros(4, 6, dtype=torch.float64)
+    lengths = set()
+    for seed in range(n):
+        r = generate(model, prompt, max_new_tokens=4, temperature=1.3, seed=seed, stop_token_ids=[],
+                     strategy="self_speculative", exit_layer=1, num_speculations=3, draft_stop=0.3)
+        for i, t in enumerate(r.sequences[0].tokens):
+            counts[i, t] += 1
+        lengths.add((r.stats["rounds"], r.stats["draft_tokens"]))
+    assert len(lengths) > 2  # the stop cut rounds at different lengths
+    for i in (1, 2, 3):
+        chi2 = (((counts[i] - n * exact[i]) ** 2) / (n * exact[i])).sum().item()
+        assert chi2 < 20.5, (i, counts[i], n * exact[i])  # 5 d.o.f., p = 0.001
+
+
+def test_dynamic_draft_sampling_in_a_batch_stops_on_the_rows_mean():
+    """A sampled batch with draft_stop: each row drafts as many tokens as the round (rows' mean rule), fewer
+    than without the stop; a threshold of 1 drafts nothing past the first step; a stop model is greedy-only."""
+    model = make_model("rowwise")
+    kw = dict(max_new_tokens=16, temperature=0.5, seed=5, stop_token_ids=[], strategy="self_speculative",
+              exit_layer=2, num_speculations=6)
+    prompts = [[4, 5], [7, 8, 9], [1]]
+    plain = generate(model, prompts, **kw)
+    stopped = generate(model, prompts, draft_stop=0.1, **kw)  # (a random model: top probabilities ~.1)
+    assert 0 < stopped.stats["draft_tokens"] < plain.stats["draft_tokens"]
+    assert all(len(s.tokens) == 16 for s in stopped.sequences)
+    never = generate(model, prompts, draft_stop=1.0, **kw)  # every top probability < 1: no drafts at all
+    assert never.stats["draft_tokens"] == 0 and all(len(s.tokens) == 16 for s in never.sequences)
+    with pytest.raises(GenerationError, match="greedy decoding only"):
+        generate(model, prompts, draft_stop=0.5, draft_stop_model=[0.5, 0.3, 0.2, 0.4, 0.6, 0.8], **kw)
 
 
 def test_bad_draft_growth_is_a_one_line_error():

@@ -31,8 +31,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layer", type=int, default=None, help="E: run layers < E, then the shared exit head")
     p.add_argument("--num-speculations", type=int, default=None, help="d: draft tokens per self-speculative round")
     p.add_argument("--draft-stop", type=float, default=None,
-                   help="dynamic drafting (greedy): a round stops drafting where the exit head's top probability "
-                        "falls below this (default: the model's tuned setting, else 0 = off)")
+                   help="dynamic drafting: a round stops drafting where the exit head's top probability (when "
+                        "sampling: of the draft's distribution) falls below this (default: the model's tuned "
+                        "setting when greedy, else 0 = off)")
     p.add_argument("--draft-growth", type=int, default=None,
                    help="dynamic drafting: a round's length adapts, growing by G after a fully accepted round, up "
                         "to d (default: the model's tuned setting, else 0 = every round drafts d)")

@@ -45,10 +45,12 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     autoregressive / early-exit step, as a CUDA graph (generation/cuda_graph.py). Same output; fewer launches and no
     Python between them.
 
-    draft_stop (self_speculative, greedy): dynamic drafting: a round drafts up to num_speculations tokens, stopping
-    where the exit head's top probability falls below draft_stop (None: the model's tuned setting, else 0 = off;
-    in a batch, where the rows' mean chance does: each row proposes its drafts while the round runs). Same output;
-    it saves the drafts (and their verification) that would likely be rejected.
+    draft_stop (self_speculative): dynamic drafting: a round drafts up to num_speculations tokens, stopping
+    where the exit head's top probability falls below draft_stop (None: the model's tuned setting when greedy, 0
+    when sampling (the tuned threshold is greedy's), else 0 = off; in a batch, where the rows' mean chance does:
+    each row proposes its drafts while the round runs; sampling: the top probability of the draft's own
+    distribution, at the sampling temperature). Same output (in distribution, when sampling); it saves the drafts
+    (and their verification) that would likely be rejected.
 
     draft_growth (self_speculative, greedy or sampling): dynamic drafting: a round's length adapts, starting at
     draft_growth, growing by it after a round whose drafts were all accepted (up to num_speculations) and falling to
@@ -96,11 +98,14 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
 
     if not (isinstance(draft_stop, (int, float)) and 0.0 <= draft_stop <= 1.0):
         raise GenerationError(f"draft_stop must be a probability in [0, 1], got {draft_stop!r}")
-    if draft_stop and (strategy != "self_speculative" or not sampling.greedy):
-        raise GenerationError("draft_stop (dynamic drafting) applies to greedy self_speculative decoding only")
+    if draft_stop and strategy != "self_speculative":
+        raise GenerationError("draft_stop (dynamic drafting) applies to self_speculative decoding only")
     if stop_model is not None and not draft_stop:
         raise GenerationError("draft_stop_model needs draft_stop > 0: its threshold on the chance that a round's "
                               "drafts are all accepted")
+    if stop_model is not None and not sampling.greedy:
+        raise GenerationError("draft_stop_model applies to greedy decoding only (fitted on greedy drafts); "
+                              "sampling takes a plain draft_stop")
     if not (isinstance(draft_growth, int) and not isinstance(draft_growth, bool) and draft_growth >= 0):
         raise GenerationError(f"draft_growth must be an integer >= 0, got {draft_growth!r}")
     if draft_growth and strategy != "self_speculative":

@@ -16,10 +16,11 @@ does not depend on T), which the native kernels guarantee. Sampling follows Levi
 probability min(1, p(y)/q(y)), else resample from norm(max(p - q, 0)); emitted tokens follow the full model.
 Acceptance is the decoder's verify_greedy / verify_sampling (native kernels, or their PyTorch references).
 
-Dynamic drafting: a greedy round's draft stops where the exit head's top probability falls below draft_stop
-(csrc/draft.cpp), or, with a fitted stop model, where the chance that its whole run is accepted does
-(generation/draft_stop.py), and a round's length can adapt to the last round's acceptance (draft_growth:
-generation/draft_length.py, greedy and sampling). Both are lossless: they change only how much is drafted.
+Dynamic drafting: a round's draft stops where the exit head's top probability falls below draft_stop
+(greedy: csrc/draft.cpp; sampling: the same rule on the draft distributions, _draft_sampled), or, greedy with a
+fitted stop model, where the chance that its whole run is accepted does (generation/draft_stop.py), and a round's
+length can adapt to the last round's acceptance (draft_growth: generation/draft_length.py, greedy and sampling).
+All are lossless: they change only how much is drafted.
 
 Draft vocabulary (greedy only): the draft's exit head may score only a subset of the vocabulary (``draft_vocab``,
 e.g. a corpus's 8k most frequent tokens: model/draft_vocab.py), which cuts a shallow draft's head cost. Output is
@@ -41,12 +42,23 @@ from .draft_length import DraftLength
 from .sampling import SamplingParams, choose_tokens, head_probs, sample_with_probs
 
 
-def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sampling: SamplingParams, generator):
-    """The sampling draft: -> drafts [n, d], their draft distributions q [n, d, V], layer exit_layer's outputs
-    [n, d + 1, H]. (The greedy draft is one decoder call: decoder.draft_greedy.) st: the round's state."""
+def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sampling: SamplingParams, generator,
+                   draft_stop: float = 0.0):
+    """The sampling draft: -> drafts [n, d'], their draft distributions q [n, d', V], layer exit_layer's outputs
+    [n, d' + 1, H]; d' = d, or fewer with draft_stop > 0: the stage runs while the rows' mean chance stays
+    >= draft_stop, a row's chance being the least top probability q.max() of its drafts (the greedy threshold
+    rule, csrc/draft.cpp, on the draft distributions). (The greedy draft is one decoder call:
+    decoder.draft_greedy.) st: the round's state.
+
+    Stopping stays exact: whether to keep the draft of position i + 1 depends only on q_1 .. q_{i+1}, i.e. on the
+    draft's prefix, never on the token drawn there, the full model or the acceptance draws; given the emitted
+    prefix, the next token then comes either from accept / resample against q (distributed as p) or, the round
+    stopped, from p itself. (A rule that looked at the drawn token would bias the output.)"""
     rows, start, top = batch.rows, batch.positions, batch.top
     token = batch.last_tokens.view(-1, 1)
     hidden, drafts, q = [], [], []
+    n = len(batch.active)
+    chance = None  # [n]: each row's least top draft probability this round
     for i in range(d + 1):
         step = st if d == 0 else decoder.state(start + i, 1, batch.cache, rows, max_start=top + i)
         h = decoder.layers(decoder.embed(token), 0, exit_layer, step)
@@ -54,10 +66,14 @@ def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sam
         if i == d:
             break
         token, probs = sample_with_probs(decoder, h[:, -1], sampling, generator)
+        if draft_stop:
+            top_p = probs.max(dim=-1).values
+            chance = top_p if chance is None else torch.minimum(chance, top_p)
+            if chance.mean().item() < draft_stop:  # the step's draft is dropped: verify the i made so far
+                break
         token = token.view(-1, 1)
         q.append(probs)
         drafts.append(token)
-    n = len(batch.active)
     drafts = torch.cat(drafts, dim=1) if drafts else torch.empty(n, 0, dtype=torch.int64, device=decoder.device)
     q = torch.stack(q, dim=1) if q else hidden[0].new_empty(n, 0, decoder.config.vocab_size, dtype=torch.float32)
     return drafts, q, torch.cat(hidden, dim=1)
@@ -75,10 +91,10 @@ def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: Sampl
         context = batch.context() if stop_model is not None else None
         drafts, hidden = decoder.draft_greedy(batch.last_tokens, st, exit_layer, d, draft_vocab, draft_stop,
                                               stop_model, context)
-        if drafts.shape[1] < d:  # dynamic drafting stopped early: verify the positions drafted
-            st = dataclasses.replace(st, positions=st.positions[:, :drafts.shape[1] + 1].contiguous())
     else:
-        drafts, q, hidden = _draft_sampled(decoder, batch, st, exit_layer, d, sampling, generator)
+        drafts, q, hidden = _draft_sampled(decoder, batch, st, exit_layer, d, sampling, generator, draft_stop)
+    if drafts.shape[1] < d:  # dynamic drafting stopped early: verify the positions drafted
+        st = dataclasses.replace(st, positions=st.positions[:, :drafts.shape[1] + 1].contiguous())
     deep = decoder.layers(hidden, exit_layer, decoder.num_layers, st)
     n = drafts.shape[0]
     if sampling.greedy:
@@ -86,7 +102,7 @@ def _round(decoder, batch: DecodeBatch, exit_layer: int, d: int, sampling: Sampl
         accepted, next_token = decoder.verify_greedy(drafts, target, batch.positions)
     else:
         p = head_probs(decoder, deep, sampling)  # [n, d+1, V]
-        uniforms = torch.rand(n, d + 1, generator=generator, device=p.device)
+        uniforms = torch.rand(n, drafts.shape[1] + 1, generator=generator, device=p.device)
         accepted, next_token = decoder.verify_sampling(drafts, q, p, uniforms, batch.positions)
     batch.last_tokens.copy_(next_token)
     return torch.cat([accepted.view(n, 1), next_token.view(n, 1), drafts], dim=1)
@@ -106,8 +122,8 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
                               draft_growth: int = 0, stop_model=None) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
     ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. Dynamic drafting:
-    draft_stop (greedy): a round drafts while the exit head's top probability stays >= draft_stop (0: off; a
-    batch: while its rows' mean chance does, csrc/draft.cpp);
+    draft_stop: a round drafts while the exit head's top probability stays >= draft_stop (0: off; a batch: while
+    its rows' mean chance does, csrc/draft.cpp; sampling: the draft distributions' top probability);
     draft_growth: a round's length adapts to the last round's acceptance, up to num_speculations
     (generation/draft_length.py; 0: every round drafts num_speculations). stop_model (with draft_stop > 0): the
     draft stops where its fitted chance of acceptance falls below draft_stop (generation/draft_stop.py)."""
