@@ -16,6 +16,8 @@ prompts decoded B at a time (one generate call per group; a setting's tokens/s t
 --temperature T (> 0; with --top-k, --top-p, --seed): sampled instead of greedy, every setting and autoregressive
 decoding drawing with the same seeds (prompt group q: seed + q). Outputs are draws, not compared (the sampling tests
 show the distribution is the model's); a plain stop applies to the draft distributions, a fitted one is greedy-only.
+--write-default (sampling): store the fastest setting as the model's sampling default (config.json
+layerskip.sampling, what `generate(..., temperature > 0)` self-speculates with; the greedy setting is kept).
 
     python benchmarks/confirm_speedup.py --model nano-layerskip --prompts reproduce --settings 5:6,5:16:0:4 \
         --temperature 0.7 --top-p 0.95
@@ -33,6 +35,7 @@ from layerskip_ext.analysis.confirm import Setting, interleaved_speedups
 from layerskip_ext.analysis.decode_runs import Sampling
 from layerskip_ext.analysis.draft_stop_fit import fit_stop_model
 from layerskip_ext.generation.draft_stop import FEATURES
+from layerskip_ext.io.layerskip_block import write_sampling_setting
 from layerskip_ext.model import load_model
 from layerskip_ext.prompts import humaneval_path, read_prompts
 from layerskip_ext.reproduce.data import evaluation_prompts, held_out_dirs, stdlib_dir, stop_fit_prompts
@@ -74,6 +77,8 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write-default", action="store_true",
+                    help="with --temperature: store the fastest setting as the model's sampling default")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -84,6 +89,9 @@ def main() -> int:
     parsed = [parse_setting(s) for s in args.settings.split(",") if s]
     settings = [s for s, _ in parsed]
     sampling = None
+    if args.write_default and not args.temperature:
+        raise SystemExit("--write-default stores a sampling default (with --temperature); the greedy default is "
+                         "layerskip sweep --write-default's")
     if args.temperature:
         try:
             sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -127,6 +135,13 @@ def main() -> int:
                                          speedups=s.speedups, acceptance=s.acceptance,
                                          equal_to_ar=s.equal_to_ar) for s in settings]},
                       f, indent=1)
+    if args.write_default:
+        best = max(settings, key=lambda s: s.speedup)
+        path = write_sampling_setting(args.model, best.exit_layer, best.num_speculations, dict(
+            draft_stop=best.draft_stop, draft_growth=best.draft_growth, speedup=round(best.speedup, 3),
+            acceptance=round(best.acceptance, 4), measured_with=vars(sampling),
+            source=f"benchmarks/confirm_speedup.py --prompts {args.prompts} ({args.repeats} interleaved repeats)"))
+        print(f"wrote the sampling default {best.label} ({best.speedup:.2f}x) to {path}")
     return 1 if any(s.equal_to_ar is False for s in settings) else 0
 
 

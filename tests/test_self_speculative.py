@@ -267,5 +267,31 @@ def test_tuned_dynamic_drafting_comes_from_the_config():
         assert (r.stats["draft_growth"], r.stats["draft_stop"]) == (0, 0.0)
         r = generate(model, [1, 2], max_new_tokens=5, stop_token_ids=[], temperature=0.8, seed=1)
         assert (r.stats["draft_growth"], r.stats["draft_stop"]) == (2, 0.0)  # the growth applies to sampling too
+        assert r.stats["num_speculations"] == 4  # d = 6 was tuned with a stop sampling lacks: capped at 4
+    finally:
+        model.config.layerskip = None
+
+
+def test_sampling_takes_the_tuned_sampling_setting():
+    """A config's layerskip.sampling block is the sampling default (its own E, d, stop, growth, and "slower" by its
+    own speedup); greedy keeps the main block; the greedy stop model never applies to sampling."""
+    backend = list(decoders())[-1]
+    model = make_model(backend)
+    model.config.layerskip = {"exit_layer": 3, "num_speculations": 8, "draft_stop": 0.4,
+                              "sampling": {"exit_layer": 2, "num_speculations": 2, "draft_growth": 1}}
+    if backend == "native":  # (the test decoder "rowwise" has no exit_head_top2 for a stop model)
+        model.config.layerskip["draft_stop_model"] = [0.5, 0.3, 0.2, 0.4, 0.6, 0.8]
+    kw = dict(max_new_tokens=5, stop_token_ids=[])
+    try:
+        greedy = generate(model, [1, 2], **kw)
+        assert (greedy.stats["exit_layer"], greedy.stats["num_speculations"], greedy.stats["draft_stop"]) == (3, 8, 0.4)
+        sampled = generate(model, [1, 2], temperature=0.8, seed=1, **kw)
+        assert (sampled.stats["exit_layer"], sampled.stats["num_speculations"], sampled.stats["draft_growth"],
+                sampled.stats["draft_stop"]) == (2, 2, 1, 0.0)
+        r = generate(model, [1, 2], temperature=0.8, seed=1, exit_layer=3, **kw)  # another E than sampling's
+        assert (r.stats["exit_layer"], r.stats["num_speculations"], r.stats["draft_stop"]) == (3, 2, 0.0)
+        model.config.layerskip["sampling"]["speedup"] = 0.9  # measured slower: auto samples autoregressively
+        assert "rounds" not in generate(model, [1, 2], temperature=0.8, seed=1, **kw).stats
+        assert generate(model, [1, 2], **kw).stats["rounds"] > 0  # greedy still self-speculates
     finally:
         model.config.layerskip = None

@@ -221,3 +221,28 @@ def test_fitted_stops_need_prompts_left_to_fit_on(tiny, capsys, tmp_path):
     code, _, err = run_cli(capsys, *sweep_args(tiny, tmp_path / "n", "--fitted-stops", "1.5"))
     assert code == 2 and "draft-stop threshold 1.5 must be a probability" in err, err
     assert not (tmp_path / "n").exists()
+
+
+def test_sampling_setting_is_written_beside_the_greedy_one(tiny, tmp_path):
+    """write_sampling_setting keeps the greedy block; a later greedy --write-default keeps the sampling setting;
+    sampling then decodes with it by default, greedy with the greedy one."""
+    import shutil
+
+    from layerskip_ext.analysis.sweep import Cell
+    from layerskip_ext.commands.sweep import _write_default
+    from layerskip_ext.errors import LayerSkipError
+    from layerskip_ext.io.layerskip_block import write_sampling_setting
+
+    hf = str(shutil.copytree(tiny["hf"], tmp_path / "hf_sampling"))
+    _write_default(hf, Cell(3, 6, acceptance=0.8), 1.7, predicted=False)
+    write_sampling_setting(hf, 2, 2, {"speedup": 1.3})
+    model, _ = load_model(hf)
+    assert default_speculation(model) == (3, 6) and default_speculation(model, greedy=False) == (2, 2)
+    _write_default(hf, Cell(1, 4, acceptance=0.5), 1.2, predicted=False)  # a later greedy sweep
+    model, _ = load_model(hf)
+    assert default_speculation(model) == (1, 4) and model.config.layerskip["sampling"]["speedup"] == 1.3
+    from layerskip_ext.generation import generate
+    r = generate(model, [1, 2, 3], max_new_tokens=4, temperature=0.9, seed=0, stop_token_ids=[])
+    assert (r.stats["exit_layer"], r.stats["num_speculations"]) == (2, 2)
+    with pytest.raises(LayerSkipError, match="invalid setting"):
+        write_sampling_setting(hf, 0, 2)

@@ -31,8 +31,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     strategy: "autoregressive" (all layers, one token per pass), "early_exit" (layers < exit_layer, then the
     shared head: lossy), "self_speculative" (draft num_speculations tokens with layers < exit_layer, verify
     with the rest: output as the full model's; the model's tuned setting fills what is not given), or "auto"
-    (the default: self_speculative with the model's tuned (E, d) when it has one that pays, see
-    generation/defaults.py, else autoregressive). Stops at any of ``stop_token_ids`` (default: the model config's
+    (the default: self_speculative with the model's tuned (E, d) when it has one that pays, when sampling its tuned
+    sampling setting, see generation/defaults.py, else autoregressive). Stops at any of ``stop_token_ids`` (default: the model config's
     EOS ids), after ``max_new_tokens``, or when a sequence reaches the model's context length
     (finish_reason "context_full").
 
@@ -46,8 +46,8 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     Python between them.
 
     draft_stop (self_speculative): dynamic drafting: a round drafts up to num_speculations tokens, stopping
-    where the exit head's top probability falls below draft_stop (None: the model's tuned setting when greedy, 0
-    when sampling (the tuned threshold is greedy's), else 0 = off; in a batch, where the rows' mean chance does:
+    where the exit head's top probability falls below draft_stop (None: the model's tuned setting, for sampling its
+    sampling setting's (generation/defaults.tuned_block), else 0 = off; in a batch, where the rows' mean chance does:
     each row proposes its drafts while the round runs; sampling: the top probability of the draft's own
     distribution, at the sampling temperature). Same output (in distribution, when sampling); it saves the drafts
     (and their verification) that would likely be rejected.
@@ -75,15 +75,14 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
         raise GenerationError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     asked_stop = draft_stop
     strategy, exit_layer, num_speculations, draft_stop, draft_growth = resolve_strategy(
-        model, strategy, exit_layer, num_speculations, draft_stop, draft_growth)
+        model, strategy, exit_layer, num_speculations, draft_stop, draft_growth, greedy=sampling.greedy)
     if isinstance(draft_stop_model, str):
         if draft_stop_model != "auto":
             raise GenerationError(f"draft_stop_model must be 'auto', None or {ops.STOP_MODEL_SIZE} weights, got "
                                   f"{draft_stop_model!r}")
-        draft_stop_model = tuned_stop_model(model, exit_layer) if asked_stop is None and draft_stop else None
+        tuned = asked_stop is None and draft_stop and sampling.greedy  # (the stored stop model is greedy's)
+        draft_stop_model = tuned_stop_model(model, exit_layer) if tuned else None
     stop_model = as_stop_model(draft_stop_model)
-    if asked_stop is None and not sampling.greedy:
-        draft_stop, stop_model = 0.0, None  # a tuned dynamic-drafting threshold is for greedy decoding
     if strategy == "autoregressive" and exit_layer not in (None, model.num_layers):
         raise GenerationError("exit_layer applies to the early_exit and self_speculative strategies")
     if strategy != "autoregressive":
