@@ -41,9 +41,10 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     vocabulary, or a sequence / 1-D tensor of ids. Output is the same either way (verification scores the full
     vocabulary); only acceptance and speed change. Sampling drafts ignore it.
 
-    cuda_graph (greedy, model on a CUDA device): replay each full-length self-speculative round, or each
-    autoregressive / early-exit step, as a CUDA graph (generation/cuda_graph.py). Same output; fewer launches and no
-    Python between them.
+    cuda_graph (model on a CUDA device; greedy or sampling): replay each full-length self-speculative round, or
+    each autoregressive / early-exit step, as a CUDA graph (generation/cuda_graph.py). Same output (sampling: the
+    same draws for the same seed, the generator registered with the graphs); fewer launches and no Python between
+    them.
 
     draft_stop (self_speculative): dynamic drafting: a round drafts up to num_speculations tokens, stopping
     where the exit head's top probability falls below draft_stop (None: the model's tuned setting, for sampling its
@@ -110,9 +111,6 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     if draft_growth and strategy != "self_speculative":
         raise GenerationError("draft_growth (dynamic drafting) applies to self_speculative decoding only")
     if cuda_graph:
-        if not sampling.greedy:
-            raise GenerationError("cuda_graph applies to greedy decoding only (sampling draws from the caller's "
-                                  "generator, which a graph does not advance)")
         if draft_stop or draft_growth:
             raise GenerationError("cuda_graph replays fixed-length rounds: it does not combine with dynamic drafting "
                                   f"(draft_stop={draft_stop:g}, draft_growth={draft_growth}, the model's tuned "

@@ -30,14 +30,14 @@ def _step(decoder, batch: DecodeBatch, end_layer: int, sampling: SamplingParams,
 def generate_autoregressive(decoder, batch: DecodeBatch, sampling: SamplingParams, result: GenerationResult,
                             exit_layer: int | None = None, cuda_graph: bool = False) -> GenerationResult:
     """One token per forward pass. With exit_layer set, every pass stops after that layer (early exit).
-    cuda_graph (greedy, CUDA): replay the steps as CUDA graphs."""
+    cuda_graph (CUDA): replay the steps as CUDA graphs (sampling: the generator registered with them)."""
     generator = sampling.generator(decoder.device)
     end_layer = decoder.num_layers if exit_layer is None else exit_layer
     timer = Timer()
     batch.emit_first(choose_tokens(decoder, batch.prefill(exit_layer), sampling, generator))
     result.prefill_s = timer.lap()
     step = functools.partial(_step, decoder, batch, end_layer, sampling, generator)
-    graphs = StepGraphs(step, decoder.device) if cuda_graph else None
+    graphs = StepGraphs(step, decoder.device, generator) if cuda_graph else None
 
     while batch.active:
         out = graphs.run((len(batch.active),)) if graphs is not None else step()

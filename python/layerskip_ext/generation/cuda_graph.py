@@ -1,4 +1,5 @@
-"""Decode steps replayed as CUDA graphs (greedy decoding on a GPU): self-speculative rounds and autoregressive steps.
+"""Decode steps replayed as CUDA graphs (on a GPU, greedy or sampling): self-speculative rounds and autoregressive
+steps.
 
 A round (generation/self_speculative.py ``_round``), like an autoregressive step (generation/autoregressive.py
 ``_step``), reads and writes only tensors that live for the whole
@@ -17,25 +18,37 @@ shape runs eagerly on a side stream (PyTorch's warm-up before capture: lazy init
 capture), the second is captured and replayed. Capture runs the Python of a round once: its host-side checks (cache
 room) hold for later rounds because the decode loop never drafts past the cache (``batch.room()``).
 
+Sampling draws its uniforms from the generation's torch.Generator (torch.rand inside the round or step: no host
+sync, the native sampling kernels flag bad values in the device error word instead of raising). The generator is
+registered with each graph before capture (CUDAGraph.register_generator_state), so a replay draws from the
+generator's current Philox offset and advances it by the capture's total, exactly as the eager step would: a seeded
+graphed generation samples the eager tokens. (A dynamic-drafting round is not graphed: generate() refuses the
+combination.)
+
 Unverified: no GPU has been available where this was written; tests/test_cuda_graph.py checks it against eager
-greedy decoding on a CUDA machine and skips elsewhere. Sampling is not graphed: its uniforms come from the
-caller's torch.Generator, whose state a capture would have to register and advance (not done).
+decoding (greedy and sampled) on a CUDA machine and skips elsewhere.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 
 class StepGraphs:
-    """step_fn(*args) -> a device tensor, run eagerly once per key, then captured and replayed for that key."""
+    """step_fn(*args) -> a device tensor, run eagerly once per key, then captured and replayed for that key.
+    generator: the torch.Generator step_fn draws from (sampling), registered with every graph; None: none (greedy,
+    or only the device's default generator, which capture registers itself)."""
 
-    def __init__(self, step_fn: Callable[..., torch.Tensor], device: torch.device):
+    def __init__(self, step_fn: Callable[..., torch.Tensor], device: torch.device,
+                 generator: Optional[torch.Generator] = None):
         if torch.device(device).type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, got {device}")
+        if generator is not None and generator.device.type != "cuda":
+            raise ValueError(f"a graphed step draws from a CUDA generator, got one on {generator.device}")
         self.step_fn = step_fn
         self.device = torch.device(device)
+        self.generator = generator
         self.seen: set[tuple] = set()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.captures = self.replays = 0
@@ -57,6 +70,8 @@ class StepGraphs:
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
         graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:  # replays then draw from, and advance, the generator's state
+            graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):  # records the step; nothing runs until replay
             out = self.step_fn(*args)
         self.graphs[key] = (graph, out)

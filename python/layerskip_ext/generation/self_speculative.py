@@ -121,7 +121,7 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
                               cuda_graph: bool = False, draft_stop: float = 0.0,
                               draft_growth: int = 0, stop_model=None) -> GenerationResult:
     """draft_vocab: int64 ids on the model's device the greedy draft head scores (None: the whole vocabulary);
-    ignored when sampling. cuda_graph (greedy, CUDA): replay full-length rounds as CUDA graphs. Dynamic drafting:
+    ignored when sampling. cuda_graph (CUDA): replay full-length rounds as CUDA graphs. Dynamic drafting:
     draft_stop: a round drafts while the exit head's top probability stays >= draft_stop (0: off; a batch: while
     its rows' mean chance does, csrc/draft.cpp; sampling: the draft distributions' top probability);
     draft_growth: a round's length adapts to the last round's acceptance, up to num_speculations
@@ -136,7 +136,7 @@ def generate_self_speculative(decoder, batch: DecodeBatch, sampling: SamplingPar
     graphs = None
     if cuda_graph:
         graphs = StepGraphs(lambda d: _round(decoder, batch, exit_layer, d, sampling, generator, draft_vocab),
-                             decoder.device)
+                             decoder.device, generator)
 
     drafted = accepted_total = rounds = 0
     longest = batch.rules.max_new_tokens
