@@ -187,7 +187,9 @@ SIGNATURES = {
     "ls_emu_decoder_layers": [_INT, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _F, _F, _P, SILU_FN, _P],
     "ls_emu_head_argmax": [_INT, _P, _P, _I, _P, _I, _I, _I, _P, _P, _P, _P],
     "ls_emu_head_logits": [_INT, _P, _P, _I, _P, _I, _I, _I, _P, _P],
-    "ls_emu_head_sample_rows": [_P, _P, _P, _I, _I, _F, _I, _D, _P, _P, _P],
+    "ls_emu_head_sample_rows": [_P, _P, _P, _I, _I, _F, _I, _D, _P, _P, _P, _I],
+    "ls_emu_head_sample_scratch": [_I, _I, _I],
+    "ls_emu_head_sample_blocks": [_I],
     "ls_emu_head_log_softmax_rows": [_P, _I, _I, _P],
     "ls_emu_verify_greedy": [_P, _P, _P, _P, _P, _I, _I],
     "ls_emu_verify_sampling": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P],
@@ -207,6 +209,7 @@ SIGNATURES = {
     "ls_emu_unpoison": [_P, ctypes.c_size_t],
 }
 RESTYPES = {"ls_emu_take_error": ctypes.c_size_t, "ls_emu_attention_scratch": _I, "ls_emu_head_argmax_blocks": _I, "ls_emu_head_rows_scratch": _I,
+            "ls_emu_head_sample_scratch": _I, "ls_emu_head_sample_blocks": _I,
             "ls_emu_verify_sampling_scratch": _I, "ls_emu_switches": ctypes.c_uint64,
             "ls_emu_launches": ctypes.c_uint64, "ls_emu_sanitized": _INT,
             "ls_emu_dry_run_count": ctypes.c_uint64}
@@ -482,14 +485,15 @@ class Emulated:
         return logits, sub, M, V
 
     def exit_head_sample(self, h, norm_weight, eps, lm_head, uniforms, temperature, top_k=0, top_p=1.0,
-                         vocab_subset=None) -> tuple[torch.Tensor, torch.Tensor]:
+                         vocab_subset=None, blocks_per_row=0) -> tuple[torch.Tensor, torch.Tensor]:
+        """blocks_per_row: 0 as the launcher picks for V; 1 the one-block kernel; > 1 that many blocks a row."""
         L = self._launch()
         probs, sub, M, V = self._logits(L, h, norm_weight, eps, lm_head, vocab_subset)
         u = self._in(L, uniforms)
-        scratch = L.output((max(1, self.lib.ls_emu_head_rows_scratch(M, V)),), torch.float64)
+        scratch = L.output((max(1, self.lib.ls_emu_head_sample_scratch(M, V, blocks_per_row)),), torch.float64)
         tokens = L.output((M,), torch.int64)
         L.run("ls_emu_head_sample_rows", L.ptr(probs), L.ptr(u), L.ptr(sub), M, V, temperature, top_k, top_p,
-              L.ptr(scratch), L.ptr(tokens), L.ptr(self.errors))
+              L.ptr(scratch), L.ptr(tokens), L.ptr(self.errors), blocks_per_row)
         return tokens.clone().view(h.shape[:-1]), probs.clone().view(*h.shape[:-1], V)
 
     def exit_head_log_softmax(self, h, norm_weight, eps, lm_head, vocab_subset=None) -> torch.Tensor:

@@ -436,6 +436,48 @@ def test_exit_head_sample(params, dtype):
         torch.testing.assert_close(probs, cpu_probs, rtol=1e-3, atol=1e-6)  # the CPU logits' last bits differ
 
 
+@pytest.mark.parametrize("params", SAMPLE_PARAMS)
+def test_exit_head_sample_several_blocks_a_row_equal_one(params):
+    """The multi-block path (a launch per step over (P, M) blocks, exact cross-block reductions) gives the one-block
+    kernel's tokens and distribution bit for bit: P forced to 2, 3 and 7 (a last block with a short chunk), and the
+    launcher's own choice at a V where it takes several; ties at the thresholds; every thread order."""
+    T, k, p = params
+    M, H, V = 3, 24, 1800  # 8 chunks, the last one short
+    g = seeded("emu-sample-blocks", params)
+    h, nw, head = head_inputs(M, H, V, torch.float32, g)
+    head[10] = head[1700]  # tied probabilities, in different blocks
+    head[11] = head[600]
+    u = torch.rand(M, generator=g)
+    e = E.Emulated()
+    one_t, one_p = e.exit_head_sample(h, nw, EPS, head, u, T, k, p, None, 1)
+    for P in (2, 3, 7):
+        t, pr = in_all_orders(lambda e: e.exit_head_sample(h, nw, EPS, head, u, T, k, p, None, P))
+        assert torch.equal(t, one_t), P
+        assert_bitwise(pr, one_p, f"{P} blocks a row vs one")
+    # Top-p cutting through a tie group spread over every block: which ties stay is their rank in id order across
+    # the blocks (12 equal top logits, top-p keeping some of them).
+    top = int(ops.exit_head_argmax(h[:1], nw, EPS, head))
+    tied = head.clone()
+    tied[torch.arange(5, V, 150)] = head[top]
+    one_t, one_p = e.exit_head_sample(h[:1], nw, EPS, tied, u[:1], 1.0, 0, 0.3, None, 1)
+    kept = int((one_p[0] > 0).sum())
+    assert 1 < kept < 12, kept  # the cut falls inside the tie group
+    for P in (3, 7):
+        t, pr = e.exit_head_sample(h[:1], nw, EPS, tied, u[:1], 1.0, 0, 0.3, None, P)
+        assert torch.equal(t, one_t)
+        assert_bitwise(pr, one_p, f"tied top-p, {P} blocks a row vs one")
+    V2 = 2600  # 11 chunks: the launcher takes several blocks a row by itself
+    assert e.lib.ls_emu_head_sample_blocks(V2) > 1 and e.lib.ls_emu_head_sample_blocks(V) == 1
+    h2, nw2, head2 = head_inputs(2, H, V2, torch.float32, g)
+    auto_t, auto_p = e.exit_head_sample(h2, nw2, EPS, head2, u[:2], T, k, p)
+    one_t, one_p = e.exit_head_sample(h2, nw2, EPS, head2, u[:2], T, k, p, None, 1)
+    assert torch.equal(auto_t, one_t)
+    assert_bitwise(auto_p, one_p, "the launcher's blocks a row vs one")
+    cpu_t, _ = ops.exit_head_sample(h2, nw2, EPS, head2, u[:2], T, k, p)
+    ref_t, _ = ops.exit_head_sample_composed(h2, nw2, EPS, head2, u[:2], T, k, p, None, e.rms_norm, e.linear)
+    assert torch.equal(auto_t, ref_t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_exit_head_log_softmax(dtype):
     M, H, V = 5, 64, 900

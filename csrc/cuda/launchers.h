@@ -97,9 +97,14 @@ int64_t head_rows_scratch(int64_t M, int64_t V);
 // In place over probs [M, V] (the logits in, the filtered distribution out: common/head_filter.h), tokens [M] drawn
 // with uniforms [M] (common/sampling.h; mapped through subset [V] when not null; V - 1 when there is no mass).
 // A uniform outside [0, 1) sets kDeviceErrorUniform.
+// blocks_per_row: 0 picks (head_sample_blocks: 1 for a short row, the one-block kernel; about 32 at large V, a launch
+// per step over (P, M) blocks: the same bits); > 0 forces it (tests). scratch: head_sample_scratch(M, V, the same
+// blocks_per_row) float64 elements.
 void launch_head_sample_rows(float* probs, const float* uniforms, const int64_t* subset, int64_t M, int64_t V,
                              float temperature, int64_t top_k, double top_p, double* scratch, int64_t* tokens,
-                             int* errors, cudaStream_t stream);
+                             int* errors, cudaStream_t stream, int64_t blocks_per_row = 0);
+int64_t head_sample_blocks(int64_t V);
+int64_t head_sample_scratch(int64_t M, int64_t V, int64_t blocks_per_row = 0);
 
 // In place over rows [M, V]: the logits in, their log_softmax out (float64 arithmetic, rounded once).
 void launch_head_log_softmax_rows(float* rows, int64_t M, int64_t V, double* scratch, cudaStream_t stream);

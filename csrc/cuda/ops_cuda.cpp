@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_sample_cuda(const at::Tensor& h, co
   }
   if (d.M == 0) return {tokens, probs};
   head_logits_cuda(op, d, h, norm_weight, eps, lm_head, vocab_subset, probs);
-  at::Tensor scratch = at::empty({std::max<int64_t>(1, head_rows_scratch(d.M, d.V))}, h.options().dtype(at::kDouble));
+  at::Tensor scratch = at::empty({std::max<int64_t>(1, head_sample_scratch(d.M, d.V))}, h.options().dtype(at::kDouble));
   launch_head_sample_rows(probs.mutable_data_ptr<float>(), uniforms.const_data_ptr<float>(),
                           d.subset ? vocab_subset->const_data_ptr<int64_t>() : nullptr, d.M, d.V,
                           static_cast<float>(temperature), top_k, top_p, scratch.mutable_data_ptr<double>(),

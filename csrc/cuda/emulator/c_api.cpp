@@ -98,11 +98,17 @@ LS_EMU_API void ls_emu_head_logits(int dt, const void* normed, const void* w, in
 
 LS_EMU_API int64_t ls_emu_head_rows_scratch(int64_t M, int64_t V) { return lc::head_rows_scratch(M, V); }
 
+LS_EMU_API int64_t ls_emu_head_sample_scratch(int64_t M, int64_t V, int64_t blocks_per_row) {
+  return lc::head_sample_scratch(M, V, blocks_per_row);
+}
+
+LS_EMU_API int64_t ls_emu_head_sample_blocks(int64_t V) { return lc::head_sample_blocks(V); }
+
 LS_EMU_API void ls_emu_head_sample_rows(float* probs, const float* uniforms, const int64_t* subset, int64_t M,
                                         int64_t V, float temperature, int64_t top_k, double top_p, double* scratch,
-                                        int64_t* tokens, int* errors) {
+                                        int64_t* tokens, int* errors, int64_t blocks_per_row) {
   lc::launch_head_sample_rows(probs, uniforms, subset, M, V, temperature, top_k, top_p, scratch, tokens, errors,
-                              nullptr);
+                              nullptr, blocks_per_row);
 }
 
 LS_EMU_API void ls_emu_head_log_softmax_rows(float* rows, int64_t M, int64_t V, double* scratch) {
