@@ -258,7 +258,8 @@ __global__ void __launch_bounds__(kRowThreads)
 // sum, by the block that owns it) added in chunk order by every block that needs the total (a few hundred adds),
 // the radix-select histograms as integers (global 32-bit count / 64-bit weight atomics: native, and exact in any
 // order), the top-p ties by their rank in id order (the blocks before, then the threads before). So the result is
-// head_sample_rows_kernel's bit for bit (tested under the emulator), with P = 32 blocks a row at large V instead of one.
+// head_sample_rows_kernel's bit for bit (tested under the emulator), with P = 32 blocks a row at large V instead of
+// one.
 struct SampleRows {  // one row's scratch in the float64 buffer (head_sample_scratch: per row)
   double* S[2];               // chunk sums, two buffers: a step reads one while it writes the other
   float* block_max;           // [P]
@@ -298,8 +299,8 @@ __device__ __forceinline__ Slice slice_of(int64_t b, int64_t cpb, int64_t nchunk
 
 // The prefix (and carried weight) that levels [0, levels) of select sel chose: select_digit on the global totals,
 // as row_radix_select does on its block's; run by one thread.
-__device__ __forceinline__ void selected_prefix(const SampleRows& r, int sel, int levels, uint64_t limit, uint32_t& prefix,
-                                uint64_t& carried) {
+__device__ __forceinline__ void selected_prefix(const SampleRows& r, int sel, int levels, uint64_t limit,
+                                                uint32_t& prefix, uint64_t& carried) {
   prefix = 0;
   carried = 0;
   for (int level = 0; level < levels; ++level) {
@@ -447,8 +448,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t c = sl.c0 + threadIdx.x; c < sl.c1; c += blockDim.x) r.S[0][c] = sample_chunk_sum(w, c, V);
 }
 
-// The slice / the row's total (S[from] in chunk order); its chunk sums into S[1 - from]; with top-p (level 0 of the
-// mass select) also its histogram.
+// The slice / the row's total (S[from] in chunk order); its chunk sums into S[1 - from].
 __global__ void __launch_bounds__(kRowThreads)
     sample_normalize_kernel(float* __restrict__ probs, int64_t V, double* scratch, int64_t cpb, int from) {
   __shared__ double s_total;
@@ -658,7 +658,8 @@ void launch_head_sample_rows(float* probs, const float* uniforms, const int64_t*
     double* sc = scratch + m0 * sample_row_doubles(nchunks, P);
     const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(rows));
     const bool topk = top_k > 0 && top_k < V, topp = top_p < 1.0;
-    if (topk || topp) launch(sample_zero_kernel, static_cast<unsigned>(rows), kRowThreads, 0, stream, sc, rows, nchunks, P);
+    if (topk || topp)
+      launch(sample_zero_kernel, static_cast<unsigned>(rows), kRowThreads, 0, stream, sc, rows, nchunks, P);
     launch(sample_scale_kernel, grid, kRowThreads, 0, stream, pr, V, temperature, !topk, sc, cpb);
     if (topk) {
       for (int level = 0; level < 4; ++level)

@@ -32,9 +32,9 @@ def generate(model, prompts: list[list[int]] | list[int], *, strategy: str = "au
     shared head: lossy), "self_speculative" (draft num_speculations tokens with layers < exit_layer, verify
     with the rest: output as the full model's; the model's tuned setting fills what is not given), or "auto"
     (the default: self_speculative with the model's tuned (E, d) when it has one that pays, when sampling its tuned
-    sampling setting, see generation/defaults.py, else autoregressive). Stops at any of ``stop_token_ids`` (default: the model config's
-    EOS ids), after ``max_new_tokens``, or when a sequence reaches the model's context length
-    (finish_reason "context_full").
+    sampling setting, see generation/defaults.py, else autoregressive). Stops at any of ``stop_token_ids``
+    (default: the model config's EOS ids), after ``max_new_tokens``, or when a sequence reaches the model's context
+    length (finish_reason "context_full").
 
     draft_vocab (self_speculative, greedy only): the token ids the draft's exit head scores: "auto" (default) the
     model's stored draft vocabulary (``model.draft_vocab``, set by load_model) if it has one, None for the whole
