@@ -105,6 +105,13 @@ MUTATIONS = {
         HEADS, "return v > bv || (v == bv && i < bi);", "return v > bv || (v == bv && i > bi);", "a swapped tie-break"),
     "sampling: the high words of the split weight sums dropped": (
         HEADS, "  if (wh != 0) atomicAdd(hi, wh);", "", "a dropped carry"),
+    "multi-block sampling: the ties of the blocks before not counted": (
+        HEADS, "    for (int64_t b = 0; b < blockIdx.x; ++b) before += r.ties[b];\n", "",
+        "a dropped cross-block offset"),
+    "multi-block sampling: the max of the first block only": (
+        HEADS, "for (int64_t b = 0; b < P; ++b) mx = r.block_max[b] > mx ? r.block_max[b] : mx;",
+        "for (int64_t b = 0; b < 1; ++b) mx = r.block_max[b] > mx ? r.block_max[b] : mx;",
+        "a reduction over part of the blocks"),
 }
 
 
