@@ -107,10 +107,13 @@ __device__ __forceinline__ double row_chunked_sum(const float* row, int64_t V, d
 // 32 bits and each weight as two 32-bit words, so every update is a native 32-bit shared atomic (a 64-bit shared
 // atomicAdd compiles to a CAS spin loop on sm_80 / sm_90, and mass weights crowd a few bins).
 constexpr int kRowWarps = kRowThreads / 32;
-struct SelectShared {
+struct WarpHistograms {
   uint32_t count[kRowWarps][kSelectBins];
   uint32_t weight_lo[kRowWarps][kSelectBins];
   uint32_t weight_hi[kRowWarps][kSelectBins];
+};
+struct SelectShared {
+  WarpHistograms hist;
   uint32_t total_count[kSelectBins];
   uint64_t total_weight[kSelectBins];
   uint32_t prefix;
@@ -126,6 +129,39 @@ __device__ __forceinline__ void atomic_add_split64(uint32_t* lo, uint32_t* hi, u
   if (wh != 0) atomicAdd(hi, wh);
 }
 
+__device__ __forceinline__ void clear_histograms(WarpHistograms& h) {
+  for (int i = threadIdx.x; i < kRowWarps * kSelectBins; i += blockDim.x) {
+    (&h.count[0][0])[i] = 0;
+    (&h.weight_lo[0][0])[i] = 0;
+    (&h.weight_hi[0][0])[i] = 0;
+  }
+}
+
+// Level `level` of a radix select over row[i0, i1) (this thread: every blockDim.x-th from i0 + threadIdx.x): the
+// keys whose higher digits are prefix's, counted and weighed (1 each, or F(value) with mass) by their digit.
+__device__ __forceinline__ void add_to_histograms(WarpHistograms& h, const float* row, int64_t i0, int64_t i1,
+                                                  int level, uint32_t prefix, bool mass) {
+  const int warp = threadIdx.x >> 5, shift = 24 - 8 * level;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    const float v = row[i];
+    const uint32_t k = order_key(v);
+    if (level > 0 && (k >> (shift + 8)) != (prefix >> (shift + 8))) continue;
+    const uint32_t dg = (k >> shift) & 0xffu;
+    atomicAdd(&h.count[warp][dg], 1u);
+    atomic_add_split64(&h.weight_lo[warp][dg], &h.weight_hi[warp][dg], mass ? prob_fixed(v) : 1u);
+  }
+}
+
+// Bin b's count and weight over the warps' histograms.
+__device__ __forceinline__ void histogram_bin(const WarpHistograms& h, int b, uint32_t& c, uint64_t& w) {
+  c = 0;
+  w = 0;
+  for (int wi = 0; wi < kRowWarps; ++wi) {
+    c += h.count[wi][b];
+    w += (static_cast<uint64_t>(h.weight_hi[wi][b]) << 32) | h.weight_lo[wi][b];
+  }
+}
+
 // Radix select over the order keys of row[0, V) (common/head_filter.h, the CPU's radix_select): weights 1 each or
 // F(value) (mass). On return every thread may read sh.prefix (the selected key) and sh.carried (the weight above).
 // Integer sums: exact in any order, so the selection is the CPU's bit for bit.
@@ -134,35 +170,15 @@ __device__ void row_radix_select(const float* row, int64_t V, bool mass, uint64_
     sh.prefix = 0;
     sh.carried = 0;
   }
-  const int warp = threadIdx.x >> 5;
   for (int level = 0; level < 4; ++level) {
     const int shift = 24 - 8 * level;
-    for (int i = threadIdx.x; i < kRowWarps * kSelectBins; i += blockDim.x) {
-      (&sh.count[0][0])[i] = 0;
-      (&sh.weight_lo[0][0])[i] = 0;
-      (&sh.weight_hi[0][0])[i] = 0;
-    }
+    clear_histograms(sh.hist);
     __syncthreads();
     const uint32_t prefix = sh.prefix;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float v = row[i];
-      const uint32_t k = order_key(v);
-      if (level > 0 && (k >> (shift + 8)) != (prefix >> (shift + 8))) continue;
-      const uint32_t dg = (k >> shift) & 0xffu;
-      atomicAdd(&sh.count[warp][dg], 1u);
-      atomic_add_split64(&sh.weight_lo[warp][dg], &sh.weight_hi[warp][dg], mass ? prob_fixed(v) : 1u);
-    }
+    add_to_histograms(sh.hist, row, 0, V, level, prefix, mass);
     __syncthreads();
-    for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) {
-      uint32_t c = 0;
-      uint64_t w = 0;
-      for (int wi = 0; wi < kRowWarps; ++wi) {
-        c += sh.count[wi][b];
-        w += (static_cast<uint64_t>(sh.weight_hi[wi][b]) << 32) | sh.weight_lo[wi][b];
-      }
-      sh.total_count[b] = c;
-      sh.total_weight[b] = w;
-    }
+    for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) histogram_bin(sh.hist, b, sh.total_count[b],
+                                                                                sh.total_weight[b]);
     __syncthreads();
     if (threadIdx.x == 0) {
       uint64_t carried = sh.carried;
@@ -172,6 +188,15 @@ __device__ void row_radix_select(const float* row, int64_t V, bool mass, uint64_
     }
     __syncthreads();
   }
+}
+
+// The token a row's uniform u draws from its final weights and chunk sums S (one thread).
+__device__ __forceinline__ int64_t draw_token(const float* row, const double* S, int64_t nchunks, int64_t V, float u,
+                                              const int64_t* subset, int* errors) {
+  if (!(u >= 0.0f && u < 1.0f)) atomicOr(errors, kDeviceErrorUniform);  // the CPU op raises
+  int64_t j = sample_from_chunks(SampleWeights{row, nullptr}, S, nchunks, V, u);
+  if (j < 0) j = V - 1;  // no mass (non-finite logits): the last column, as verify_sampling
+  return subset != nullptr ? subset[j] : j;
 }
 
 __global__ void __launch_bounds__(kRowThreads)
@@ -242,13 +267,7 @@ __global__ void __launch_bounds__(kRowThreads)
     __syncthreads();
   }
   row_chunked_sum(row, V, S, &s_total);
-  if (threadIdx.x == 0) {
-    const float u = uniforms[m];
-    if (!(u >= 0.0f && u < 1.0f)) atomicOr(errors, kDeviceErrorUniform);  // the CPU op raises
-    int64_t j = sample_from_chunks(SampleWeights{row, nullptr}, S, nchunks, V, u);
-    if (j < 0) j = V - 1;  // no mass (non-finite logits): the last column, as verify_sampling
-    tokens[m] = subset != nullptr ? subset[j] : j;
-  }
+  if (threadIdx.x == 0) tokens[m] = draw_token(row, S, nchunks, V, uniforms[m], subset, errors);
 }
 
 // ---- exit_head_sample over several blocks per row ------------------------------------------------------------
@@ -311,15 +330,7 @@ __device__ __forceinline__ void selected_prefix(const SampleRows& r, int sel, in
   }
 }
 
-struct HistShared {
-  uint32_t count[kRowWarps][kSelectBins];
-  uint32_t weight_lo[kRowWarps][kSelectBins];
-  uint32_t weight_hi[kRowWarps][kSelectBins];
-  uint32_t prefix;
-};
-
-__global__ void __launch_bounds__(kRowThreads) sample_zero_kernel(double* scratch, int64_t M, int64_t nchunks,
-                                                                  int64_t P) {
+__global__ void __launch_bounds__(kRowThreads) sample_zero_kernel(double* scratch, int64_t nchunks, int64_t P) {
   const SampleRows r = sample_rows(scratch, blockIdx.x, nchunks, P);
   for (int i = threadIdx.x; i < 2 * 4 * kSelectBins; i += blockDim.x) {
     r.count[i] = 0;
@@ -356,42 +367,26 @@ __global__ void __launch_bounds__(kRowThreads)
 __global__ void __launch_bounds__(kRowThreads)
     sample_hist_kernel(const float* __restrict__ probs, int64_t V, double* scratch, int64_t cpb, int sel, int level,
                        uint64_t limit) {
-  __shared__ HistShared sh;
+  __shared__ WarpHistograms sh;
+  __shared__ uint32_t s_prefix;
   const int64_t nchunks = (V + kSampleChunk - 1) / kSampleChunk, P = gridDim.x, m = blockIdx.y;
   const SampleRows r = sample_rows(scratch, m, nchunks, P);
   const Slice sl = slice_of(blockIdx.x, cpb, nchunks, V);
-  const float* row = probs + m * V;
-  const int warp = threadIdx.x >> 5, shift = 24 - 8 * level;
-  for (int i = threadIdx.x; i < kRowWarps * kSelectBins; i += blockDim.x) {
-    (&sh.count[0][0])[i] = 0;
-    (&sh.weight_lo[0][0])[i] = 0;
-    (&sh.weight_hi[0][0])[i] = 0;
-  }
+  clear_histograms(sh);
   if (threadIdx.x == 0) {
     uint64_t carried;
-    selected_prefix(r, sel, level, limit, sh.prefix, carried);
+    selected_prefix(r, sel, level, limit, s_prefix, carried);
   }
   __syncthreads();
-  const uint32_t prefix = sh.prefix;
-  for (int64_t i = sl.i0 + threadIdx.x; i < sl.i1; i += blockDim.x) {
-    const float v = row[i];
-    const uint32_t k = order_key(v);
-    if (level > 0 && (k >> (shift + 8)) != (prefix >> (shift + 8))) continue;
-    const uint32_t dg = (k >> shift) & 0xffu;
-    atomicAdd(&sh.count[warp][dg], 1u);
-    atomic_add_split64(&sh.weight_lo[warp][dg], &sh.weight_hi[warp][dg], sel == 1 ? prob_fixed(v) : 1u);
-  }
+  add_to_histograms(sh, probs + m * V, sl.i0, sl.i1, level, s_prefix, sel == 1);
   __syncthreads();
   for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) {
-    uint32_t c = 0;
-    unsigned long long w = 0;
-    for (int wi = 0; wi < kRowWarps; ++wi) {
-      c += sh.count[wi][b];
-      w += (static_cast<unsigned long long>(sh.weight_hi[wi][b]) << 32) | sh.weight_lo[wi][b];
-    }
+    uint32_t c;
+    uint64_t w;
+    histogram_bin(sh, b, c, w);
     if (c != 0) {
       atomicAdd(&r.count[(sel * 4 + level) * kSelectBins + b], c);
-      atomicAdd(&r.weight[(sel * 4 + level) * kSelectBins + b], w);
+      atomicAdd(&r.weight[(sel * 4 + level) * kSelectBins + b], static_cast<unsigned long long>(w));
     }
   }
 }
@@ -561,11 +556,7 @@ __global__ void __launch_bounds__(32)
   if (threadIdx.x != 0) return;
   const int64_t m = blockIdx.x, nchunks = (V + kSampleChunk - 1) / kSampleChunk;
   const SampleRows r = sample_rows(scratch, m, nchunks, P);
-  const float u = uniforms[m];
-  if (!(u >= 0.0f && u < 1.0f)) atomicOr(errors, kDeviceErrorUniform);  // the CPU op raises
-  int64_t j = sample_from_chunks(SampleWeights{probs + m * V, nullptr}, r.S[from], nchunks, V, u);
-  if (j < 0) j = V - 1;  // no mass (non-finite logits): the last column, as verify_sampling
-  tokens[m] = subset != nullptr ? subset[j] : j;
+  tokens[m] = draw_token(probs + m * V, r.S[from], nchunks, V, uniforms[m], subset, errors);
 }
 
 __global__ void __launch_bounds__(kRowThreads)
@@ -659,7 +650,7 @@ void launch_head_sample_rows(float* probs, const float* uniforms, const int64_t*
     const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(rows));
     const bool topk = top_k > 0 && top_k < V, topp = top_p < 1.0;
     if (topk || topp)
-      launch(sample_zero_kernel, static_cast<unsigned>(rows), kRowThreads, 0, stream, sc, rows, nchunks, P);
+      launch(sample_zero_kernel, static_cast<unsigned>(rows), kRowThreads, 0, stream, sc, nchunks, P);
     launch(sample_scale_kernel, grid, kRowThreads, 0, stream, pr, V, temperature, !topk, sc, cpb);
     if (topk) {
       for (int level = 0; level < 4; ++level)

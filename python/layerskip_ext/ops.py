@@ -354,6 +354,14 @@ def acceptance_log_chance(stop_model, margin: float, seq, draft: int) -> float:
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
 
 
+def mean_chance_below(log_chances, log_stop: float) -> bool:
+    """Dynamic drafting's batch rule (csrc/draft.cpp's host loop, the same arithmetic): whether the rows' mean
+    chance, from each row's log chance (max-shifted log-sum-exp minus log B; one row: exactly its own), is below
+    exp(log_stop)."""
+    top = max(log_chances)
+    return top + math.log(sum(math.exp(c - top) for c in log_chances)) - math.log(len(log_chances)) < log_stop
+
+
 def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos, sin, num_heads: int,
                           num_kv_heads: int, eps: float, scale: float, norm_weight, norm_eps: float, lm_head,
                           vocab_subset, num_drafts: int, stop_below: float = 0.0, stop_model=None, context=None,
@@ -397,8 +405,7 @@ def draft_greedy_composed(tokens, embed, weights, k_caches, v_caches, start, cos
                 seqs[b].append(t)
             else:  # the least probable of the row's drafts
                 chance[b] = v if i == 0 else min(chance[b], v)
-        top = max(chance)
-        if top + math.log(sum(math.exp(c - top) for c in chance)) - math.log(B) < log_stop:  # the rows' mean
+        if mean_chance_below(chance, log_stop):
             break
         drafts.append(token)
     drafts = torch.stack(drafts, dim=1) if drafts else tokens.new_empty(B, 0)

@@ -31,10 +31,12 @@ lossless under the acceptance rule, but the native sampling path takes full-voca
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import torch
 
+from ..ops import mean_chance_below
 from .batch import DecodeBatch
 from .core import GenerationResult, Timer
 from .cuda_graph import StepGraphs
@@ -58,7 +60,8 @@ def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sam
     token = batch.last_tokens.view(-1, 1)
     hidden, drafts, q = [], [], []
     n = len(batch.active)
-    chance = None  # [n]: each row's least top draft probability this round
+    chance = None  # each row's log of its least top draft probability this round
+    log_stop = math.log(draft_stop) if draft_stop else 0.0
     for i in range(d + 1):
         step = st if d == 0 else decoder.state(start + i, 1, batch.cache, rows, max_start=top + i)
         h = decoder.layers(decoder.embed(token), 0, exit_layer, step)
@@ -66,10 +69,10 @@ def _draft_sampled(decoder, batch: DecodeBatch, st, exit_layer: int, d: int, sam
         if i == d:
             break
         token, probs = sample_with_probs(decoder, h[:, -1], sampling, generator)
-        if draft_stop:
-            top_p = probs.max(dim=-1).values
-            chance = top_p if chance is None else torch.minimum(chance, top_p)
-            if chance.mean().item() < draft_stop:  # the step's draft is dropped: verify the i made so far
+        if draft_stop:  # the greedy rule (ops.mean_chance_below); one host read of n values per step
+            peak = [math.log(v) if v > 0 else -math.inf for v in probs.max(dim=-1).values.tolist()]
+            chance = peak if chance is None else [min(c, t) for c, t in zip(chance, peak)]
+            if mean_chance_below(chance, log_stop):  # the step's draft is dropped: verify the i made so far
                 break
         token = token.view(-1, 1)
         q.append(probs)
